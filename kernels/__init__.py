@@ -1,0 +1,1 @@
+"""Fused kernels, installed as ``megacpt.kernels`` (one fused op per file)."""

