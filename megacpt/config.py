@@ -112,3 +112,287 @@ class ParallelConfig:
         stages = pp * (self.virtual_pipeline_model_parallel_size or 1)
         _check(model.num_layers % stages == 0, "parallel.pipeline_model_parallel_size",
                f"model.num_layers={model.num_layers} is not divisible by {stages} pipeline stages")
+
+
+# --------------------------------------------------------------------------------------------
+# Training job configuration (owner: trainer). YAML -> these dataclasses; dotted `key=value`
+# overrides; `JobConfig.validate(world_size)` runs before any process-group work.
+# --------------------------------------------------------------------------------------------
+
+def _fields_from_dict(cls, section: str, d: dict | None):
+    """Build dataclass ``cls`` from a dict, naming the section and the unknown keys on error."""
+    d = dict(d or {})
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise UserError(f"{section}: unknown field(s) {sorted(unknown)}; known: {sorted(names)}")
+    try:
+        return cls(**d)
+    except TypeError as e:
+        raise UserError(f"{section}: {e}") from e
+
+
+def _check_type(obj, section: str) -> None:
+    """YAML gives untyped scalars: check each field against its annotation (int/float/bool/str)."""
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        ann = str(f.type)
+        name = f"{section}.{f.name}"
+        if v is None:
+            _check("None" in ann, name, "must be set (got null)")
+            continue
+        base = ann.split("|")[0].strip()
+        if base == "bool":
+            _check(isinstance(v, bool), name, f"expected true/false, got {v!r}")
+        elif base == "int":
+            _check(isinstance(v, int) and not isinstance(v, bool), name, f"expected an integer, got {v!r}")
+        elif base == "float":
+            if isinstance(v, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
+                try:
+                    v = float(v)
+                except ValueError:
+                    pass
+            _check(isinstance(v, (int, float)) and not isinstance(v, bool), name, f"expected a number, got {v!r}")
+            setattr(obj, f.name, float(v))
+        elif base == "str":
+            _check(isinstance(v, str), name, f"expected a string, got {v!r}")
+
+
+@dataclass
+class DataConfig:
+    """Training data: a Megatron-style weighted blend of indexed-dataset prefixes + held-out sets.
+
+    ``blend`` is either ``[prefix, ...]`` (weights proportional to size) or ``[w1, prefix1, w2, prefix2, ...]``
+    (Megatron's ``--data-path`` form), e.g. selected domain data with a small general replay set.
+    """
+
+    blend: list = field(default_factory=list)
+    split: str = "969,30,1"           # train/valid/test split of each prefix (Megatron --split)
+    eval_prefixes: dict = field(default_factory=dict)  # name -> prefix of a held-out set (domain, general)
+    seq_length: int = 2048
+    tokenizer: str | None = None      # optional: checked against the datasets' sidecars
+    cache_dir: str | None = None      # where the dataset's shuffled index caches go (default: beside data)
+    reset_attention_mask: bool = False  # document-aware attention inside packed sequences
+    num_workers: int = 0
+
+    def weights_and_prefixes(self) -> tuple[list[float] | None, list[str]]:
+        b = list(self.blend)
+        if all(isinstance(x, str) for x in b):
+            return None, b
+        _check(len(b) % 2 == 0 and all(isinstance(w, (int, float)) and isinstance(p, str)
+                                       for w, p in zip(b[::2], b[1::2])), "data.blend",
+               "expected [prefix, ...] or [weight, prefix, weight, prefix, ...]")
+        weights = [float(w) for w in b[::2]]
+        _check(all(w > 0 for w in weights), "data.blend", f"weights must be > 0, got {weights}")
+        return weights, list(b[1::2])
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW (Megatron/Pythia defaults). Norm weights and biases are excluded from weight decay."""
+
+    lr: float = 1.0e-4                # peak LR after warm-up
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1.0e-8
+    clip_grad: float = 1.0            # global grad-norm clip; 0 disables
+    impl: str = "auto"                # auto | fused | foreach | apex (apex.optimizers.FusedAdam)
+
+
+@dataclass
+class SchedulerConfig:
+    """Linear warm-up from ``warmup_init_lr`` to optimizer.lr, then decay to ``min_lr``."""
+
+    warmup_iters: int = 0
+    warmup_init_lr: float = 0.0       # CPT re-warm-up starts from a small LR
+    decay_style: str = "cosine"       # cosine | linear | constant
+    decay_iters: int | None = None    # default: train.train_iters
+    min_lr: float = 0.0
+
+
+@dataclass
+class CheckpointConfig:
+    save: str | None = None           # checkpoint root (iter_XXXXXXX dirs + `latest`)
+    save_interval: int = 0            # 0: only at the end (and on SIGTERM)
+    load: str | None = None           # resume from here; default: `save` when it has a checkpoint
+    init_from: str | None = None      # HF GPT-NeoX dir or megacpt checkpoint: weights only, fresh optimizer
+    keep_last: int = 2                # keep-last-k (0 keeps all)
+    async_save: bool = False
+    export_hf: str | None = None      # write the final model as an HF GPT-NeoX dir here
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = 10
+    jsonl: str | None = None          # default: <checkpoint.save>/metrics.jsonl
+    tensorboard_dir: str | None = None  # written only if tensorboard is installed
+    eval_interval: int = 0            # 0: eval only at the end (if eval_prefixes)
+    eval_iters: int = 10              # micro-batches per held-out set per eval
+
+
+@dataclass
+class TrainConfig:
+    train_iters: int = 100
+    micro_batch_size: int = 1         # per data-parallel rank, per micro-step
+    global_batch_size: int = 8        # = micro_batch_size * dp * grad-accumulation steps
+    seed: int = 1234
+    precision: str = "auto"           # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    device: str = "auto"              # auto | cpu | cuda
+    fused_loss: bool = True           # fused linear + cross-entropy (never materialises [tokens, vocab])
+    activation_checkpointing: bool = False
+    max_consecutive_nan_skips: int = 5  # stop after K non-finite steps in a row
+    peak_flops: float | None = None   # per-device peak FLOP/s for MFU; default: table by device name
+    exit_signal_save: bool = True     # SIGTERM/SIGUSR1 -> checkpoint + clean exit
+
+
+@dataclass
+class JobConfig:
+    """Everything one `megacpt train` run needs. ``model_preset`` names a preset; ``model`` overrides it."""
+
+    model_preset: str | None = None
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    SECTIONS = ("parallel", "data", "optimizer", "scheduler", "checkpoint", "logging", "train")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "JobConfig":
+        d = dict(d or {})
+        known = {"model_preset", "model", *cls.SECTIONS}
+        unknown = set(d) - known
+        if unknown:
+            raise UserError(f"config: unknown section(s) {sorted(unknown)}; known: {sorted(known)}")
+        preset = d.get("model_preset")
+        model_over = dict(d.get("model") or {})
+        if preset is not None:
+            from megacpt.model.presets import PRESETS
+
+            if preset not in PRESETS:
+                raise UserError(f"model_preset: unknown preset {preset!r}; known: {sorted(PRESETS)}")
+            base = PRESETS[preset].to_dict()
+            bad = set(model_over) - set(base)
+            if bad:
+                raise UserError(f"model: unknown field(s) {sorted(bad)}; known: {sorted(base)}")
+            base.update(model_over)
+            model_over = base
+        try:
+            model = ModelConfig.from_dict(model_over)
+        except TypeError as e:
+            raise UserError(f"model: {e}") from e
+        sections = {name: _fields_from_dict(typ, name, d.get(name)) for name, typ in (
+            ("parallel", ParallelConfig), ("data", DataConfig), ("optimizer", OptimizerConfig),
+            ("scheduler", SchedulerConfig), ("checkpoint", CheckpointConfig), ("logging", LoggingConfig),
+            ("train", TrainConfig))}
+        job = cls(model_preset=preset, model=model, **sections)
+        for name in ("model", *cls.SECTIONS):
+            _check_type(getattr(job, name), name)
+        return job
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("SECTIONS", None)
+        return d
+
+    def validate(self, world_size: int) -> "JobConfig":
+        """Cheap checks needing no process group or data loading (paths/sidecars: `validate_data`)."""
+        m, t, o, s, c, lg = self.model, self.train, self.optimizer, self.scheduler, self.checkpoint, self.logging
+        if c.init_from is None:
+            m.validate()
+        par = self.parallel.resolve(world_size)
+        par.validate_model(m)
+        dp = par.data_parallel_size
+        _check(t.train_iters > 0, "train.train_iters", f"must be > 0, got {t.train_iters}")
+        _check(t.micro_batch_size > 0, "train.micro_batch_size", f"must be > 0, got {t.micro_batch_size}")
+        _check(t.global_batch_size % (t.micro_batch_size * dp) == 0, "train.global_batch_size",
+               f"{t.global_batch_size} is not divisible by micro_batch_size*dp = {t.micro_batch_size}*{dp}")
+        if par.pipeline_model_parallel_size > 1:
+            n_micro = t.global_batch_size // (t.micro_batch_size * dp)
+            _check(n_micro >= par.pipeline_model_parallel_size, "train.global_batch_size",
+                   f"gives {n_micro} micro-batches per pipeline, fewer than pp={par.pipeline_model_parallel_size}")
+        _check(t.precision in ("auto", "bf16", "fp32"), "train.precision", f"unknown {t.precision!r} (auto, bf16, fp32)")
+        _check(t.device in ("auto", "cpu", "cuda"), "train.device", f"unknown {t.device!r} (auto, cpu, cuda)")
+        _check(t.max_consecutive_nan_skips >= 1, "train.max_consecutive_nan_skips", "must be >= 1")
+        _check(t.peak_flops is None or t.peak_flops > 0, "train.peak_flops", "must be > 0")
+        _check(o.lr > 0, "optimizer.lr", f"must be > 0, got {o.lr}")
+        _check(o.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")
+        _check(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optimizer.beta1/beta2", "must be in [0, 1)")
+        _check(o.clip_grad >= 0, "optimizer.clip_grad", "must be >= 0 (0 disables)")
+        _check(o.impl in ("auto", "fused", "foreach", "apex"), "optimizer.impl",
+               f"unknown {o.impl!r} (auto, fused, foreach, apex)")
+        _check(s.decay_style in ("cosine", "linear", "constant"), "scheduler.decay_style",
+               f"unknown {s.decay_style!r} (cosine, linear, constant)")
+        _check(s.warmup_iters >= 0, "scheduler.warmup_iters", "must be >= 0")
+        _check(0 <= s.min_lr <= o.lr, "scheduler.min_lr", f"{s.min_lr} must be in [0, optimizer.lr={o.lr}]")
+        _check(0 <= s.warmup_init_lr <= o.lr, "scheduler.warmup_init_lr", f"must be in [0, optimizer.lr={o.lr}]")
+        decay = s.decay_iters if s.decay_iters is not None else t.train_iters
+        _check(decay >= s.warmup_iters, "scheduler.decay_iters",
+               f"{decay} is smaller than scheduler.warmup_iters={s.warmup_iters}")
+        _check(c.save_interval >= 0, "checkpoint.save_interval", "must be >= 0")
+        _check(c.keep_last >= 0, "checkpoint.keep_last", "must be >= 0")
+        _check(c.save_interval == 0 or c.save is not None, "checkpoint.save", "save_interval > 0 needs a save dir")
+        _check(lg.log_interval >= 1, "logging.log_interval", "must be >= 1")
+        _check(lg.eval_interval >= 0 and lg.eval_iters >= 1, "logging.eval_interval/eval_iters",
+               "eval_interval must be >= 0, eval_iters >= 1")
+        d = self.data
+        _check(d.seq_length >= 2, "data.seq_length", "must be >= 2")
+        _check(len(d.blend) > 0, "data.blend", "no training data: give at least one indexed-dataset prefix")
+        d.weights_and_prefixes()
+        parts = d.split.replace("/", ",").split(",")
+        _check(all(p.strip().replace(".", "", 1).isdigit() for p in parts) and 1 <= len(parts) <= 3
+               and sum(float(p) for p in parts) > 0, "data.split", f"expected e.g. '969,30,1', got {d.split!r}")
+        if c.init_from is None:
+            _check(d.seq_length <= m.max_position_embeddings, "data.seq_length",
+                   f"{d.seq_length} > model.max_position_embeddings={m.max_position_embeddings}")
+        self.parallel = par
+        return self
+
+
+def _parse_scalar(text: str):
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(d: dict, overrides: list[str]) -> dict:
+    """Apply dotted ``a.b=value`` overrides (value parsed as YAML) to a nested dict, in place."""
+    for ov in overrides:
+        if "=" not in ov:
+            raise UserError(f"override {ov!r}: expected key=value, e.g. train.train_iters=100")
+        key, _, text = ov.partition("=")
+        parts = key.strip().split(".")
+        node = d
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise UserError(f"override {key}: {p} is not a section")
+        node[parts[-1]] = _parse_scalar(text)
+    return d
+
+
+def load_job_config(path: str | None, overrides: list[str] = ()) -> JobConfig:
+    """YAML file (optional) + dotted overrides -> JobConfig (not yet validated against a world size)."""
+    import yaml
+
+    d: dict = {}
+    if path is not None:
+        try:
+            with open(path) as f:
+                d = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise UserError(f"--config {path}: no such file") from None
+        except yaml.YAMLError as e:
+            raise UserError(f"{path}: invalid YAML: {e}") from None
+        if not isinstance(d, dict):
+            raise UserError(f"{path}: expected a mapping of sections at the top level")
+    apply_overrides(d, list(overrides))
+    return JobConfig.from_dict(d)
