@@ -32,6 +32,10 @@ class ModelConfig:
     init_std: float = 0.02
     make_vocab_size_divisible_by: int = 128
     padded_vocab_size: int | None = None  # None: vocab_size rounded up to a multiple of divisible_by * tp
+    # runtime choices (not architecture; never exported to HF configs)
+    recompute_granularity: str | None = None  # activation checkpointing: None | "full" | "selective"
+    attention_backend: str = "auto"    # auto (flash-attn if installed, else SDPA) | sdpa | flash
+    layernorm_backend: str = "torch"   # torch | apex | te
 
     def __post_init__(self) -> None:
         if self.intermediate_size is None:
@@ -62,6 +66,10 @@ class ModelConfig:
                f"rotary dims per head = {self.rotary_dim} must be even")
         _check(self.padded_vocab() >= self.vocab_size, "model.padded_vocab_size",
                f"{self.padded_vocab_size} < vocab_size {self.vocab_size}")
+        _check(self.recompute_granularity in (None, "none", "full", "selective"), "model.recompute_granularity",
+               f"{self.recompute_granularity!r} is not one of none, full, selective")
+        _check(self.attention_backend in ("auto", "sdpa", "flash"), "model.attention_backend",
+               f"{self.attention_backend!r} is not one of auto, sdpa, flash")
         return self
 
     def to_dict(self) -> dict:

@@ -1,0 +1,237 @@
+"""A plain PyTorch GPT-NeoX (Pythia), numerically the same model as HF ``GPTNeoXForCausalLM``.
+
+Parameter names equal HF's minus the ``gpt_neox.`` prefix (HF's on-disk ``embed_out`` name for the output
+layer). Parallelism is applied from outside (``megacpt.parallel``); the code here stays TP-agnostic by
+deriving the number of local heads from the width of the (possibly column-sharded) QKV output.
+
+Shapes in comments: b batch, s sequence, H hidden, nh heads (local under TP), hd head dim, V padded vocab.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megacpt.config import ModelConfig
+from megacpt.errors import UserError
+from megacpt.model import fast_paths
+
+_ACTIVATIONS = {
+    "gelu": lambda x: F.gelu(x),
+    # HF's gelu_new / gelu_fast / gelu_pytorch_tanh are all the tanh approximation
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+}
+
+
+def rotary_cos_sin(position_ids: torch.Tensor, rotary_dim: int, base: float, dtype: torch.dtype):
+    """cos/sin tables [b, s, rotary_dim] (HF layout: the frequencies repeated twice, rotate-half style).
+
+    Computed per call from the positions (no buffers), so meta-device init, pipeline stages and FSDP never
+    have to carry or re-initialise rotary state; it is ``rotary_dim / 2`` exponentials per call.
+    """
+    inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, device=position_ids.device,
+                                             dtype=torch.float32) / rotary_dim))
+    freqs = position_ids[..., None].float() * inv_freq  # [b, s, rotary_dim/2]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary on the first ``rotary_dim`` dims of each head. x [b, nh, s, hd]; cos/sin [b, s, rotary_dim]."""
+    rd = cos.shape[-1]
+    if rd == 0:
+        return x
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # broadcast over heads
+    x_rot, x_pass = x[..., :rd], x[..., rd:]
+    return torch.cat((x_rot * cos + _rotate_half(x_rot) * sin, x_pass), dim=-1)
+
+
+def doc_attention_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """Boolean mask [b, 1, s, s], True = may attend: causal and within the same document."""
+    s = doc_ids.shape[-1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=doc_ids.device).tril()
+    same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]  # [b, s, s]
+    return (same_doc & causal).unsqueeze(1)
+
+
+def position_ids_from_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:
+    """Positions restarting at 0 at each document start (Megatron's ``--reset-position-ids``). [b, s]."""
+    b, s = doc_ids.shape
+    idx = torch.arange(s, device=doc_ids.device).expand(b, s)
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    # index of the most recent document start at or before each position
+    start_idx = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    return idx - start_idx
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.head_dim = cfg.head_dim
+        self.rotary_dim = cfg.rotary_dim
+        self.attention_backend = cfg.attention_backend
+        # output rows laid out per head as [q_h, k_h, v_h] (HF / Megatron): a contiguous column split over tp
+        # ranks therefore hands each rank whole heads
+        self.query_key_value = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=cfg.attention_bias)
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=cfg.attention_bias)
+        self.recompute_core = False  # selective activation checkpointing (Megatron "selective")
+
+    def core(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+             mask: torch.Tensor | None) -> torch.Tensor:
+        """qkv [b, s, nh*3*hd] -> context [b, s, nh*hd]: rotary + softmax(QK^T/sqrt(hd)) V."""
+        b, s, _ = qkv.shape
+        qkv = qkv.view(b, s, -1, 3 * self.head_dim).transpose(1, 2)  # [b, nh, s, 3*hd]
+        q, k, v = qkv.split(self.head_dim, dim=-1)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = None
+        if self.attention_backend in ("auto", "flash") and mask is None:
+            out = fast_paths.flash_attention(q, k, v, required=self.attention_backend == "flash")
+        if out is None:
+            if mask is None:
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            else:
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return out.transpose(1, 2).reshape(b, s, -1)  # [b, s, nh*hd]
+
+    def forward(self, x, cos, sin, mask):
+        qkv = self.query_key_value(x)  # [b, s, 3*H/tp]
+        if self.recompute_core and self.training and torch.is_grad_enabled():
+            ctx = torch.utils.checkpoint.checkpoint(self.core, qkv, cos, sin, mask, use_reentrant=False)
+        else:
+            ctx = self.core(qkv, cos, sin, mask)
+        return self.dense(ctx)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.hidden_act not in _ACTIVATIONS:
+            raise UserError(f"model.hidden_act: unknown {cfg.hidden_act!r}; known: {sorted(_ACTIVATIONS)}")
+        self.act = _ACTIVATIONS[cfg.hidden_act]
+        self.dense_h_to_4h = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.dense_4h_to_h = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x):
+        return self.dense_4h_to_h(self.act(self.dense_h_to_4h(x)))
+
+
+class Layer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.use_parallel_residual = cfg.use_parallel_residual
+        self.input_layernorm = fast_paths.layer_norm(cfg.hidden_size, cfg.layernorm_eps, cfg.layernorm_backend)
+        self.post_attention_layernorm = fast_paths.layer_norm(cfg.hidden_size, cfg.layernorm_eps,
+                                                              cfg.layernorm_backend)
+        self.attention = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.recompute = False  # full activation checkpointing of this layer
+
+    def _forward(self, x, cos, sin, mask):
+        attn = self.attention(self.input_layernorm(x), cos, sin, mask)
+        if self.use_parallel_residual:  # x + attn(ln1(x)) + mlp(ln2(x))
+            return x + attn + self.mlp(self.post_attention_layernorm(x))
+        h = x + attn
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+    def forward(self, x, cos, sin, mask):
+        if self.recompute and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(self._forward, x, cos, sin, mask, use_reentrant=False)
+        return self._forward(x, cos, sin, mask)
+
+
+class GPTNeoX(nn.Module):
+    """GPT-NeoX causal LM. ``model(input_ids [b, s]) -> logits [b, s, V_pad]``.
+
+    Layers live in a ``ModuleDict`` keyed "0".."L-1": names read ``layers.{i}.…`` like HF, and a pipeline
+    stage can drop the layers (and ``embed_in`` / ``final_layer_norm`` / ``embed_out``, set to None) it
+    does not own while keeping the full model's parameter names.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        v_pad = cfg.padded_vocab()
+        self.embed_in = nn.Embedding(v_pad, cfg.hidden_size)
+        self.layers = nn.ModuleDict({str(i): Layer(cfg) for i in range(cfg.num_layers)})
+        self.final_layer_norm = fast_paths.layer_norm(cfg.hidden_size, cfg.layernorm_eps, cfg.layernorm_backend)
+        self.embed_out = nn.Linear(cfg.hidden_size, v_pad, bias=False)
+        if cfg.tie_word_embeddings:
+            self.embed_out.weight = self.embed_in.weight
+        self.set_recompute(cfg.recompute_granularity)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """N(0, init_std) weights; output projections of each residual branch scaled by 1/sqrt(2L)
+        (Megatron's scaled init); zero biases; LayerNorm 1/0. Also used after ``to_empty`` from meta."""
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2.0 * self.cfg.num_layers)
+        for name, mod in self.named_modules():
+            if isinstance(mod, nn.Linear):
+                is_out = name.endswith("attention.dense") or name.endswith("mlp.dense_4h_to_h")
+                nn.init.normal_(mod.weight, 0.0, out_std if is_out else std)
+                if mod.bias is not None:
+                    nn.init.zeros_(mod.bias)
+            elif isinstance(mod, nn.Embedding):
+                nn.init.normal_(mod.weight, 0.0, std)
+            elif hasattr(mod, "reset_parameters") and "norm" in type(mod).__name__.lower():
+                mod.reset_parameters()
+
+    def set_recompute(self, granularity: str | None) -> None:
+        """Activation checkpointing: None (off), "full" (each layer), "selective" (core attention only)."""
+        if granularity not in (None, "none", "full", "selective"):
+            raise UserError(f"model.recompute_granularity: {granularity!r} is not one of none, full, selective")
+        for layer in self.layers.values():
+            layer.recompute = granularity == "full"
+            layer.attention.recompute_core = granularity == "selective"
+
+    @property
+    def vocab_size(self) -> int:
+        return self.cfg.vocab_size
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings and self.embed_in is not None:
+            n -= self.embed_in.weight.numel()
+        return n
+
+    def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                      doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-layer-normed hidden states [b, s, H].
+
+        On a pipeline stage without ``embed_in`` the input is already hidden states [b, s, H], and without
+        ``final_layer_norm`` the output is the last owned layer's output.
+        """
+        h = self.embed_in(input_ids) if self.embed_in is not None else input_ids  # [b, s, H]
+        b, s = h.shape[0], h.shape[1]
+        if position_ids is None:
+            position_ids = torch.arange(s, device=h.device).expand(b, s)
+        elif position_ids.dim() == 1:
+            position_ids = position_ids.expand(b, s)
+        cos, sin = rotary_cos_sin(position_ids, self.cfg.rotary_dim, self.cfg.rotary_base, h.dtype)
+        mask = doc_attention_mask(doc_ids) if doc_ids is not None else None
+        for layer in self.layers.values():
+            h = layer(h, cos, sin, mask)
+        if self.final_layer_norm is not None:
+            h = self.final_layer_norm(h)
+        return h
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.hidden_states(input_ids, position_ids, doc_ids)
+        if self.embed_out is None:  # a non-last pipeline stage
+            return h
+        return self.embed_out(h)  # [b, s, V_pad]; rows >= cfg.vocab_size are padding
