@@ -248,7 +248,7 @@ class TrainConfig:
     precision: str = "auto"           # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     device: str = "auto"              # auto | cpu | cuda
     fused_loss: bool = True           # fused linear + cross-entropy (never materialises [tokens, vocab])
-    activation_checkpointing: bool = False
+    # activation checkpointing is model.recompute_granularity (none | full | selective)
     max_consecutive_nan_skips: int = 5  # stop after K non-finite steps in a row
     peak_flops: float | None = None   # per-device peak FLOP/s for MFU; default: table by device name
     exit_signal_save: bool = True     # SIGTERM/SIGUSR1 -> checkpoint + clean exit
@@ -284,7 +284,7 @@ class JobConfig:
 
             if preset not in PRESETS:
                 raise UserError(f"model_preset: unknown preset {preset!r}; known: {sorted(PRESETS)}")
-            base = PRESETS[preset].to_dict()
+            base = dataclasses.asdict(PRESETS[preset])
             bad = set(model_over) - set(base)
             if bad:
                 raise UserError(f"model: unknown field(s) {sorted(bad)}; known: {sorted(base)}")

@@ -1,0 +1,51 @@
+"""`megacpt train --config YAML [section.key=value ...]`: thin entry point over `megacpt.train.trainer.train`.
+
+Single process without torchrun (world size 1), or under torchrun/srun (WORLD_SIZE, RANK, LOCAL_RANK set).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = ("examples:\n"
+                "  megacpt train --config examples/configs/tiny-cpu.yaml data.blend=[out/domain_text_document]\n"
+                "  torchrun --nproc-per-node 8 -m megacpt train --config examples/configs/finpythia-6.9b.yaml \\\n"
+                "      checkpoint.save=/ckpt/finpythia train.train_iters=1000\n"
+                "overrides use dotted section.field names (sections: model_preset, model, parallel, data,\n"
+                "optimizer, scheduler, checkpoint, logging, train); values are parsed as YAML.")
+    p.add_argument("--config", help="YAML job config (see examples/configs/)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.train_iters=50")
+    p.add_argument("--print-config", action="store_true",
+                   help="validate, print the resolved config as JSON and exit (no training)")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
+def _setup_logging(level: str) -> None:
+    rank = os.environ.get("RANK", "0")
+    # every rank logs warnings (NaN skips, signals); only rank 0 logs progress
+    lvl = getattr(logging, level) if rank == "0" else max(getattr(logging, level), logging.WARNING)
+    logging.basicConfig(stream=sys.stdout, level=lvl,
+                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(message)s", datefmt="%H:%M:%S")
+
+
+def run(args: argparse.Namespace) -> int:
+    from megacpt.config import load_job_config
+    from megacpt.train.trainer import train, world_size_from_env
+
+    _setup_logging(args.log_level)
+    job = load_job_config(args.config, args.overrides)
+    if args.print_config:
+        job.validate(world_size_from_env())
+        print(json.dumps(job.to_dict(), indent=2, default=str))
+        return 0
+    result = train(job)
+    logging.getLogger("megacpt.train").info(
+        "finished: iteration %d, stop reason %s, skipped steps %d, last checkpoint %s", result.iteration,
+        result.stop_reason, result.skipped_steps, result.checkpoint)
+    return 0
