@@ -1,0 +1,168 @@
+"""Resumable stages with a manifest: a re-run skips what is done, redoes what is stale or corrupted.
+
+A stage declares its outputs (files or directories under the work dir), the parameters that
+determine them, and the stages it reads from. After it succeeds the runner records, in
+``WORKDIR/manifest.json``, the size and SHA-256 of every output file plus a fingerprint of
+(params, upstream outputs). On the next run a stage is skipped only if its fingerprint matches
+and every recorded file is still there with the same size and hash; otherwise its old outputs
+are removed and it runs again (so are the stages downstream, whose fingerprints change).
+
+Command stages run ``python -m megacpt ...`` as child processes: memory is isolated per stage,
+the log goes to ``WORKDIR/logs/STAGE.log``, and ``os.wait4`` gives each child's peak RSS.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from megacpt.errors import UserError
+from megacpt.io import sha256_file, write_json_atomic
+
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class Stage:
+    name: str
+    outputs: list[str]                       # relative to the work dir; a directory counts all files under it
+    fn: Callable[["StageContext"], dict | None]  # does the work; returns info recorded in the manifest
+    params: dict = field(default_factory=dict)
+    deps: list[str] = field(default_factory=list)
+
+
+@dataclass
+class StageContext:
+    workdir: Path
+    stage: Stage
+    log: Path
+    peak_rss_kb: int = 0
+    env: dict = field(default_factory=dict)
+
+    def path(self, rel: str) -> Path:
+        return self.workdir / rel
+
+    def megacpt(self, *args: str) -> None:
+        """Run one `megacpt` command as a child process, appending to this stage's log."""
+        cmd = [sys.executable, "-m", "megacpt", *map(str, args)]
+        env = {**os.environ, **self.env}
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "a", encoding="utf-8") as log:
+            log.write(f"$ {' '.join(cmd[1:])}\n")
+            log.flush()
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.workdir)
+            try:
+                _, status, usage = os.wait4(proc.pid, 0)
+            except BaseException:
+                proc.kill()
+                proc.wait()
+                raise
+            proc.returncode = os.waitstatus_to_exitcode(status)
+        self.peak_rss_kb = max(self.peak_rss_kb, usage.ru_maxrss)
+        if proc.returncode != 0:
+            tail = self.log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-6:]
+            raise UserError(f"stage {self.stage.name}: `megacpt {' '.join(map(str, args[:2]))} ...` exited "
+                            f"{proc.returncode}; log {self.log}:\n    " + "\n    ".join(tail))
+
+
+def _files(workdir: Path, rel: str) -> list[Path]:
+    p = workdir / rel
+    if p.is_dir():
+        return sorted(q for q in p.rglob("*") if q.is_file())
+    return [p] if p.exists() else []
+
+
+def hash_outputs(workdir: Path, outputs: list[str]) -> dict[str, dict]:
+    return {str(f.relative_to(workdir)): {"size": f.stat().st_size, "sha256": sha256_file(f)}
+            for rel in outputs for f in _files(workdir, rel)}
+
+
+class StageRunner:
+    def __init__(self, workdir: Path, force: bool = False, env: dict | None = None,
+                 echo: Callable[[str], None] = print):
+        self.workdir, self.force, self.env, self.echo = workdir, force, env or {}, echo
+        self.manifest_path = workdir / MANIFEST
+        self.manifest = self._load()
+        self.summary: list[dict] = []
+
+    def _load(self) -> dict:
+        try:
+            m = json.loads(self.manifest_path.read_text())
+            return m if isinstance(m.get("stages"), dict) else {"stages": {}}
+        except (OSError, ValueError):
+            return {"stages": {}}
+
+    def fingerprint(self, stage: Stage) -> str:
+        up = {d: self.manifest["stages"].get(d, {}).get("outputs") for d in stage.deps}
+        blob = json.dumps({"params": stage.params, "outputs": stage.outputs, "upstream": up},
+                          sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def why_stale(self, stage: Stage) -> str | None:
+        """None if the stage is done and intact, else the reason it must (re)run."""
+        entry = self.manifest["stages"].get(stage.name)
+        if entry is None:
+            return "not run yet"
+        if entry.get("fingerprint") != self.fingerprint(stage):
+            return "inputs or parameters changed"
+        recorded = entry.get("outputs", {})
+        present = {str(f.relative_to(self.workdir)) for rel in stage.outputs for f in _files(self.workdir, rel)}
+        if missing := sorted(set(recorded) - present):
+            return f"output {missing[0]} missing"
+        if extra := sorted(present - set(recorded)):
+            return f"unexpected file {extra[0]} in outputs"
+        for rel, rec in recorded.items():
+            f = self.workdir / rel
+            if f.stat().st_size != rec["size"]:
+                return f"output {rel} corrupted (size {f.stat().st_size} != {rec['size']})"
+            if sha256_file(f) != rec["sha256"]:
+                return f"output {rel} corrupted (sha256 mismatch)"
+        return None
+
+    def run(self, stages: list[Stage]) -> list[dict]:
+        names = [s.name for s in stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate stage names in {names}")
+        for i, stage in enumerate(stages, 1):
+            head = f"[{i:>2}/{len(stages)}] {stage.name:<24}"
+            reason = "--force" if self.force else self.why_stale(stage)
+            if reason is None:
+                entry = self.manifest["stages"][stage.name]
+                self.echo(f"{head} skipped (up to date, {entry['wall_s']:.1f}s when run)")
+                self.summary.append({**entry, "name": stage.name, "skipped": True})
+                continue
+            self.echo(f"{head} running ({reason}) ...")
+            for rel in stage.outputs:  # never mix a stale partial output with a new one
+                p = self.workdir / rel
+                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+            self.manifest["stages"].pop(stage.name, None)
+            self._save()
+            log = self.workdir / "logs" / f"{stage.name}.log"
+            log.unlink(missing_ok=True)
+            ctx = StageContext(self.workdir, stage, log, env=self.env)
+            t0 = time.perf_counter()
+            info = stage.fn(ctx) or {}
+            wall = time.perf_counter() - t0
+            outputs = hash_outputs(self.workdir, stage.outputs)
+            if not outputs:
+                raise UserError(f"stage {stage.name} produced none of its outputs {stage.outputs} (log: {log})")
+            peak = max(ctx.peak_rss_kb, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+            entry = {"fingerprint": self.fingerprint(stage), "outputs": outputs, "wall_s": round(wall, 3),
+                     "peak_rss_mb": round(peak / 1024, 1), "info": info,
+                     "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            self.manifest["stages"][stage.name] = entry
+            self._save()
+            self.echo(f"{head} done in {wall:.1f}s (peak RSS {entry['peak_rss_mb']:.0f} MB)")
+            self.summary.append({**entry, "name": stage.name, "skipped": False})
+        return self.summary
+
+    def _save(self) -> None:
+        write_json_atomic(self.manifest_path, self.manifest)

