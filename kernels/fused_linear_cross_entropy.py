@@ -1,0 +1,367 @@
+"""Fused output projection + cross-entropy: per-token NLL from hidden states, never the [N, V] logits.
+
+    nll[n] = logsumexp_v(h[n] . W[v] + b[v]) - (h[n] . W[t[n]] + b[t[n]])      for v < vocab_size
+
+Layout of this file (Liger-Kernel structure, one op per file):
+  1. ``_flce_fwd_kernel``   Triton: a program owns BLOCK_N tokens x one slice of the vocab tiles and runs
+                             an online log-sum-exp over BLOCK_V-wide tiles (fp32 accumulators), so the
+                             logits exist only one [BLOCK_N, BLOCK_V] tile at a time in registers.
+  2. ``_triton_lse_target`` launcher: grid (token blocks, vocab splits); partial (lse, target logit) per
+                             split are merged in torch (a [N, splits] tensor: tiny).
+  3. ``_torch_lse_target``  pure-torch chunked reference / CPU path: token chunks of ``chunk_size`` rows,
+                             fp32 matmul into one reused [chunk, V] buffer, in-place max/exp/sum.
+  4. ``FusedLinearCrossEntropyFunction`` autograd: forward = (2) or (3); backward is CHUNKED (not fused):
+                             it recomputes one token chunk of logits at a time from the saved lse,
+                             ``dlogits = (softmax - onehot) * grad``, then ``dh = dlogits @ W``,
+                             ``dW += dlogits^T @ h`` (and ``db``). Memory O(chunk x V), never O(N x V).
+  5. ``fused_linear_cross_entropy`` functional API and ``FusedLinearCrossEntropy`` module.
+
+Vocab parallel (``process_group``): each rank holds rows [r*V/tp, (r+1)*V/tp) of W (and b); targets are
+global ids. Ranks compute a local (lse, target logit), then all-reduce MAX of lse, SUM of exp(lse - max)
+and SUM of the target logit (0 off-shard) -> the exact unsharded NLL. Backward: each rank's dW/db is its
+shard of the unsharded gradient; dh is all-reduced (SUM) since h is replicated over the group, so the
+returned dh equals the unsharded one (like Megatron's copy-to-TP-region backward).
+
+Padded vocab rows (index >= ``vocab_size``, Megatron pads V to a multiple of 128*tp) are excluded from the
+softmax and get zero gradient. Targets must be in [0, vocab_size) or equal ``ignore_index`` (NLL 0, no
+gradient, not counted in the mean).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+try:  # Triton is optional: the torch path covers CPU and machines without it
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised only where triton is missing
+    HAS_TRITON = False
+
+__all__ = ["fused_linear_cross_entropy", "FusedLinearCrossEntropy", "FusedLinearCrossEntropyFunction",
+           "reference_cross_entropy", "HAS_TRITON"]
+
+_REDUCTIONS = ("none", "mean", "sum")
+_IMPLS = ("auto", "triton", "torch")
+
+
+# ----------------------------------------------------------------------------------------------------
+# 1. Triton kernel
+# ----------------------------------------------------------------------------------------------------
+if HAS_TRITON:
+
+    @triton.jit
+    def _flce_fwd_kernel(
+        h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, tgt_ptr,
+        N, H, V_valid, v_offset, ignore_index,
+        stride_hn, stride_wv, n_tiles, tiles_per_split, n_splits,
+        HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    ):
+        pid_n = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+        tgt = tl.load(t_ptr + rows, mask=row_ok, other=ignore_index)
+        # target column inside this shard's [0, V_valid); -1 (never a column) for ignored rows
+        local_tgt = tl.where(tgt == ignore_index, -1, tgt - v_offset)
+
+        m = tl.full([BLOCK_N], float("-inf"), tl.float32)  # running max          [BLOCK_N]
+        s = tl.zeros([BLOCK_N], tl.float32)                 # running sum of exp  [BLOCK_N]
+        t_logit = tl.zeros([BLOCK_N], tl.float32)           # target logit (0 when off this slice)
+
+        tile_lo = pid_s * tiles_per_split
+        tile_hi = tl.minimum(tile_lo + tiles_per_split, n_tiles)
+        for vt in range(tile_lo, tile_hi):
+            cols = vt * BLOCK_V + tl.arange(0, BLOCK_V)
+            col_ok = cols < V_valid
+            acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)  # logits tile, fp32 accumulation
+            for k in range(0, H, BLOCK_H):
+                ks = k + tl.arange(0, BLOCK_H)
+                k_ok = ks < H
+                h = tl.load(h_ptr + rows[:, None] * stride_hn + ks[None, :],
+                            mask=row_ok[:, None] & k_ok[None, :], other=0.0)        # [BLOCK_N, BLOCK_H]
+                w = tl.load(w_ptr + cols[None, :] * stride_wv + ks[:, None],
+                            mask=col_ok[None, :] & k_ok[:, None], other=0.0)        # [BLOCK_H, BLOCK_V]
+                if UPCAST:  # Triton 3.9's CPU interpreter computes bf16 tl.dot wrongly; fp32 is exact
+                    h = h.to(tl.float32)
+                    w = w.to(tl.float32)
+                if IEEE:  # fp32 inputs: no TF32 rounding, so fp32 results match torch's fp32 matmul
+                    acc = tl.dot(h, w, acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(h, w, acc)
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            acc = tl.where(col_ok[None, :], acc, float("-inf"))
+            m_new = tl.maximum(m, tl.max(acc, axis=1))  # finite: every tile has >= 1 valid column
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(acc - m_new[:, None]), axis=1)
+            m = m_new
+            t_logit += tl.sum(tl.where(cols[None, :] == local_tgt[:, None], acc, 0.0), axis=1)
+
+        lse = m + tl.log(s)  # -inf for a split without tiles (s = 0)
+        out = rows * n_splits + pid_s
+        tl.store(lse_ptr + out, lse, mask=row_ok)
+        tl.store(tgt_ptr + out, t_logit, mask=row_ok)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. launcher
+# ----------------------------------------------------------------------------------------------------
+def _triton_config(device: torch.device) -> tuple[int, int, int, int, int]:
+    """(BLOCK_N, BLOCK_V, BLOCK_H, num_warps, target #programs). The interpreter gets tiny tiles."""
+    if device.type != "cuda":  # TRITON_INTERPRET=1 on CPU: correctness only, keep tiles small
+        return 16, 32, 16, 1, 4
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return 64, 128, 64, 8, 4 * sms
+
+
+def _triton_lse_target(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], t: torch.Tensor,
+                       v_valid: int, v_offset: int, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Local (lse [N], target logit [N]) in fp32 over rows [0, v_valid) of w."""
+    if not HAS_TRITON:
+        raise RuntimeError("impl='triton' needs the triton package")
+    n, hdim = h.shape
+    h = h.contiguous()
+    w = w if w.stride(1) == 1 else w.contiguous()
+    block_n, block_v, block_h, warps, target_programs = _triton_config(h.device)
+    n_tiles = triton.cdiv(max(v_valid, 0), block_v)
+    row_blocks = triton.cdiv(n, block_n)
+    # split the vocab loop over programs when there are too few token blocks to fill the GPU
+    n_splits = max(1, min(n_tiles, triton.cdiv(target_programs, max(row_blocks, 1))))
+    tiles_per_split = triton.cdiv(n_tiles, n_splits) if n_tiles else 0
+    n_splits = triton.cdiv(n_tiles, tiles_per_split) if n_tiles else 1
+    lse = torch.empty(n, n_splits, device=h.device, dtype=torch.float32)
+    tgt = torch.empty(n, n_splits, device=h.device, dtype=torch.float32)
+    if n:
+        _flce_fwd_kernel[(row_blocks, n_splits)](
+            h, w, b if b is not None else h, t.contiguous(), lse, tgt,
+            n, hdim, v_valid, v_offset, ignore_index,
+            h.stride(0), w.stride(0), n_tiles, tiles_per_split, n_splits,
+            HAS_BIAS=b is not None, IEEE=h.dtype == torch.float32, UPCAST=h.device.type != "cuda",
+            BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, num_warps=warps,
+        )
+    if n_splits == 1:
+        return lse[:, 0], tgt[:, 0]
+    return _merge_lse(lse, dim=1), tgt.sum(1)
+
+
+def _merge_lse(lse: torch.Tensor, dim: int) -> torch.Tensor:
+    """log(sum(exp(lse))) along ``dim``, where -inf entries (empty partitions) contribute nothing."""
+    m = lse.amax(dim, keepdim=True)
+    return ((lse - m).exp().sum(dim, keepdim=True).log() + m).squeeze(dim)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. pure-torch chunked path (CPU, reference)
+# ----------------------------------------------------------------------------------------------------
+DEFAULT_CHUNK = int(os.environ.get("MEGACPT_FLCE_CHUNK", "1024"))  # tokens per [chunk, V] fp32 buffer
+
+
+def _as_fp32(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if x is None else x.float()  # no copy for fp32 tensors
+
+
+def _chunk_logits(h: torch.Tensor, w32: torch.Tensor, b32: Optional[torch.Tensor],
+                  out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """fp32 logits [c, Vv] of one token chunk, written into ``out`` when given (no fresh allocation)."""
+    h32 = h.float()
+    if b32 is None:
+        return torch.mm(h32, w32.t(), out=out) if out is not None else torch.mm(h32, w32.t())
+    if out is not None:
+        return torch.addmm(b32, h32, w32.t(), out=out)
+    return torch.addmm(b32, h32, w32.t())
+
+
+def _torch_lse_target(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], t: torch.Tensor,
+                      v_valid: int, v_offset: int, ignore_index: int,
+                      chunk_size: int = DEFAULT_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+    """Local (lse [N], target logit [N]) in fp32, ``chunk_size`` tokens at a time."""
+    n = h.shape[0]
+    lse = torch.full((n,), float("-inf"), dtype=torch.float32, device=h.device)
+    tgt = torch.zeros(n, dtype=torch.float32, device=h.device)
+    if n == 0 or v_valid <= 0:
+        return lse, tgt
+    w32, b32 = _as_fp32(w[:v_valid]), _as_fp32(None if b is None else b[:v_valid])
+    local = t - v_offset
+    on_shard = (t != ignore_index) & (local >= 0) & (local < v_valid)
+    local = torch.where(on_shard, local, torch.zeros_like(local))
+    c = max(1, min(chunk_size, n))
+    buf = torch.empty(c, v_valid, dtype=torch.float32, device=h.device)  # reused by every chunk
+    for s in range(0, n, c):
+        e = min(s + c, n)
+        logits = _chunk_logits(h[s:e], w32, b32, out=buf[: e - s])        # [c, Vv] fp32
+        tgt[s:e] = logits.gather(1, local[s:e, None]).squeeze(1)
+        m = logits.amax(1, keepdim=True)                                   # [c, 1]
+        logits.sub_(m).exp_()                                              # in place: no 2nd buffer
+        lse[s:e] = logits.sum(1).log_().add_(m.squeeze(1))
+    tgt.masked_fill_(~on_shard, 0.0)
+    return lse, tgt
+
+
+def _torch_backward(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], t: torch.Tensor,
+                    lse: torch.Tensor, grad_nll: torch.Tensor, v_valid: int, v_offset: int,
+                    ignore_index: int, need_dh: bool, need_dw: bool, need_db: bool,
+                    chunk_size: int = DEFAULT_CHUNK):
+    """Chunked recompute: dlogits = (exp(logits - lse) - onehot(t)) * grad_nll, per token chunk."""
+    n, hdim = h.shape
+    dh = torch.zeros(n, hdim, dtype=torch.float32, device=h.device) if need_dh else None
+    dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_dw else None
+    db = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device) if need_db else None
+    if n == 0 or v_valid <= 0:
+        return dh, dw, db
+    w32, b32 = _as_fp32(w[:v_valid]), _as_fp32(None if b is None else b[:v_valid])
+    local = t - v_offset
+    on_shard = (t != ignore_index) & (local >= 0) & (local < v_valid)
+    g = torch.where(t == ignore_index, torch.zeros_like(grad_nll), grad_nll).float()  # [N]
+    c = max(1, min(chunk_size, n))
+    buf = torch.empty(c, v_valid, dtype=torch.float32, device=h.device)
+    for s in range(0, n, c):
+        e = min(s + c, n)
+        p = _chunk_logits(h[s:e], w32, b32, out=buf[: e - s])
+        p.sub_(lse[s:e, None]).exp_()                                          # softmax [c, Vv]
+        rows = torch.nonzero(on_shard[s:e]).squeeze(1)
+        p[rows, local[s:e][rows]] -= 1.0
+        p.mul_(g[s:e, None])                                                    # dlogits [c, Vv]
+        if dh is not None:
+            dh[s:e] = p @ w32
+        if dw is not None:
+            dw[:v_valid].addmm_(p.t(), h[s:e].float())
+        if db is not None:
+            db[:v_valid] += p.sum(0)
+    return dh, dw, db
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. autograd function
+# ----------------------------------------------------------------------------------------------------
+def _shard_range(v_local: int, vocab_size: Optional[int], group) -> tuple[int, int]:
+    """(v_offset, number of valid rows of this rank's shard)."""
+    rank = dist.get_rank(group) if group is not None else 0
+    offset = rank * v_local
+    total = vocab_size if vocab_size is not None else v_local * (dist.get_world_size(group) if group else 1)
+    return offset, max(0, min(v_local, total - offset))
+
+
+class FusedLinearCrossEntropyFunction(torch.autograd.Function):
+    """nll [N] (fp32) = CE(h @ W^T + b, t); see the module docstring for sharding and backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, ignore_index, vocab_size, impl, group, chunk_size):
+        v_offset, v_valid = _shard_range(weight.shape[0], vocab_size, group)
+        if impl == "triton":
+            lse, tgt = _triton_lse_target(hidden, weight, bias, targets, v_valid, v_offset, ignore_index)
+        else:
+            lse, tgt = _torch_lse_target(hidden, weight, bias, targets, v_valid, v_offset, ignore_index,
+                                         chunk_size)
+        if group is not None and dist.get_world_size(group) > 1:
+            m = lse.clone()
+            dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)              # global max of lse
+            se = (lse - m).exp()
+            dist.all_reduce(se, op=dist.ReduceOp.SUM, group=group)
+            dist.all_reduce(tgt, op=dist.ReduceOp.SUM, group=group)            # only one rank had it
+            lse = se.log() + m
+        ignored = targets == ignore_index
+        nll = (lse - tgt).masked_fill(ignored, 0.0)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.cfg = (ignore_index, v_offset, v_valid, group, chunk_size)
+        ctx.mark_non_differentiable(lse)
+        return nll, lse
+
+    @staticmethod
+    def backward(ctx, grad_nll, _grad_lse):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        ignore_index, v_offset, v_valid, group, chunk_size = ctx.cfg
+        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_db = bias is not None and ctx.needs_input_grad[2]
+        dh, dw, db = _torch_backward(hidden, weight, bias, targets, lse, grad_nll, v_valid, v_offset,
+                                     ignore_index, need_dh, need_dw, need_db, chunk_size)
+        if dh is not None and group is not None and dist.get_world_size(group) > 1:
+            dist.all_reduce(dh, op=dist.ReduceOp.SUM, group=group)  # h is replicated over the TP group
+        return (None if dh is None else dh.to(hidden.dtype), None if dw is None else dw.to(weight.dtype),
+                None if db is None else db.to(bias.dtype), None, None, None, None, None, None)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. functional API and module
+# ----------------------------------------------------------------------------------------------------
+def _pick_impl(impl: str, device: torch.device) -> str:
+    if impl not in _IMPLS:
+        raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "triton" if (device.type == "cuda" and HAS_TRITON) else "torch"
+    if impl == "triton" and not HAS_TRITON:
+        raise RuntimeError("impl='triton' requested but triton is not installed")
+    return impl
+
+
+def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                               bias: Optional[torch.Tensor] = None, ignore_index: int = -100,
+                               reduction: str = "none", impl: str = "auto", vocab_size: Optional[int] = None,
+                               process_group=None, chunk_size: int = DEFAULT_CHUNK,
+                               return_lse: bool = False):
+    """Per-token NLL of ``targets`` under ``softmax(hidden @ weight.T + bias)[:, :vocab_size]``.
+
+    hidden [N, H] (fp32/bf16/fp16), weight [V_local, H] (same dtype; V_local = V / tp with a
+    ``process_group``), bias [V_local] or None, targets [N] int (global ids). Returns fp32 NLL: [N] for
+    ``reduction="none"`` (0 at ignored positions), else a scalar (mean over non-ignored tokens; NaN if
+    there are none, like ``F.cross_entropy``). With ``return_lse`` also the fp32 log-partition [N].
+    ``impl``: "auto" (Triton on CUDA, chunked torch elsewhere), "triton" (also under TRITON_INTERPRET=1
+    on CPU, for tests) or "torch". Differentiable wrt hidden, weight and bias.
+    """
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"expected hidden [N, H] and weight [V, H], got {tuple(hidden.shape)} and "
+                         f"{tuple(weight.shape)}")
+    if targets.shape != hidden.shape[:1]:
+        raise ValueError(f"targets {tuple(targets.shape)} do not match hidden's N={hidden.shape[0]}")
+    if bias is not None and bias.shape != weight.shape[:1]:
+        raise ValueError(f"bias {tuple(bias.shape)} does not match weight rows {weight.shape[0]}")
+    group = process_group if (process_group is not None and dist.get_world_size(process_group) > 1) else None
+    v_total = weight.shape[0] * (dist.get_world_size(group) if group is not None else 1)
+    if vocab_size is not None and not 0 < vocab_size <= v_total:
+        raise ValueError(f"vocab_size={vocab_size} must be in [1, {v_total}] (rows of the full weight)")
+    limit = vocab_size if vocab_size is not None else v_total
+    if targets.numel():
+        bad = (targets != ignore_index) & ((targets < 0) | (targets >= limit))
+        if bool(bad.any()):
+            i = int(torch.nonzero(bad)[0, 0])
+            raise ValueError(f"target {int(targets[i])} at position {i} is outside [0, {limit}) and is not "
+                             f"ignore_index={ignore_index}")
+    impl = _pick_impl(impl, hidden.device)
+    nll, lse = FusedLinearCrossEntropyFunction.apply(hidden, weight, bias, targets.long(), ignore_index,
+                                                     vocab_size, impl, group, chunk_size)
+    if reduction == "sum":
+        nll = nll.sum()
+    elif reduction == "mean":
+        nll = nll.sum() / (targets != ignore_index).sum()
+    return (nll, lse) if return_lse else nll
+
+
+class FusedLinearCrossEntropy(torch.nn.Module):
+    """Module form: ``loss = FusedLinearCrossEntropy()(hidden, lm_head_weight, targets)``."""
+
+    def __init__(self, ignore_index: int = -100, reduction: str = "mean", impl: str = "auto",
+                 vocab_size: Optional[int] = None, process_group=None, chunk_size: int = DEFAULT_CHUNK):
+        super().__init__()
+        self.ignore_index, self.reduction, self.impl = ignore_index, reduction, impl
+        self.vocab_size, self.process_group, self.chunk_size = vocab_size, process_group, chunk_size
+
+    def forward(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return fused_linear_cross_entropy(hidden, weight, targets, bias, self.ignore_index, self.reduction,
+                                          self.impl, self.vocab_size, self.process_group, self.chunk_size)
+
+
+def reference_cross_entropy(hidden, weight, targets, bias=None, ignore_index=-100, reduction="none",
+                            vocab_size=None):
+    """The straightforward fp32 computation (full logits + F.cross_entropy): tests and benchmarks."""
+    logits = torch.nn.functional.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
+    if vocab_size is not None:
+        logits = logits[:, :vocab_size]
+    return torch.nn.functional.cross_entropy(logits, targets.long(), ignore_index=ignore_index,
+                                             reduction=reduction)

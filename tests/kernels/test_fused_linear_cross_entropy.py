@@ -1,0 +1,162 @@
+"""fused_linear_cross_entropy vs the straightforward fp32 F.cross_entropy: NLL and every gradient."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from megacpt.kernels.fused_linear_cross_entropy import (FusedLinearCrossEntropy, fused_linear_cross_entropy,
+                                                        reference_cross_entropy)
+from megacpt.testing import run_distributed
+from tests.conftest import requires_gpu, requires_triton
+
+N, H, V, V_REAL = 37, 72, 1003, 997  # odd on purpose; V_REAL < V exercises the padded-row mask
+TOL = {torch.float32: dict(atol=2e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+
+
+def _inputs(dtype=torch.float32, bias=True, seed=0, n=N, h=H, v=V, v_real=V_REAL):
+    g = torch.Generator().manual_seed(seed)
+    hid = torch.randn(n, h, generator=g).to(dtype)
+    w = (torch.randn(v, h, generator=g) * 0.2).to(dtype)
+    b = (torch.randn(v, generator=g) * 0.5).to(dtype) if bias else None
+    t = torch.randint(0, v_real, (n,), generator=g)
+    t[::7] = -100
+    return hid, w, b, t
+
+
+def _grads(fn, hid, w, b, t, **kw):
+    leaves = [x.clone().requires_grad_() for x in (hid, w) + ((b,) if b is not None else ())]
+    out = fn(leaves[0], leaves[1], t, leaves[2] if b is not None else None, **kw)
+    (out * torch.linspace(0.5, 1.5, out.numel()).view_as(out)).sum().backward() if out.dim() else out.backward()
+    return out.detach(), [x.grad for x in leaves]
+
+
+def _ref(hid, w, t, b=None, **kw):
+    # reference runs in fp32 on fp32 copies (the op promises fp32 accumulation for bf16 inputs)
+    kw.pop("impl", None), kw.pop("chunk_size", None)
+    return reference_cross_entropy(hid.float(), w.float(), t, None if b is None else b.float(), **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_torch_path_matches_cross_entropy(dtype, bias, reduction):
+    hid, w, b, t = _inputs(dtype, bias)
+    kw = dict(reduction=reduction, vocab_size=V_REAL)
+    # chunk_size=8: several token chunks, the last one ragged
+    out, grads = _grads(fused_linear_cross_entropy, hid, w, b, t, impl="torch", chunk_size=8, **kw)
+    ref, ref_grads = _grads(_ref, hid.float(), w.float(), None if b is None else b.float(), t, **kw)
+    torch.testing.assert_close(out, ref, **TOL[dtype])
+    for g, rg in zip(grads, ref_grads):
+        assert g.dtype == dtype
+        torch.testing.assert_close(g.float(), rg, **TOL[dtype])
+    assert grads[1][V_REAL:].abs().max() == 0  # padded rows get no gradient
+
+
+def test_ignore_index_and_padded_rows():
+    hid, w, b, t = _inputs()
+    t[:] = -100
+    t[5] = 3
+    out = fused_linear_cross_entropy(hid, w, t, b, impl="torch", vocab_size=V_REAL)
+    assert (out[t == -100] == 0).all() and out[5] > 0
+    # huge logits on the padded rows must not change anything
+    w2 = w.clone()
+    w2[V_REAL:] = 100.0
+    torch.testing.assert_close(fused_linear_cross_entropy(hid, w2, t, b, vocab_size=V_REAL), out)
+    # a custom non-negative ignore index inside the vocab
+    t2 = torch.full((N,), 7)
+    t2[0] = 1
+    out2 = fused_linear_cross_entropy(hid, w, t2, b, ignore_index=7, vocab_size=V_REAL)
+    assert (out2[1:] == 0).all() and out2[0] > 0
+    assert fused_linear_cross_entropy(hid, w, t2, b, ignore_index=7, reduction="mean").isfinite()
+
+
+def test_module_and_empty_input():
+    hid, w, b, t = _inputs(bias=False)
+    loss = FusedLinearCrossEntropy(vocab_size=V_REAL)(hid, w, t)
+    torch.testing.assert_close(loss, _ref(hid, w, t, reduction="mean", vocab_size=V_REAL))
+    empty = fused_linear_cross_entropy(hid[:0], w, t[:0])
+    assert empty.shape == (0,)
+
+
+def test_bad_inputs_raise():
+    hid, w, b, t = _inputs()
+    t[2] = V_REAL  # a padded row is not a valid target
+    with pytest.raises(ValueError, match="outside"):
+        fused_linear_cross_entropy(hid, w, t, vocab_size=V_REAL)
+    with pytest.raises(ValueError, match="weight"):
+        fused_linear_cross_entropy(hid, w[:, :5], t)
+    with pytest.raises(ValueError, match="reduction"):
+        fused_linear_cross_entropy(hid, w, t.clamp(0), reduction="avg")
+    with pytest.raises(ValueError, match="vocab_size"):
+        fused_linear_cross_entropy(hid, w, t.clamp(0, 5), vocab_size=V + 1)
+
+
+# -- Triton kernel under the CPU interpreter (a subprocess: TRITON_INTERPRET must be set before import) --
+_TRITON_SCRIPT = textwrap.dedent("""
+    import torch
+    from megacpt.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy, reference_cross_entropy
+    from tests.kernels.test_fused_linear_cross_entropy import _inputs
+    # fp32 + bias + padded rows; then bf16 without bias; 37 tokens = 3 row blocks -> 2 vocab splits
+    for dtype, bias, atol in ((torch.float32, True, 2e-5), (torch.bfloat16, False, 2e-2)):
+        hid, w, b, t = _inputs(dtype, bias, n=37, h=72, v=203, v_real=197)
+        out = fused_linear_cross_entropy(hid, w, t, b, impl="triton", vocab_size=197)
+        ref = reference_cross_entropy(hid.float(), w.float(), t, None if b is None else b.float(), vocab_size=197)
+        torch.testing.assert_close(out, ref, atol=atol, rtol=atol)
+        hh = hid.clone().requires_grad_()
+        fused_linear_cross_entropy(hh, w, t, b, impl="triton", vocab_size=197, reduction="sum").backward()
+        h2 = hid.float().clone().requires_grad_()
+        reference_cross_entropy(h2, w.float(), t, None if b is None else b.float(), vocab_size=197,
+                                reduction="sum").backward()
+        torch.testing.assert_close(hh.grad.float(), h2.grad, atol=atol * 5, rtol=atol)
+    print("TRITON-OK")
+""")
+
+
+@requires_triton
+def test_triton_kernel_interpreted():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    r = subprocess.run([sys.executable, "-c", _TRITON_SCRIPT], cwd=root, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0 and "TRITON-OK" in r.stdout, r.stdout + r.stderr
+
+
+@requires_gpu
+@requires_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_kernel_cuda(dtype):
+    hid, w, b, t = (x.cuda() if x is not None else None for x in _inputs(dtype, n=4099, h=256, v=50304,
+                                                                          v_real=50277))
+    out = fused_linear_cross_entropy(hid, w, t, b, impl="triton", vocab_size=50277)
+    ref = _ref(hid, w, t, b, vocab_size=50277)
+    torch.testing.assert_close(out, ref, **TOL[dtype])
+
+
+# -- vocab parallel on 2 gloo ranks -------------------------------------------------------------------
+def _vocab_parallel_worker(rank, world, dtype_name):
+    import torch.distributed as dist
+
+    dtype = getattr(torch, dtype_name)
+    hid, w, b, t = _inputs(dtype, bias=True, v=1004, v_real=V_REAL)  # 1004 = 2 x 502; rank 1 has padding
+    rows = slice(rank * 502, (rank + 1) * 502)
+    out, (dh, dw, db) = _grads(fused_linear_cross_entropy, hid, w[rows].contiguous(), b[rows].contiguous(), t,
+                               impl="torch", vocab_size=V_REAL, process_group=dist.group.WORLD, chunk_size=16)
+    full, (rdh, rdw, rdb) = _grads(fused_linear_cross_entropy, hid, w, b, t, impl="torch", vocab_size=V_REAL,
+                                   chunk_size=16)
+    tol = TOL[dtype]
+    torch.testing.assert_close(out, full, **tol)
+    torch.testing.assert_close(dh, rdh, **tol)
+    torch.testing.assert_close(dw, rdw[rows], **tol)
+    torch.testing.assert_close(db, rdb[rows], **tol)
+    return float((out - full).abs().max())
+
+
+@pytest.mark.distributed
+def test_vocab_parallel_two_ranks_exact():
+    diffs = run_distributed(_vocab_parallel_worker, 2, "float32", timeout=120)
+    assert max(diffs) < 1e-5
