@@ -1,0 +1,99 @@
+"""Document-aware masking, activation checkpointing, torch.compile on the plain model."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megacpt.errors import UserError
+from megacpt.model import GPTNeoX, get_preset
+from megacpt.model.gpt_neox import position_ids_from_doc_ids
+
+
+def _model(seed=0, **kw):
+    torch.manual_seed(seed)
+    return GPTNeoX(get_preset("tiny", **kw))
+
+
+def test_doc_mask_packed_equals_separate_documents():
+    model = _model().eval()
+    a, b = torch.randint(0, 1000, (1, 5)), torch.randint(0, 1000, (1, 7))
+    packed = torch.cat([a, b], dim=1)
+    doc_ids = torch.tensor([[0] * 5 + [1] * 7])
+    pos = position_ids_from_doc_ids(doc_ids)
+    assert pos.tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6]]
+    with torch.no_grad():
+        out = model(packed, position_ids=pos, doc_ids=doc_ids)
+        torch.testing.assert_close(out[:, :5], model(a), rtol=0, atol=1e-5)
+        torch.testing.assert_close(out[:, 5:], model(b), rtol=0, atol=1e-5)
+        # without reset positions the second document sees its absolute positions, but still only itself
+        out_abs = model(packed, doc_ids=doc_ids)
+        torch.testing.assert_close(out_abs[:, 5:], model(b, position_ids=torch.arange(5, 12)), rtol=0, atol=1e-5)
+        # a single document id everywhere is plain causal attention
+        torch.testing.assert_close(model(packed, doc_ids=torch.zeros_like(packed)), model(packed),
+                                   rtol=0, atol=1e-5)
+        # and the mask changes the result where documents meet
+        assert not torch.allclose(out_abs[:, 5:], model(packed)[:, 5:], atol=1e-4)
+
+
+def test_position_ids_from_doc_ids_batch():
+    doc = torch.tensor([[3, 3, 4, 4, 4, 9], [0, 1, 2, 2, 2, 2]])
+    assert position_ids_from_doc_ids(doc).tolist() == [[0, 1, 0, 1, 2, 0], [0, 0, 0, 1, 2, 3]]
+
+
+def _loss_and_grads(model, ids):
+    model.zero_grad()
+    logits = model(ids[:, :-1])
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("granularity", ["full", "selective"])
+def test_activation_checkpointing_same_gradients(granularity):
+    ids = torch.randint(0, 1000, (2, 16))
+    ref_loss, ref_grads = _loss_and_grads(_model().train(), ids)
+    model = _model(recompute_granularity=granularity).train()
+    assert any(l.recompute or l.attention.recompute_core for l in model.layers.values())
+    loss, grads = _loss_and_grads(model, ids)
+    torch.testing.assert_close(loss, ref_loss, rtol=0, atol=1e-6)
+    for n in ref_grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], rtol=0, atol=1e-6, msg=n)
+    with pytest.raises(UserError, match="recompute_granularity"):
+        model.set_recompute("some")
+
+
+def test_padded_rows_exist_and_real_rows_are_first():
+    cfg = get_preset("tiny", vocab_size=1001)
+    model = GPTNeoX(cfg)
+    assert cfg.padded_vocab() == 1008 and model.embed_in.weight.shape[0] == 1008
+    assert model(torch.randint(0, 1001, (1, 3))).shape[-1] == 1008
+
+
+def _check_compile(backend: str, doc_ids: bool):
+    model = _model().train()
+    ids = torch.randint(0, 1000, (2, 17))
+    kw = {"doc_ids": torch.tensor([[0] * 6 + [1] * 10] * 2)} if doc_ids else {}
+    inp, tgt = ids[:, :-1], ids[:, 1:].flatten()
+
+    def step(m):
+        model.zero_grad()
+        loss = torch.nn.functional.cross_entropy(m(inp, **kw).flatten(0, 1), tgt)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    ref_loss, ref_grads = step(model)
+    # fullgraph: the model traces without graph breaks (what the trainer relies on for speed)
+    loss, grads = step(torch.compile(model, backend=backend, fullgraph=True))
+    torch.testing.assert_close(loss, ref_loss, rtol=0, atol=1e-5)
+    for n in ref_grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-4, atol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize("doc_ids", [False, True])
+def test_torch_compile_fullgraph_traces(doc_ids):
+    _check_compile("aot_eager", doc_ids)  # dynamo + AOT autograd, no codegen: seconds, not a minute
+
+
+@pytest.mark.slow
+def test_torch_compile_inductor_matches_eager():
+    _check_compile("inductor", doc_ids=False)
