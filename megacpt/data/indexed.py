@@ -75,7 +75,10 @@ class IndexedDatasetWriter:
         self._bin = open(self._bin_tmp, "wb")
         self._lengths: list[np.ndarray] = []
         self._pending_lengths: list[int] = []
-        self._doc_indices: list[int] = [0]
+        # document indices as int64 blocks (8 bytes/document, not a Python int each)
+        self._doc_blocks: list[np.ndarray] = [np.zeros(1, np.int64)]
+        self._pending_docs: list[int] = []
+        self._n_documents = 0
         self._n_sequences = 0
         self.n_tokens = 0
         self._max_token = np.iinfo(self.dtype).max if np.issubdtype(self.dtype, np.integer) else None
@@ -95,7 +98,10 @@ class IndexedDatasetWriter:
             self._flush_lengths()
 
     def end_document(self) -> None:
-        self._doc_indices.append(self._n_sequences)
+        self._pending_docs.append(self._n_sequences)
+        self._n_documents += 1
+        if len(self._pending_docs) >= 1 << 16:
+            self._flush_docs()
 
     def add_document(self, sequences: Iterable[Sequence[int] | np.ndarray]) -> None:
         """One document made of zero or more sequences (Megatron: an empty text has zero)."""
@@ -110,28 +116,52 @@ class IndexedDatasetWriter:
         self._flush_lengths()
         lengths = np.asarray(lengths, dtype=np.int32)
         self._lengths.append(lengths)
-        base = self._n_sequences
-        self._doc_indices.extend((base + np.asarray(doc_ends, dtype=np.int64)).tolist())
+        self._flush_docs()
+        doc_ends = np.asarray(doc_ends, dtype=np.int64)
+        self._doc_blocks.append(self._n_sequences + doc_ends)
+        self._n_documents += int(doc_ends.size)
         self._n_sequences += int(lengths.size)
         self.n_tokens += int(lengths.sum(dtype=np.int64))
+
+    def add_index(self, prefix: str | os.PathLike) -> None:
+        """Append a whole dataset (Megatron's ``IndexedDatasetBuilder.add_index``); dtypes must match."""
+        import shutil
+
+        other = IndexedDataset(prefix)
+        if np.dtype(other.dtype) != np.dtype(self.dtype):
+            raise UserError(f"cannot merge {prefix} (dtype {np.dtype(other.dtype).name}) into {self.prefix} "
+                            f"(dtype {np.dtype(self.dtype).name})")
+        with open(data_paths(prefix)[0], "rb") as f:
+            shutil.copyfileobj(f, self._bin, 16 << 20)
+        self.add_raw(b"", np.array(other.sequence_lengths), np.array(other.document_indices[1:]))
 
     def _flush_lengths(self) -> None:
         if self._pending_lengths:
             self._lengths.append(np.asarray(self._pending_lengths, dtype=np.int32))
             self._pending_lengths = []
 
+    def _flush_docs(self) -> None:
+        if self._pending_docs:
+            self._doc_blocks.append(np.asarray(self._pending_docs, dtype=np.int64))
+            self._pending_docs = []
+
     @property
     def n_documents(self) -> int:
-        return len(self._doc_indices) - 1
+        return self._n_documents
+
+    @property
+    def n_sequences(self) -> int:
+        return self._n_sequences
 
     # -- finishing -------------------------------------------------------------------------
     def finalize(self) -> None:
         self._flush_lengths()
+        self._flush_docs()
         self._bin.flush()
         os.fsync(self._bin.fileno())
         self._bin.close()
         lengths = np.concatenate(self._lengths) if self._lengths else np.zeros(0, np.int32)
-        doc_indices = np.asarray(self._doc_indices, dtype=np.int64)
+        doc_indices = np.concatenate(self._doc_blocks)
         idx_tmp = tmp_path_for(self.idx_path)
         try:
             write_index(idx_tmp, self.dtype, lengths, doc_indices)

@@ -311,3 +311,26 @@ def iter_documents(inputs: Sequence[str], json_keys: Sequence[str] = ("text",),
 
 def _join(v: Any) -> str:
     return v if isinstance(v, str) else "".join(v)
+
+
+def count_records(sources: Sequence[Source], json_keys: Sequence[str],
+                  hf_dataset: tuple[str, str | None] | None = None) -> int:
+    """Number of records (lines / rows) over all sources: for ``--keep-sequential-samples`` partitions."""
+    total = 0
+    for src in sources:
+        if src.kind == "jsonl":
+            n, last = 0, b"\n"
+            with open_binary(src.path) as f:
+                while block := f.read(8 << 20):
+                    n += block.count(b"\n")
+                    last = block[-1:]
+            total += n + (last != b"\n")  # a last line without newline still counts
+        elif src.kind == "parquet":
+            import pyarrow.parquet as pq
+
+            total += pq.ParquetFile(src.path).metadata.num_rows
+        else:
+            total += len(_load_hf(src))
+    if hf_dataset is not None:
+        total += len(_load_hf(Source(hf_dataset[0], "hf-load", hf_dataset[1])))
+    return total

@@ -1,0 +1,340 @@
+"""`megacpt preprocess`: raw text -> Megatron indexed datasets ``OUT_{key}_document.{bin,idx}``.
+
+Token-for-token what Megatron-LM's ``tools/preprocess_data.py`` writes for the same input, tokenizer and
+flags: each text (or each item of a list-valued text) is tokenized with ``tokenizer(text)`` semantics;
+items that tokenize to nothing are dropped; a document with tokens gets the EOD appended to its last
+sequence with ``--append-eod``; a document without tokens is kept with zero sequences (so every input
+record keeps its ``doc_id``); dtype uint16 when vocab < 65,500, else int32; ``--partitions K`` assigns
+records round-robin (or in contiguous blocks with ``--keep-sequential-samples``) and the merged output
+lists partition 0's records first.
+
+Unlike Megatron, bad input stops the run at once with ``file:line: what`` (or is counted and skipped
+with ``--skip-bad-lines``) and nothing partial is left: outputs are written to temp files and renamed.
+
+Memory: the parent holds at most ``2 * workers + 2`` chunks of ``--chunk-bytes`` (default 1 MiB) of raw
+text and their token arrays in flight, plus the index arrays (12 bytes per sequence + 8 per document),
+independent of the corpus size otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import math
+import multiprocessing as mp
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from megacpt.data.indexed import IndexedDatasetWriter, optimal_dtype, sidecar_path, write_sidecar
+from megacpt.data.readers import Chunk, count_records, expand_inputs, iter_chunks, parse_chunk
+from megacpt.errors import InputError, UserError
+from megacpt.io import check_writable_dir
+
+MAX_REPORTED_SKIPS = 100
+
+
+@dataclass
+class PreprocessConfig:
+    inputs: list[str]
+    output_prefix: str
+    tokenizer_model: str
+    tokenizer_type: str = "auto"
+    json_keys: list[str] = field(default_factory=lambda: ["text"])
+    append_eod: bool = False
+    workers: int = 1                  # tokenizing processes; 0 = in this process
+    partitions: int = 1
+    partition_index: int | None = None  # run only this partition (a separate job); merge later
+    keep_sequential_samples: bool = False
+    skip_bad_lines: bool = False
+    hf_dataset: str | None = None
+    split: str | None = None
+    dtype: str = "auto"               # auto (Megatron's rule) | uint16 | int32
+    chunk_bytes: int = 1 << 20
+    fast: bool = True                 # exact fast BPE path where available (falls back per document)
+    log_interval: float = 1.0         # seconds between progress refreshes
+    progress: bool = True
+
+    def validate(self) -> None:
+        if not self.json_keys or len(set(self.json_keys)) != len(self.json_keys):
+            raise UserError(f"--json-keys must be non-empty and distinct, got {self.json_keys}")
+        if self.workers < 0:
+            raise UserError(f"--workers must be >= 0, got {self.workers}")
+        if self.partitions < 1:
+            raise UserError(f"--partitions must be >= 1, got {self.partitions}")
+        if self.partition_index is not None and not 0 <= self.partition_index < self.partitions:
+            raise UserError(f"--partition-index {self.partition_index} not in [0, {self.partitions})")
+        if not self.inputs and not self.hf_dataset:
+            raise UserError("give --input PATH [PATH ...] or --hf-dataset NAME_OR_PATH")
+        if self.dtype not in ("auto", "uint16", "int32"):
+            raise UserError(f"--dtype must be auto, uint16 or int32, got {self.dtype}")
+
+
+def output_prefix(prefix: str, key: str, partition: int | None = None) -> str:
+    """Megatron naming: ``OUT_{key}_document``; partition p of K: ``OUT_{p}_{key}_document``."""
+    base = prefix if partition is None else f"{prefix}_{partition}"
+    return f"{base}_{key}_document"
+
+
+def choose_dtype(vocab_size: int, requested: str) -> type:
+    if requested == "auto":
+        return optimal_dtype(vocab_size)
+    dt = {"uint16": np.uint16, "int32": np.int32}[requested]
+    if vocab_size - 1 > np.iinfo(dt).max:
+        raise UserError(f"--dtype {requested} cannot hold token ids up to {vocab_size - 1} (vocab size {vocab_size})")
+    return dt
+
+
+# --- worker side ---------------------------------------------------------------------------------
+
+_W: dict[str, Any] = {}  # per-process state set by _init_worker
+
+
+def _init_worker(cfg: PreprocessConfig, dtype: type, partition_of: tuple[str, int, int]) -> None:
+    from megacpt.data.encoder import build_encoder
+
+    _W["cfg"], _W["dtype"], _W["partition_of"] = cfg, dtype, partition_of
+    _W["encoder"] = build_encoder(cfg.tokenizer_model, cfg.tokenizer_type, fast=cfg.fast)
+
+
+def _partition(g: int, spec: tuple[str, int, int]) -> int:
+    mode, k, size = spec
+    return 0 if k == 1 else (g % k if mode == "round-robin" else g // size)
+
+
+def encode_chunk(chunk: Chunk) -> dict[str, Any]:
+    """Parse + tokenize one chunk. Returns, per partition and key, ``(token bytes, sequence lengths,
+    doc_ends)`` ready for `IndexedDatasetWriter.add_raw`, plus counts and any bad records."""
+    cfg: PreprocessConfig = _W["cfg"]
+    spec = _W["partition_of"]
+    keep = None
+    if cfg.partition_index is not None:
+        keep = lambda g: _partition(g, spec) == cfg.partition_index  # noqa: E731
+    parsed = parse_chunk(chunk, cfg.json_keys, cfg.skip_bad_lines, keep)
+    result: dict[str, Any] = {"error": parsed.error, "skipped": parsed.skipped, "nbytes": chunk.nbytes,
+                              "n_records": len(parsed.line_numbers), "out": {}, "fallbacks": 0}
+    if parsed.error is not None:
+        return result
+    parts = np.fromiter((_partition(g, spec) for g in parsed.global_index), np.int64, len(parsed.global_index))
+    encoder = _W["encoder"]
+    for key in cfg.json_keys:
+        docs = encoder.encode_documents(parsed.texts[key], cfg.append_eod)
+        result["fallbacks"] += encoder.pop_fallbacks()
+        for p in np.unique(parts) if parts.size else []:
+            sel = np.flatnonzero(parts == p)
+            result["out"][(int(p), key)] = _pack([docs[i] for i in sel], _W["dtype"])
+    return result
+
+
+def _pack(docs: list[list[list[int]]], dtype: type) -> tuple[bytes, np.ndarray, np.ndarray]:
+    lengths = [len(s) for d in docs for s in d]
+    flat = np.fromiter((t for d in docs for s in d for t in s), dtype=np.int64, count=sum(lengths))
+    doc_ends = np.cumsum([len(d) for d in docs], dtype=np.int64)
+    return flat.astype(dtype).tobytes(), np.asarray(lengths, np.int32), doc_ends
+
+
+# --- parent side -----------------------------------------------------------------------------------
+
+def _partition_spec(cfg: PreprocessConfig, sources) -> tuple[str, int, int]:
+    if cfg.partitions == 1:
+        return ("round-robin", 1, 0)
+    if cfg.keep_sequential_samples:
+        total = count_records(sources, cfg.json_keys, hf_dataset=_hf(cfg))
+        return ("sequential", cfg.partitions, max(1, math.ceil(total / cfg.partitions)))
+    return ("round-robin", cfg.partitions, 0)
+
+
+def _hf(cfg: PreprocessConfig):
+    return (cfg.hf_dataset, cfg.split) if cfg.hf_dataset else None
+
+
+def preprocess(cfg: PreprocessConfig) -> dict[str, dict[str, Any]]:
+    """Run preprocessing; returns ``{output prefix: sidecar dict}`` of every dataset written."""
+    from megacpt.data.tokenizer import load_tokenizer
+
+    cfg.validate()
+    # everything that can fail before the work fails here
+    tokenizer = load_tokenizer(cfg.tokenizer_model, cfg.tokenizer_type)
+    dtype = choose_dtype(tokenizer.vocab_size, cfg.dtype)
+    sources = expand_inputs(cfg.inputs, cfg.split)
+    check_writable_dir(cfg.output_prefix)
+    spec = _partition_spec(cfg, sources)
+
+    if cfg.partitions == 1:
+        targets = {(0, k): output_prefix(cfg.output_prefix, k) for k in cfg.json_keys}
+    else:
+        parts = range(cfg.partitions) if cfg.partition_index is None else [cfg.partition_index]
+        targets = {(p, k): output_prefix(cfg.output_prefix, k, p) for p in parts for k in cfg.json_keys}
+    writers = {t: IndexedDatasetWriter(prefix, dtype) for t, prefix in targets.items()}
+    stats = {"n_records": 0, "nbytes": 0, "skipped": 0, "skipped_examples": [], "fallbacks": 0}
+    t0 = time.perf_counter()
+    try:
+        for result in _run_chunks(cfg, dtype, spec, sources):
+            if result["error"] is not None:
+                raise InputError(*result["error"])
+            stats["skipped"] += len(result["skipped"])
+            room = MAX_REPORTED_SKIPS - len(stats["skipped_examples"])
+            stats["skipped_examples"] += [f"{p}:{ln}: {why}" for p, ln, why in result["skipped"][:max(room, 0)]]
+            stats["n_records"] += result["n_records"]
+            stats["nbytes"] += result["nbytes"]
+            stats["fallbacks"] += result["fallbacks"]
+            for target, (data, lengths, doc_ends) in result["out"].items():
+                writers[target].add_raw(data, lengths, doc_ends)
+        for prefix in targets.values():
+            sidecar_path(prefix).unlink(missing_ok=True)  # an old sidecar must not describe new data
+        for w in writers.values():
+            w.finalize()
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
+    elapsed = time.perf_counter() - t0
+    if stats["skipped"] and cfg.progress:
+        print(f"skipped {stats['skipped']} bad line(s) (--skip-bad-lines); first: {stats['skipped_examples'][0]}",
+              file=sys.stderr)
+    metas = {}
+    for (p, key), prefix in targets.items():
+        w = writers[(p, key)]
+        meta = {
+            "tokenizer": tokenizer.identity(),
+            "dtype": np.dtype(dtype).name,
+            "num_documents": w.n_documents,
+            "num_sequences": w.n_sequences,
+            "num_tokens": w.n_tokens,
+            "json_key": key,
+            "append_eod": cfg.append_eod,
+            "inputs": [s.path for s in sources] + ([cfg.hf_dataset] if cfg.hf_dataset else []),
+            "partition": None if cfg.partitions == 1 else {"index": p, "count": cfg.partitions, "mode": spec[0]},
+            "input_records": stats["n_records"],
+            "input_bytes": stats["nbytes"],
+            "skipped_lines": stats["skipped"],
+            "skipped_examples": stats["skipped_examples"],
+            "fast_path_fallbacks": stats["fallbacks"],
+            "seconds": round(elapsed, 3),
+            "created_by": "megacpt preprocess",
+        }
+        write_sidecar(prefix, meta)
+        metas[prefix] = meta
+    if cfg.partitions > 1 and cfg.partition_index is None:
+        from megacpt.data.merge import merge_datasets
+
+        for key in cfg.json_keys:
+            out = output_prefix(cfg.output_prefix, key)
+            metas[out] = merge_datasets([targets[(p, key)] for p in range(cfg.partitions)], out)
+    return metas
+
+
+def _run_chunks(cfg: PreprocessConfig, dtype: type, spec, sources):
+    """Yield encoded chunks in input order; at most ``2 * workers + 2`` in flight (bounded memory)."""
+    chunks = iter_chunks(sources, cfg.json_keys, cfg.chunk_bytes, hf_dataset=_hf(cfg))
+    bar = _progress(cfg)
+    if cfg.workers == 0:
+        _init_worker(cfg, dtype, spec)
+        for c in chunks:
+            r = encode_chunk(c)
+            _tick(bar, r)
+            yield r
+        _close(bar)
+        return
+    ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one thread per worker: workers = cores
+    pool = ctx.Pool(cfg.workers, initializer=_init_worker, initargs=(cfg, dtype, spec))
+    try:
+        pending: collections.deque = collections.deque()
+        for c in chunks:
+            pending.append(pool.apply_async(encode_chunk, (c,)))
+            while len(pending) > 2 * cfg.workers + 1:
+                r = pending.popleft().get()
+                _tick(bar, r)
+                yield r
+        while pending:
+            r = pending.popleft().get()
+            _tick(bar, r)
+            yield r
+        pool.close()
+    finally:
+        pool.terminate()
+        pool.join()
+        _close(bar)
+
+
+def _progress(cfg: PreprocessConfig):
+    if not cfg.progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(unit="B", unit_scale=True, mininterval=cfg.log_interval,
+                desc="preprocess", file=sys.stderr, dynamic_ncols=True)
+
+
+def _tick(bar, r) -> None:
+    """Bytes drive the bar (MB/s); documents and docs/s go in the postfix."""
+    if bar is None:
+        return
+    bar.n_docs = getattr(bar, "n_docs", 0) + r["n_records"]
+    elapsed = max(bar.format_dict["elapsed"], 1e-9)
+    bar.set_postfix_str(f"{bar.n_docs} docs, {bar.n_docs / elapsed:.0f} docs/s", refresh=False)
+    bar.update(r["nbytes"])
+
+
+def _close(bar) -> None:
+    if bar is not None:
+        bar.close()
+
+
+# --- CLI ---------------------------------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("input data")
+    g.add_argument("--input", nargs="+", default=[], help="jsonl/json(.gz/.zst), parquet, dirs, globs, "
+                   "datasets save_to_disk dirs")
+    g.add_argument("--hf-dataset", default=None, help="anything datasets.load_dataset reads locally")
+    g.add_argument("--split", default=None, help="split of --hf-dataset / a DatasetDict on disk")
+    g.add_argument("--json-keys", nargs="+", default=["text"], help="one output dataset per key")
+    g.add_argument("--skip-bad-lines", action="store_true", help="count, report and skip bad records "
+                   "instead of stopping at the first one")
+    g = parser.add_argument_group("tokenizer")
+    g.add_argument("--tokenizer-type", default="HuggingFaceTokenizer",
+                   choices=["HuggingFaceTokenizer", "SentencePieceTokenizer", "auto"])
+    g.add_argument("--tokenizer-model", required=True, help="HF tokenizer dir / tokenizer.json / .model")
+    g.add_argument("--append-eod", action="store_true", help="append the EOD token to each non-empty document")
+    g.add_argument("--dtype", default="auto", choices=["auto", "uint16", "int32"],
+                   help="token dtype (auto: Megatron's rule, uint16 when vocab < 65,500)")
+    g.add_argument("--no-fast-tokenizer", dest="fast", action="store_false",
+                   help="always use HF tokenizers (no exact fast BPE path)")
+    g = parser.add_argument_group("output data")
+    g.add_argument("--output-prefix", required=True, help="writes PREFIX_{key}_document.{bin,idx,meta.json}")
+    g = parser.add_argument_group("runtime")
+    g.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizing processes (0: in-process)")
+    g.add_argument("--partitions", type=int, default=1, help="split records into K partitions (Megatron order)")
+    g.add_argument("--partition-index", type=int, default=None,
+                   help="process only this partition (a separate job); join with `megacpt merge`")
+    g.add_argument("--keep-sequential-samples", action="store_true",
+                   help="partitions are contiguous blocks instead of round-robin")
+    g.add_argument("--log-interval", type=float, default=1.0, help="seconds between progress updates")
+    g.add_argument("--chunk-bytes", type=int, default=1 << 20, help="raw bytes per work unit")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def config_from_args(args: argparse.Namespace) -> PreprocessConfig:
+    return PreprocessConfig(
+        inputs=list(args.input), output_prefix=args.output_prefix, tokenizer_model=args.tokenizer_model,
+        tokenizer_type=args.tokenizer_type, json_keys=list(args.json_keys), append_eod=args.append_eod,
+        workers=args.workers, partitions=args.partitions, partition_index=args.partition_index,
+        keep_sequential_samples=args.keep_sequential_samples, skip_bad_lines=args.skip_bad_lines,
+        hf_dataset=args.hf_dataset, split=args.split, dtype=args.dtype, chunk_bytes=args.chunk_bytes,
+        fast=args.fast, log_interval=args.log_interval, progress=not args.quiet,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    metas = preprocess(config_from_args(args))
+    for prefix, m in metas.items():
+        if m.get("partition") is None or args.partition_index is not None:
+            print(f"{prefix}: {m['num_documents']} documents, {m['num_tokens']} tokens, dtype {m['dtype']}, "
+                  f"{m['skipped_lines']} skipped")
+    return 0
