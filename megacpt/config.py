@@ -352,6 +352,9 @@ class JobConfig:
         _check(d.seq_length >= 2, "data.seq_length", "must be >= 2")
         _check(len(d.blend) > 0, "data.blend", "no training data: give at least one indexed-dataset prefix")
         d.weights_and_prefixes()
+        _check(isinstance(d.eval_prefixes, dict) and all(isinstance(k, str) and isinstance(v, str)
+                                                          for k, v in d.eval_prefixes.items()),
+               "data.eval_prefixes", f"expected {{name: prefix, ...}}, got {d.eval_prefixes!r}")
         parts = d.split.replace("/", ",").split(",")
         _check(all(p.strip().replace(".", "", 1).isdigit() for p in parts) and 1 <= len(parts) <= 3
                and sum(float(p) for p in parts) > 0, "data.split", f"expected e.g. '969,30,1', got {d.split!r}")

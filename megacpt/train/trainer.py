@@ -213,24 +213,16 @@ class SampleSource:
     def __init__(self, dataset, micro_batch: int, dp_size: int, dp_rank: int):
         self.dataset, self.mb, self.dp, self.r = dataset, micro_batch, dp_size, dp_rank
 
-    def micro_batch(self, consumed: int, m: int) -> torch.Tensor:
+    def micro_batch(self, consumed: int, m: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """tokens [mb, seq_length + 1] and doc_ids [mb, seq_length] (None without document masking)."""
         start = consumed + m * self.mb * self.dp + self.r * self.mb
-        rows = [np.asarray(self.dataset[k]["tokens"], dtype=np.int64) for k in range(start, start + self.mb)]
-        return torch.from_numpy(np.stack(rows))  # [mb, seq_length + 1]
-
-
-def build_datasets(job: JobConfig, rt: Runtime) -> tuple[Any, dict[str, Any]]:
-    """Training dataset (blend, train split, enough samples for the run) and held-out eval datasets."""
-    from megacpt.data import gpt_dataset
-
-    weights, prefixes = job.data.weights_and_prefixes()
-    n_train = job.train.train_iters * job.train.global_batch_size
-    train = gpt_dataset.build_train_dataset(prefixes, weights, job.data.seq_length, n_train,
-                                            seed=job.train.seed, split=job.data.split,
-                                            cache_dir=job.data.cache_dir)
-    evals = {name: gpt_dataset.build_eval_dataset(p, job.data.seq_length)
-             for name, p in job.data.eval_prefixes.items()}
-    return train, evals
+        samples = [self.dataset[k] for k in range(start, start + self.mb)]
+        tokens = torch.from_numpy(np.stack([np.asarray(x["tokens"], dtype=np.int64) for x in samples]))
+        doc_ids = None
+        if "doc_ids" in samples[0]:
+            doc_ids = torch.from_numpy(np.stack([np.asarray(x["doc_ids"], dtype=np.int64)[:-1] for x in samples]))
+            doc_ids = doc_ids.to(device)
+        return tokens.to(device), doc_ids
 
 
 # ------------------------------------------------------------------------------------------------ loss
@@ -397,9 +389,9 @@ def evaluate(model, evals: dict, job: JobConfig, rt: Runtime, cfg: ModelConfig) 
         n = min(job.logging.eval_iters, len(ds) // (job.train.micro_batch_size * rt.dp_size))
         tot = torch.zeros(2, dtype=torch.float64, device=rt.device)
         for m in range(n):
-            tokens = src.micro_batch(0, m).to(rt.device)
+            tokens, doc_ids = src.micro_batch(0, m, rt.device)
             with _autocast(rt):
-                s = loss_sum(model, tokens, cfg, job.train.fused_loss)
+                s = loss_sum(model, tokens, cfg, job.train.fused_loss, doc_ids)
             tot += torch.stack([s.double(), torch.tensor(tokens[:, 1:].numel(), dtype=torch.float64,
                                                          device=rt.device)])
         _all_reduce(tot, rt)
@@ -426,7 +418,9 @@ def train(job: JobConfig, on_step: Callable[[int, float], None] | None = None) -
     model.train()
     optimizer = build_optimizer(model, job.optimizer)
     sched = LRSchedule(job.optimizer, job.scheduler, t.train_iters)
-    train_ds, eval_ds = build_datasets(job, rt)
+    from megacpt.train.data import build_datasets
+
+    train_ds, eval_ds = build_datasets(job)
     source = SampleSource(train_ds, t.micro_batch_size, rt.dp_size, rt.dp_rank)
     n_micro = t.global_batch_size // (t.micro_batch_size * rt.dp_size)
     tokens_per_iter = t.global_batch_size * job.data.seq_length
@@ -474,9 +468,9 @@ def train(job: JobConfig, on_step: Callable[[int, float], None] | None = None) -
             optimizer.zero_grad(set_to_none=True)
             local = torch.zeros((), dtype=torch.float64, device=rt.device)
             for m in range(n_micro):
-                tokens = source.micro_batch(consumed, m).to(rt.device)
+                tokens, doc_ids = source.micro_batch(consumed, m, rt.device)
                 with _autocast(rt):
-                    s = micro_loss(model, tokens, cfg, t.fused_loss, it)
+                    s = micro_loss(model, tokens, cfg, t.fused_loss, it, doc_ids)
                 (s / tokens_per_iter).backward()
                 local += s.detach().double()
             _allreduce_grads(model, rt)
@@ -513,7 +507,7 @@ def train(job: JobConfig, on_step: Callable[[int, float], None] | None = None) -
                 loss_txt = "n/a" if rec["loss"] is None else f"{rec['loss']:.4f}"
                 logger.write(rec, f"iter {it}/{t.train_iters} | loss {loss_txt} "
                                   f"| lr {lr:.3e} | grad_norm {gnorm.item():.3f} | {perf['tokens_per_s']:,.0f} tok/s "
-                                  f"| {perf['tflops_per_device']:.2f} TFLOP/s/dev{mfu} | skipped {nan_total}")
+                                  f"| {perf["tflops_per_device"]:.3g} TFLOP/s/dev{mfu} | skipped {nan_total}")
                 window_loss, window_n = 0.0, 0
             if evals_due(it, job) and eval_ds:
                 result.eval = evaluate(model, eval_ds, job, rt, cfg)
@@ -546,8 +540,8 @@ def train(job: JobConfig, on_step: Callable[[int, float], None] | None = None) -
     return result
 
 
-def micro_loss(model, tokens, cfg, fused, iteration):  # indirection: tests inject non-finite losses here
-    return loss_sum(model, tokens, cfg, fused)
+def micro_loss(model, tokens, cfg, fused, iteration, doc_ids=None):  # tests inject non-finite losses here
+    return loss_sum(model, tokens, cfg, fused, doc_ids)
 
 
 def evals_due(it: int, job: JobConfig) -> bool:
