@@ -507,7 +507,7 @@ def train(job: JobConfig, on_step: Callable[[int, float], None] | None = None) -
                 loss_txt = "n/a" if rec["loss"] is None else f"{rec['loss']:.4f}"
                 logger.write(rec, f"iter {it}/{t.train_iters} | loss {loss_txt} "
                                   f"| lr {lr:.3e} | grad_norm {gnorm.item():.3f} | {perf['tokens_per_s']:,.0f} tok/s "
-                                  f"| {perf["tflops_per_device"]:.3g} TFLOP/s/dev{mfu} | skipped {nan_total}")
+                                  f"| {perf['tflops_per_device']:.3g} TFLOP/s/dev{mfu} | skipped {nan_total}")
                 window_loss, window_n = 0.0, 0
             if evals_due(it, job) and eval_ds:
                 result.eval = evaluate(model, eval_ds, job, rt, cfg)
