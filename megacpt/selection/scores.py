@@ -99,12 +99,13 @@ class Progress:
         self.t0 = self.last = time.perf_counter()
         self.done = 0
         self.start_done = 0
+        self._printed = -1
 
     def update(self, n: int, force: bool = False) -> None:
         self.done += n
         now = time.perf_counter()
-        if force or now - self.last >= self.every_s:
-            self.last = now
+        if (force and self.done != self._printed) or now - self.last >= self.every_s:
+            self.last, self._printed = now, self.done
             rate = (self.done - self.start_done) / max(now - self.t0, 1e-9)
             pct = 100.0 * self.done / max(self.total, 1)
             print(f"{self.name}: {self.done}/{self.total} docs ({pct:.1f}%), {rate:,.1f} docs/s",

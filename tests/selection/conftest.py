@@ -83,3 +83,33 @@ def spacy_nlp():
         return load_spacy("auto")
     except UserError as e:
         pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    """The real offline embedding model, loaded once; skipped (with the install command) when absent."""
+    from megacpt.errors import UserError
+    from megacpt.selection.similarity import SentenceTransformerEmbedder
+
+    try:
+        return SentenceTransformerEmbedder("auto", "cpu")
+    except UserError as e:
+        pytest.skip(str(e))
+
+
+TASK_EXAMPLES = [
+    "Operating profit rose to EUR 13.1 mn from EUR 8.7 mn in the corresponding period in 2007.",
+    "The company's net sales decreased by 3 percent compared with the previous fiscal year.",
+    "Shares of the lender slumped after it reported higher loan-loss provisions.",
+    "Gold prices climbed as investors sought safety after the Fed minutes.",
+    "The bank expects its capital ratio to remain above regulatory requirements.",
+]
+
+
+@pytest.fixture()
+def task_jsonl(tmp_path):
+    import json
+
+    p = tmp_path / "tasks.jsonl"
+    p.write_text("".join(json.dumps({"text": t, "label": "x"}) + "\n" for t in TASK_EXAMPLES))
+    return str(p)

