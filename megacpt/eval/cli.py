@@ -1,0 +1,107 @@
+"""`megacpt eval finance|perplexity|compare|convert-data|lm-eval`: thin entry points over megacpt.eval."""
+from __future__ import annotations
+
+import argparse
+
+from megacpt.errors import UserError
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="HF GPT-NeoX dir or megacpt checkpoint dir")
+    p.add_argument("--tokenizer", default=None, help="tokenizer dir/file (default: the one shipped with --model)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--micro-batch-size", type=int, default=8, help="sequences per forward pass")
+    p.add_argument("--seq-length", type=int, default=None, help="max tokens per sequence (default: the model's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CI (0: none)")
+    p.add_argument("--out", required=True, help="results JSON")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="eval_command", required=True, metavar="{finance,perplexity,compare,convert-data,lm-eval}")
+    f = sub.add_parser("finance", help="FPB / FiQA SA / Headline / NER / custom classification tasks")
+    _model_args(f)
+    f.add_argument("--tasks", default="fpb,fiqa_sa,headline,ner", help="comma-separated task names")
+    f.add_argument("--data-dir", required=True, help="DIR/<task>/{train,test}.jsonl (+ optional task.yaml)")
+    f.add_argument("--shots", type=int, default=None, help="k-shot for every task (default: task's own, NER 20, others 5)")
+    f.add_argument("--label-scoring", default="sum", choices=["sum", "mean"],
+                   help="compare summed (default) or per-token mean log-probs of label verbalisations")
+    f.add_argument("--predictions", action="store_true", help="keep per-example predictions in the JSON")
+    p = sub.add_parser("perplexity", help="token-weighted perplexity on held-out indexed datasets")
+    _model_args(p)
+    p.add_argument("--data", nargs="+", required=True, metavar="PREFIX", help="indexed dataset prefixes")
+    p.add_argument("--max-documents", type=int, default=None, help="score only the first N documents of each")
+    c = sub.add_parser("compare", help="markdown table + PNG bar plot of several results JSONs")
+    c.add_argument("results", nargs="+")
+    c.add_argument("--names", default=None, help="comma-separated column names (default: model dir names)")
+    c.add_argument("--out-md", default=None)
+    c.add_argument("--out-png", default=None)
+    d = sub.add_parser("convert-data", help="original FPB/FiQA/Headline/CoNLL files -> DIR/<task>/{train,test}.jsonl")
+    d.add_argument("--task", required=True, choices=["fpb", "fiqa_sa", "headline", "ner"])
+    d.add_argument("--input", nargs="+", required=True, help="original file(s) (train, or everything to split)")
+    d.add_argument("--test-input", nargs="*", default=[], help="original test file(s); else a seeded split")
+    d.add_argument("--test-fraction", type=float, default=0.2)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--out-dir", required=True)
+    h = sub.add_parser("lm-eval", help="run lm-eval-harness (--model hf) on an HF export, local tasks included")
+    h.add_argument("--model", required=True, help="HF model dir (`megacpt convert megacpt-to-hf` output)")
+    h.add_argument("--tasks", required=True, help="lm-eval task names, comma-separated")
+    h.add_argument("--include-path", default=None, help="dir of custom task YAMLs")
+    h.add_argument("--micro-batch-size", type=int, default=1)
+    h.add_argument("--device", default="cpu")
+    h.add_argument("--limit", type=int, default=None)
+    h.add_argument("--out", required=True, help="lm-eval output dir")
+
+
+def run(args: argparse.Namespace) -> int:
+    from megacpt.io import check_writable_dir, write_json_atomic
+
+    cmd = args.eval_command
+    if cmd == "convert-data":
+        from megacpt.eval.data import convert
+
+        counts = convert(args.task, args.input, args.out_dir, test_inputs=args.test_input,
+                         test_fraction=args.test_fraction, seed=args.seed)
+        print(f"[eval] {args.task}: wrote {counts['train']} train / {counts['test']} test examples to {args.out_dir}/{args.task}")
+        return 0
+    if cmd == "compare":
+        from megacpt.eval.compare import compare
+
+        names = [n.strip() for n in args.names.split(",")] if args.names else None
+        print(compare(args.results, names, args.out_md, args.out_png), end="")
+        return 0
+    if cmd == "lm-eval":
+        from megacpt.eval.lm_eval_adapter import run_lm_eval
+
+        res = run_lm_eval(args.model, args.tasks.split(","), args.out, include_path=args.include_path,
+                          batch_size=args.micro_batch_size, device=args.device, limit=args.limit)
+        for t, r in res.get("results", {}).items():
+            print(f"[eval] lm-eval {t}: " + ", ".join(f"{k}={v:.4f}" for k, v in r.items() if isinstance(v, float)))
+        return 0
+    if args.bootstrap < 0:
+        raise UserError(f"--bootstrap {args.bootstrap} must be >= 0")
+    check_writable_dir(args.out)
+    from megacpt.eval.lm import load_eval_lm
+
+    lm = load_eval_lm(args.model, tokenizer_path=args.tokenizer, dtype=args.dtype, device=args.device,
+                      batch_size=args.micro_batch_size, max_length=args.seq_length)
+    if cmd == "finance":
+        from megacpt.eval.finance import FinanceConfig, one_line_table, run_finance, task_list
+
+        cfg = FinanceConfig(tasks=task_list(args.tasks), data_dir=args.data_dir, shots=args.shots, seed=args.seed,
+                            label_scoring=args.label_scoring, bootstrap=args.bootstrap, predictions=args.predictions)
+        results = run_finance(lm, cfg)
+        write_json_atomic(args.out, results)
+        print(one_line_table(results))
+        return 0
+    from megacpt.eval.finance import one_line_table, results_document
+    from megacpt.eval.perplexity import heldout_perplexity
+
+    tasks = heldout_perplexity(lm, args.data, args.seq_length or lm.max_length, args.max_documents,
+                               n_boot=args.bootstrap, seed=args.seed)
+    results = results_document(lm, {"data": args.data, "seq_length": args.seq_length or lm.max_length,
+                                     "max_documents": args.max_documents, "bootstrap": args.bootstrap}, tasks)
+    write_json_atomic(args.out, results)
+    print(one_line_table(results))
+    return 0
