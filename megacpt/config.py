@@ -95,6 +95,10 @@ class ParallelConfig:
     pipeline_schedule: str = "1f1b"    # gpipe | 1f1b | interleaved_1f1b
     data_parallel_type: str = "fsdp"   # fsdp | ddp
     sequence_parallel: bool = False
+    # FSDP2 MixedPrecisionPolicy: compute/all-gather dtype of params, dtype of the gradient reduce-scatter
+    mixed_precision_param: str = "float32"   # float32 | bfloat16 | float16
+    mixed_precision_reduce: str = "float32"  # float32 | bfloat16
+    fsdp_reshard_after_forward: bool = True  # ZeRO-3 (True) vs ZeRO-2-like (False); always False under PP
 
     def resolve(self, world_size: int) -> "ParallelConfig":
         tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
@@ -109,6 +113,17 @@ class ParallelConfig:
                f"unknown schedule {self.pipeline_schedule!r} (gpipe, 1f1b, interleaved_1f1b)")
         _check(self.data_parallel_type in ("fsdp", "ddp"), "parallel.data_parallel_type",
                f"unknown {self.data_parallel_type!r} (fsdp, ddp)")
+        _check(not (self.data_parallel_type == "ddp" and tp > 1 and dp > 1), "parallel.data_parallel_type",
+               "ddp does not compose with tensor parallelism (DTensor params); use fsdp")
+        vpp = self.virtual_pipeline_model_parallel_size or 1
+        _check(vpp >= 1, "parallel.virtual_pipeline_model_parallel_size", "must be >= 1")
+        _check((vpp > 1) == (self.pipeline_schedule == "interleaved_1f1b") or pp == 1,
+               "parallel.virtual_pipeline_model_parallel_size",
+               f"{vpp} virtual stages with pipeline_schedule={self.pipeline_schedule!r}: interleaved_1f1b "
+               "needs virtual_pipeline_model_parallel_size >= 2, gpipe/1f1b need 1")
+        for name in ("mixed_precision_param", "mixed_precision_reduce"):
+            _check(getattr(self, name) in ("float32", "bfloat16", "float16"), f"parallel.{name}",
+                   f"unknown dtype {getattr(self, name)!r} (float32, bfloat16, float16)")
         return dataclasses.replace(self, data_parallel_size=dp)
 
     def validate_model(self, model: ModelConfig) -> None:
@@ -120,6 +135,11 @@ class ParallelConfig:
         stages = pp * (self.virtual_pipeline_model_parallel_size or 1)
         _check(model.num_layers % stages == 0, "parallel.pipeline_model_parallel_size",
                f"model.num_layers={model.num_layers} is not divisible by {stages} pipeline stages")
+        _check(model.padded_vocab() % tp == 0, "parallel.tensor_model_parallel_size",
+               f"padded vocab {model.padded_vocab()} is not divisible by tp={tp} "
+               "(set model.make_vocab_size_divisible_by or model.padded_vocab_size)")
+        _check(not (model.tie_word_embeddings and (tp > 1 or pp > 1)), "model.tie_word_embeddings",
+               "tied input/output embeddings are not supported with tensor or pipeline parallelism")
 
 
 # --------------------------------------------------------------------------------------------
