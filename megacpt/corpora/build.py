@@ -8,10 +8,12 @@ Layout written to ``out_dir`` (every file JSONL, one ``{"text": ...}`` object a 
 | ``general_eval`` | held-out general news | forgetting check (general perplexity) |
 | ``domain_crawl`` | Reuters newswire + daily headline digests + off-domain noise (news, boilerplate) | the corpus D that selection draws from; ``source`` says which kind each doc is |
 | ``domain_eval`` | Reuters ModApte *test* articles | domain held-out perplexity |
-| ``task_train`` / ``task_test`` | headlines with weak sentiment labels (Loughran-McDonald lexicon) | ``task_train`` texts are ETS's unlabeled task examples and the few-shot pool; ``task_test`` is scored |
-| ``grain_train`` / ``grain_test`` | Reuters lead paragraph + real ModApte "grain" topic label | a second, real-label classification task |
+| ``task_unlabeled`` | the texts of ``tasks/headline_sentiment/train.jsonl`` | ETS's unlabeled task examples |
+| ``tasks/headline_sentiment/{train,test}.jsonl`` + ``task.yaml`` | headlines with weak sentiment labels (Loughran-McDonald lexicon) | `megacpt eval finance` custom task: train = few-shot pool, test = scored |
+| ``tasks/reuters_grain/{train,test}.jsonl`` + ``task.yaml`` | Reuters lead paragraph + real ModApte "grain" topic label | a second, real-label classification task |
 
-The splits are disjoint (no text appears in two files) and deterministic under ``seed``.
+The splits are disjoint (no text appears in two files) and deterministic under ``seed``. The task
+directories follow `megacpt eval finance --data-dir`'s layout (``DIR/<task>/{train,test}.jsonl``).
 """
 from __future__ import annotations
 
@@ -62,8 +64,14 @@ class CorpusSizes:
                    max_doc_words=250)
 
 
-FILES = ("general_train", "general_eval", "domain_crawl", "domain_eval",
-         "task_train", "task_test", "grain_train", "grain_test")
+FILES = ("general_train", "general_eval", "domain_crawl", "domain_eval", "task_unlabeled",
+         "tasks/headline_sentiment/train", "tasks/headline_sentiment/test",
+         "tasks/reuters_grain/train", "tasks/reuters_grain/test")
+TASKS = {  # `megacpt eval finance` custom task specs (DIR/<task>/task.yaml)
+    "headline_sentiment": "kind: classification\nlabels: [negative, neutral, positive]\ntemplate: fpb\nshots: 5\n",
+    "reuters_grain": "kind: classification\nlabels: [other, grain]\ntemplate: classification\nshots: 4\n",
+}
+PRIMARY_TASK = "headline_sentiment"
 SENTIMENT_LABELS = ("negative", "neutral", "positive")
 
 # Crawl noise that every web corpus carries; selection should learn to skip it.
@@ -149,22 +157,26 @@ def build_corpora(raw: RawCorpora, out_dir: Path, sizes: CorpusSizes, seed: int)
     rng.shuffle(test)
     docs["domain_eval"] = [{"text": _cut(t, sizes.max_doc_words)} for t, _ in test[: sizes.domain_eval_docs]]
     lab = lambda t: weak_sentiment(t, raw.lexicon_pos, raw.lexicon_neg)  # noqa: E731
-    docs["task_train"] = [{"text": t, "label": lab(t)} for t, _ in task_train]
-    docs["task_test"] = [{"text": t, "label": lab(t)} for t, _ in task_test]
+    docs["task_unlabeled"] = [{"text": t} for t, _ in task_train]
+    docs["tasks/headline_sentiment/train"] = [{"text": t, "label": lab(t)} for t, _ in task_train]
+    docs["tasks/headline_sentiment/test"] = [{"text": t, "label": lab(t)} for t, _ in task_test]
     # Grain task: few-shot pool from Reuters train articles *not* in the crawl, scored on the test split
     # (the domain eval set uses the same test articles for perplexity: a held-out split, never trained on).
     in_crawl = {t for t, _ in reuters}
     pool = [(t, y) for t, y in raw.reuters_train if _cut(t, sizes.max_doc_words) not in in_crawl]
     if len(pool) < 16:  # the whole train split is in the crawl: take shots from the test split's tail
         pool = test[max(sizes.grain_test_docs, sizes.domain_eval_docs or len(test)):]
-    yn = lambda y: "yes" if y else "no"  # noqa: E731
-    docs["grain_train"] = [{"text": _lead(t), "label": yn(y)} for t, y in pool[:200]]
-    docs["grain_test"] = [{"text": _lead(t), "label": yn(y)} for t, y in test[: sizes.grain_test_docs]]
+    yn = lambda y: "grain" if y else "other"  # noqa: E731
+    docs["tasks/reuters_grain/train"] = [{"text": _lead(t), "label": yn(y)} for t, y in pool[:200]]
+    docs["tasks/reuters_grain/test"] = [{"text": _lead(t), "label": yn(y)} for t, y in test[: sizes.grain_test_docs]]
 
     for name in FILES:
         with atomic_path(out_dir / f"{name}.jsonl") as tmp, open(tmp, "w", encoding="utf-8") as f:
             for d in docs[name]:
                 f.write(json.dumps(d, ensure_ascii=False) + "\n")
+    for task, spec in TASKS.items():
+        with atomic_path(out_dir / "tasks" / task / "task.yaml") as tmp:
+            tmp.write_text(spec, encoding="utf-8")
 
     card = {
         "origin": raw.origin,
@@ -174,9 +186,10 @@ def build_corpora(raw: RawCorpora, out_dir: Path, sizes: CorpusSizes, seed: int)
         "files": {name: {"docs": len(docs[name]), "words": sum(len(d["text"].split()) for d in docs[name])}
                   for name in FILES},
         "domain_crawl_sources": dict(sorted(Counter(d["source"] for d in crawl).items())),
-        "task_label_counts": dict(sorted(Counter(d["label"] for d in docs["task_test"]).items())),
-        "grain_label_counts": dict(sorted(Counter(d["label"] for d in docs["grain_test"]).items())),
-        "weak_labels": "task_* sentiment labels come from the Loughran-McDonald lexicon (weak, not human)"
+        "task_label_counts": dict(sorted(Counter(d["label"] for d in docs["tasks/headline_sentiment/test"]).items())),
+        "grain_label_counts": dict(sorted(Counter(d["label"] for d in docs["tasks/reuters_grain/test"]).items())),
+        "weak_labels": "headline_sentiment labels come from the Loughran-McDonald lexicon (weak, not human); "
+                       "reuters_grain labels are Reuters-21578's own topic labels"
                        + (" on synthetic text" if raw.origin == "synthetic" else ""),
     }
     write_json_atomic(out_dir / "corpora.json", card)

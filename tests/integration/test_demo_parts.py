@@ -30,15 +30,24 @@ def test_synthetic_corpora_deterministic_disjoint(tmp_path):
     texts = {n: {d["text"] for d in _read(tmp_path / "a" / f"{n}.jsonl")} for n in FILES}
     # held-out sets never leak into what is trained on
     for trained in ("general_train", "domain_crawl"):
-        for held in ("general_eval", "domain_eval", "task_test", "grain_test"):
+        for held in ("general_eval", "domain_eval", "tasks/headline_sentiment/test", "tasks/reuters_grain/test"):
             assert not texts[trained] & texts[held], (trained, held)
     crawl = _read(tmp_path / "a" / "domain_crawl.jsonl")
     kinds = {d["source"] for d in crawl}
     assert {"reuters", "headline-digest", "noise-news", "noise-boilerplate"} <= kinds
     noise = sum(d["source"].startswith("noise") for d in crawl) / len(crawl)
     assert 0.15 < noise < 0.35
-    assert {d["label"] for d in _read(tmp_path / "a" / "task_test.jsonl")} <= {"negative", "neutral", "positive"}
-    assert {d["label"] for d in _read(tmp_path / "a" / "grain_test.jsonl")} == {"yes", "no"}
+    assert {d["label"] for d in _read(tmp_path / "a" / "tasks/headline_sentiment/test.jsonl")} <= \
+        {"negative", "neutral", "positive"}
+    assert {d["label"] for d in _read(tmp_path / "a" / "tasks/reuters_grain/test.jsonl")} == {"grain", "other"}
+    assert [d["text"] for d in _read(tmp_path / "a" / "task_unlabeled.jsonl")] == \
+        [d["text"] for d in _read(tmp_path / "a" / "tasks/headline_sentiment/train.jsonl")]
+    from megacpt.eval.tasks import resolve_task
+
+    for task in ("headline_sentiment", "reuters_grain"):   # the eval command accepts our task specs
+        spec = resolve_task(task, tmp_path / "a" / "tasks")
+        assert spec.kind == "classification" and set(spec.labels) >= {"grain", "other"} | set() or \
+            set(spec.labels) == {"negative", "neutral", "positive"}
 
 
 def test_weak_sentiment_lexicon():
