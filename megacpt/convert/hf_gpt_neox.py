@@ -253,14 +253,16 @@ def hf_to_megacpt(hf_dir: str | os.PathLike, out: str | os.PathLike, tp: int = 1
     from megacpt.train.checkpoint import CheckpointManager, is_checkpoint
 
     raw, cfg = read_hf_config(hf_dir)
-    ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp).resolve(tp * pp).validate_model(cfg)
     m = cfg.make_vocab_size_divisible_by * tp
     cfg.padded_vocab_size = max(-(-cfg.vocab_size // m) * m, cfg.padded_vocab_size or 0)
+    ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp).resolve(tp * pp).validate_model(cfg)
     out = Path(out)
     if is_checkpoint(out) or (out.is_dir() and any(out.glob("iter_*"))):
         raise UserError(f"--out {out}: already holds a checkpoint; choose a new directory")
     tokenizer = tokenizer if tokenizer is not None else find_hf_tokenizer(hf_dir)
     sd = dict(hf_state_dict(hf_dir, cfg, allow_pickle=allow_pickle))
+    if cfg.tie_word_embeddings:  # the model's state dict (what training saves) names both
+        sd["embed_out.weight"] = sd["embed_in.weight"]
     mgr = CheckpointManager(out, keep_last=0)
     mgr.save(0, sd, extra={"converted_from": {"hf_dir": str(Path(hf_dir).resolve()), "tp": tp, "pp": pp,
                                               "architectures": raw.get("architectures")}},

@@ -161,6 +161,16 @@ def _broadcast_error(err: BaseException | None) -> None:
         raise RuntimeError(f"checkpoint: rank 0 failed: {msg[0]}")
 
 
+@contextlib.contextmanager
+def _quiet_single_process():
+    """DCP warns on every single-process save/load ("assuming the intent is ..."): that is our intent."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
 def _fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
@@ -319,11 +329,14 @@ class CheckpointManager:
         if self.async_save:
             if _dist() and self._async_pg is None:
                 self._async_pg = dist.new_group(backend="gloo")  # the writer thread's own collectives
-            fut = dcp.async_save(tensors, checkpoint_id=str(tmp), process_group=self._async_pg)
+            with _quiet_single_process():
+                fut = dcp.async_save(tensors, checkpoint_id=str(tmp), process_group=self._async_pg,
+                                     no_dist=not _dist())
             fut = getattr(fut, "upload_completion", fut)
             self._pending = _Pending(fut, tmp, final, int(iteration))
         else:
-            dcp.save(tensors, checkpoint_id=str(tmp))
+            with _quiet_single_process():
+                dcp.save(tensors, checkpoint_id=str(tmp), no_dist=not _dist())
             self._pending = _Pending(None, tmp, final, int(iteration))
             self.wait()
         return final
@@ -524,7 +537,8 @@ def read_tensors(path: str | os.PathLike, names: Sequence[str], prefix: str = "m
     if missing:
         raise UserError(f"checkpoint {ck}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     sd = {prefix + n: torch.empty(meta[n][0], dtype=meta[n][1]) for n in names}
-    dcp.load(sd, checkpoint_id=str(ck), no_dist=True)
+    with _quiet_single_process():
+        dcp.load(sd, checkpoint_id=str(ck), no_dist=True)
     return {n: sd[prefix + n] for n in names}
 
 
@@ -576,7 +590,8 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module | Sequence[nn.Modu
                         + (" ..." if len(problems) > 8 else ""))
 
     # DCP writes into the tensors it is given (local shards of DTensors included), casting dtypes
-    dcp.load(want, checkpoint_id=str(ck))
+    with _quiet_single_process():
+        dcp.load(want, checkpoint_id=str(ck), no_dist=not _dist())
 
     per_chunk_model: list[dict] = [dict() for _ in models]
     per_chunk_optim: list[dict] = [dict() for _ in optimizers]
