@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Iterator
 
@@ -144,9 +145,11 @@ class HFWeights:
                                  "safetensors, or pass --allow-pickle to read it with torch.load(weights_only=True)")
             for f in bins:
                 try:
-                    sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+                    # mmap (lazy) works for torch.save's zip format only; legacy pickles load eagerly
+                    sd = torch.load(f, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(f))
                 except Exception as e:  # weights_only rejects anything but tensors/containers
-                    raise InputError(f, None, f"cannot be read with torch.load(weights_only=True): {e}") from None
+                    raise InputError(f, None, f"cannot be read with torch.load(weights_only=True) "
+                                     f"(it holds more than tensors): {str(e).splitlines()[0][:200]}") from None
                 self._handles[f] = sd
                 for k in sd:
                     self.files[k] = f
