@@ -43,7 +43,7 @@ class HFModelAdapter(nn.Module):
     def __init__(self, hf_model):
         super().__init__()
         self.hf = hf_model
-        self.embed_out = hf_model.embed_out
+        self.embed_out = hf_model.get_output_embeddings()  # "embed_out" in transformers 4, "lm_head" in 5
 
     def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         return self.hf.gpt_neox(input_ids=input_ids, position_ids=position_ids).last_hidden_state

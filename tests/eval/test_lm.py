@@ -1,0 +1,78 @@
+"""Scoring/generation against brute-force HF forward passes, and label likelihood on a biased model."""
+import pytest
+import torch
+
+from megacpt.eval.lm import EvalLM, HFModelAdapter, load_eval_lm
+from megacpt.eval.prompts import Template
+from megacpt.eval.tasks import classify
+
+
+@pytest.fixture(scope="module")
+def lm(model_dir):
+    return load_eval_lm(str(model_dir), batch_size=3)
+
+
+def _hf(lm):
+    from transformers import GPTNeoXForCausalLM
+
+    return GPTNeoXForCausalLM.from_pretrained(lm.info.model_path).eval()
+
+
+def test_loglikelihood_matches_unbatched_full_logits(lm):
+    hf = _hf(lm)
+    reqs = [("Profits rose sharply", " positive"), ("Shares fell.", " negative result"),
+            ("Revenue was flat and the board kept the dividend", " neutral"), ("Gold", " prices climbed on Monday")]
+    got = lm.loglikelihood(reqs)
+    for (ctx, cont), (ll, n) in zip(reqs, got):
+        c, t = lm.split_tokens(ctx, cont)
+        ids = torch.tensor([c + t])
+        with torch.no_grad():
+            logits = hf(ids).logits[0, :, : lm.vocab_size]  # padded rows excluded
+        logp = torch.log_softmax(logits.double(), -1)
+        ref = sum(float(logp[len(c) - 1 + j, tok]) for j, tok in enumerate(t))
+        assert n == len(t)
+        assert ll == pytest.approx(ref, abs=1e-4)
+
+
+def test_greedy_generation_batched_equals_unbatched(lm, model_dir):
+    prompts = ["Gold prices", "The agreement between Acme", "Shares"]
+    batched = lm.greedy_generate(prompts, max_new_tokens=6)
+    one = load_eval_lm(str(model_dir), batch_size=1)
+    assert batched == one.greedy_generate(prompts, max_new_tokens=6)
+    hf = _hf(lm)  # reference: argmax over the real vocab, full re-forward each step
+    ids = lm.tok.encode(prompts[1])
+    out = []
+    for _ in range(6):
+        with torch.no_grad():
+            nxt = int(hf(torch.tensor([ids + out])).logits[0, -1, : lm.vocab_size].argmax())
+        if nxt == lm.tok.eod:
+            break
+        out.append(nxt)
+    assert batched[1] == lm.tok.decode(out).split("\n", 1)[0]
+
+
+@pytest.mark.parametrize("scoring", ["sum", "mean"])
+def test_label_likelihood_picks_the_label_the_model_is_biased_to(lm, scoring):
+    """A hand-built model whose output always favours the tokens of one verbalisation picks that label."""
+    hf = _hf(lm)
+    with torch.no_grad():  # constant hidden state e: final LayerNorm weight 0, bias e
+        e = torch.zeros(hf.config.hidden_size)
+        e[0] = 1.0
+        hf.gpt_neox.final_layer_norm.weight.zero_()
+        hf.gpt_neox.final_layer_norm.bias.copy_(e)
+        hf.get_output_embeddings().weight.zero_()
+    biased = EvalLM(HFModelAdapter(hf), lm.tok, vocab_size=lm.vocab_size, max_length=512, batch_size=4)
+    verbal = {"negative": "negative", "neutral": "neutral", "positive": "positive"}
+    t = Template(example="{text}\nAnswer: {answer}")
+    queries = [{"text": "Profits rose."}, {"text": "Shares fell."}, {"text": "Flat."}]
+    shots = [[({"text": "Gold climbed."}, "positive")]] * 3
+    for target in verbal:
+        toks = biased.split_tokens("Answer:", " " + verbal[target])[1]
+        with torch.no_grad():  # logit 30 everywhere for the target's tokens (they may share a prefix token)
+            hf.get_output_embeddings().weight.zero_()
+            hf.get_output_embeddings().weight[toks, 0] = 30.0
+        assert classify(biased, t, queries, shots, verbal, scoring) == [target] * 3
+    # padded rows never count: a huge logit on a padding row changes nothing
+    with torch.no_grad():
+        hf.get_output_embeddings().weight[lm.vocab_size + 5, 0] = 1e4
+    assert classify(biased, t, queries, shots, verbal, scoring) == ["positive"] * 3
