@@ -47,6 +47,7 @@ setup(
         "zstandard>=0.22",
         "pyyaml>=6",
         "tqdm>=4.66",
+        "megatron-core>=0.16,<0.17",  # GPTDataset/BlendedDataset index building (runs on CPU)
         "psutil>=5.9",
         "matplotlib>=3.7",
     ],
