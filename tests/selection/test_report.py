@@ -1,0 +1,49 @@
+import numpy as np
+import pytest
+
+from megacpt.cli import main
+from megacpt.data.indexed import IndexedDatasetWriter
+from megacpt.errors import UserError
+from megacpt.selection.report import build_report
+from megacpt.selection.sample import Budget
+from megacpt.selection.select import SelectConfig, select
+from tests.selection.test_select import _score_file
+
+
+def test_report_over_selections(tmp_path, mixed_corpus):
+    prefix, texts, labels = mixed_corpus
+    sim = _score_file(tmp_path / "sim.parquet", prefix, "similarity", "similarity", labels + np.linspace(0, 0.5, 40))
+    ent = _score_file(tmp_path / "ent.parquet", prefix, "pos-entropy", "pos_entropy", np.linspace(2, 1, 40))
+    b = Budget("fraction", 0.2)
+    select(SelectConfig(prefix, str(tmp_path / "ets"), "ets", [sim], budget=b))
+    select(SelectConfig(prefix, str(tmp_path / "comb"), "combined", [sim, ent], sampling="soft", budget=b))
+    out = tmp_path / "rep"
+    rc = main(["report", "selection", "--manifests", str(tmp_path / "ets.manifest.json"),
+               str(tmp_path / "comb.manifest.json"), "--out", str(out), "--snippets", "2"])
+    assert rc == 0
+    md = (out / "report.md").read_text()
+    for section in ("## Budget", "## Overlap between selections (Jaccard)", "## Document length",
+                    "## Metrics: selected vs rest", "## Metric correlations", "## Examples"):
+        assert section in md
+    assert "random (computed)" in md and "| full corpus |" in md
+    for png in ("overlap.png", "lengths.png", "hist_sim.png", "hist_ent.png", "correlation.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({png})" in md
+    html = (out / "report.html").read_text()
+    assert html.startswith("<!doctype html>") and "<table>" in html and "<img src='overlap.png'" in html
+    # the top-similarity snippet is a finance document, shown as decoded text
+    top = md.split("task similarity — top 2:")[1].split("\n\n")[1]
+    assert any(t[:40] in top for t, fin in zip(texts, labels) if fin)
+    # Jaccard of a selection with itself is 1
+    assert "| ets | 1.000 |" in md
+
+
+def test_report_refuses_mixed_corpora(tmp_path, mixed_corpus):
+    prefix, _, _ = mixed_corpus
+    other = str(tmp_path / "other")
+    with IndexedDatasetWriter(other, np.uint16) as w:
+        for d in range(10):
+            w.add_document([[d + 1] * 5])
+    select(SelectConfig(prefix, str(tmp_path / "a"), "random", budget=Budget("docs", 3)))
+    select(SelectConfig(other, str(tmp_path / "b"), "random", budget=Budget("docs", 3)))
+    with pytest.raises(UserError, match="a report compares selections of one corpus"):
+        build_report([str(tmp_path / "a.manifest.json"), str(tmp_path / "b.manifest.json")], str(tmp_path / "r"))
