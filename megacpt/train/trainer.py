@@ -381,23 +381,33 @@ class MetricsLogger:
 
 @torch.no_grad()
 def evaluate(model, evals: dict, job: JobConfig, rt: Runtime, cfg: ModelConfig) -> dict[str, dict]:
-    """Mean NLL and perplexity over the first ``eval_iters * micro * dp`` samples of each held-out set."""
+    """Mean NLL and perplexity over the first ``eval_iters`` global batches of each held-out set.
+
+    The samples are the same whatever the layout (a multiple of the global batch, split over DP ranks like
+    training batches), so eval numbers compare across runs at different DP/TP/PP sizes.
+    """
     out = {}
+    t = job.train
     model.eval()
     for name, ds in evals.items():
-        src = SampleSource(ds, job.train.micro_batch_size, rt.dp_size, rt.dp_rank)
-        n = min(job.logging.eval_iters, len(ds) // (job.train.micro_batch_size * rt.dp_size))
+        src = SampleSource(ds, t.micro_batch_size, rt.dp_size, rt.dp_rank)
+        n_batches = min(job.logging.eval_iters, len(ds) // t.global_batch_size)
+        if n_batches == 0:
+            log.warning("eval %s: %d samples, fewer than one global batch (%d); skipped", name, len(ds),
+                        t.global_batch_size)
+            continue
+        n_micro = t.global_batch_size // (t.micro_batch_size * rt.dp_size)
         tot = torch.zeros(2, dtype=torch.float64, device=rt.device)
-        for m in range(n):
-            tokens, doc_ids = src.micro_batch(0, m, rt.device)
-            with _autocast(rt):
-                s = loss_sum(model, tokens, cfg, job.train.fused_loss, doc_ids)
-            tot += torch.stack([s.double(), torch.tensor(tokens[:, 1:].numel(), dtype=torch.float64,
-                                                         device=rt.device)])
+        for i in range(n_batches):
+            for m in range(n_micro):
+                tokens, doc_ids = src.micro_batch(i * t.global_batch_size, m, rt.device)
+                with _autocast(rt):
+                    s = loss_sum(model, tokens, cfg, t.fused_loss, doc_ids)
+                tot[0] += s.double()
+                tot[1] += tokens[:, 1:].numel()
         _all_reduce(tot, rt)
-        if tot[1] > 0:
-            loss = (tot[0] / tot[1]).item()
-            out[name] = {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "tokens": int(tot[1].item())}
+        loss = (tot[0] / tot[1]).item()
+        out[name] = {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "tokens": int(tot[1].item())}
     model.train()
     return out
 

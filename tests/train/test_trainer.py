@@ -1,0 +1,151 @@
+"""The training loop on CPU: learning, NaN handling, SIGTERM save, exact resume after kill -9, DP parity."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from megacpt.config import load_job_config
+from megacpt.errors import UserError
+from megacpt.testing import run_distributed
+from megacpt.train import trainer
+from megacpt.train.checkpoint import latest_checkpoint, read_tensors, checkpoint_tensors
+from tests.train.conftest import job_overrides, make_dataset
+
+
+def job(data, *extra):
+    return load_job_config(None, job_overrides(data, *extra))
+
+
+def test_loss_goes_down_and_eval_runs(tiny_data, tmp_path):
+    r = trainer.train(job(tiny_data, "train.train_iters=15", "train.fused_loss=true", "optimizer.lr=1e-2",
+                          "scheduler.decay_style=constant",
+                          f"logging.jsonl={tmp_path / 'm.jsonl'}"))
+    first, last = sum(r.losses[i] for i in (1, 2, 3)) / 3, sum(r.losses[i] for i in (13, 14, 15)) / 3
+    assert last < first - 0.3, (first, last)
+    assert r.eval["valid"]["loss"] < first and r.eval["valid"]["ppl"] > 1
+    recs = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    train_recs = [x for x in recs if x["kind"] == "train"]
+    assert [x["iteration"] for x in train_recs] == list(range(1, 16))
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_device", "mfu", "rss_gib"} <= set(train_recs[0])
+    assert any(x["kind"] == "eval/valid" for x in recs)
+
+
+def test_nan_steps_are_skipped_then_stop(tiny_data, monkeypatch):
+    real = trainer.micro_loss
+    bad = {2, 3}  # 0-based iterations whose loss is NaN
+
+    def flaky(model, tokens, cfg, fused, it, doc_ids=None):
+        s = real(model, tokens, cfg, fused, it, doc_ids)
+        return s * float("nan") if it in bad else s
+
+    monkeypatch.setattr(trainer, "micro_loss", flaky)
+    r = trainer.train(job(tiny_data, "train.max_consecutive_nan_skips=3"))
+    assert r.skipped_steps == 2 and r.iteration == 6
+    assert sorted(r.losses) == [1, 2, 5, 6]
+    bad.update(range(6))
+    with pytest.raises(trainer.TrainingDiverged, match="3 non-finite steps in a row at iteration 3"):
+        trainer.train(job(tiny_data, "train.max_consecutive_nan_skips=3"))
+
+
+def test_nan_skip_leaves_weights_untouched(tiny_data, monkeypatch):
+    real = trainer.micro_loss
+    monkeypatch.setattr(trainer, "micro_loss", lambda m, t, c, f, it, d=None:
+                        real(m, t, c, f, it, d) * (float("inf") if it >= 1 else 1.0))
+    seen = []
+    orig_step = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: (seen.append(1), orig_step(self, *a, **k))[1])
+    with pytest.raises(trainer.TrainingDiverged):
+        trainer.train(job(tiny_data, "train.max_consecutive_nan_skips=2"))
+    assert len(seen) == 1  # only the first (finite) iteration stepped
+
+
+def test_sigterm_saves_and_exits_then_resumes(tiny_data, tmp_path):
+    ck = tmp_path / "ck"
+    j = job(tiny_data, f"checkpoint.save={ck}")
+    r = trainer.train(j, on_step=lambda it, loss: os.kill(os.getpid(), signal.SIGTERM) if it == 3 else None)
+    assert r.stop_reason == "signal" and r.iteration == 3
+    assert latest_checkpoint(ck).name == "iter_0000003"
+    saved = json.loads((latest_checkpoint(ck) / "run_config.json").read_text())
+    assert saved["train"]["train_iters"] == 6 and saved["model"]["hidden_size"] == 64
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handler restored
+    r2 = trainer.train(job(tiny_data, f"checkpoint.save={ck}"))
+    assert r2.stop_reason == "done" and r2.iteration == 6 and sorted(r2.losses) == [4, 5, 6]
+
+
+def test_data_validation_errors(tiny_data, tmp_path):
+    with pytest.raises(UserError, match=r"data.blend\[.*missing.*\]: .*missing.bin does not exist"):
+        trainer.train(job(tiny_data, f"data.blend=[{tmp_path / 'missing'}]"))
+    other = make_dataset(tmp_path / "other", n_docs=5, sha="another-tokenizer")
+    with pytest.raises(UserError, match="data.eval_prefixes.valid: tokenizer .* differs"):
+        trainer.train(job(tiny_data, f"data.blend=[{other}]"))
+    big = make_dataset(tmp_path / "big", n_docs=5, vocab=5000)
+    with pytest.raises(UserError, match="tokenizer vocab_size 5000 .* > model.vocab_size 1000"):
+        trainer.train(job(tiny_data, f"data.blend=[{big}]"))
+
+
+_CHILD = textwrap.dedent("""
+    import os, signal, sys
+    from megacpt.config import load_job_config
+    from megacpt.train.trainer import train
+    kill_at = int(sys.argv[1])
+    job = load_job_config(None, sys.argv[2:])
+    train(job, on_step=lambda it, loss: os.kill(os.getpid(), signal.SIGKILL) if it == kill_at else None)
+""")
+
+
+def _child(kill_at, overrides, cwd):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-c", _CHILD, str(kill_at), *overrides], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=240)
+
+
+def _losses(path):
+    return {r["iteration"]: r["loss"] for r in map(json.loads, open(path)) if r["kind"] == "train"}
+
+
+def test_exact_resume_after_kill9(tiny_data, tmp_path):
+    """2N steps straight == N steps, kill -9 (mid-run, after checkpoint N), resume, N steps: bitwise."""
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    common = job_overrides(tiny_data, "train.train_iters=8", "checkpoint.save_interval=4", "checkpoint.keep_last=0")
+    a = _child(-1, [*common, f"checkpoint.save={tmp_path / 'a'}", f"logging.jsonl={tmp_path / 'a.jsonl'}"], repo)
+    assert a.returncode == 0, a.stderr[-2000:]
+    b_args = [*common, f"checkpoint.save={tmp_path / 'b'}", f"logging.jsonl={tmp_path / 'b.jsonl'}"]
+    b = _child(6, b_args, repo)
+    assert b.returncode == -signal.SIGKILL, b.stderr[-2000:]
+    assert latest_checkpoint(tmp_path / "b").name == "iter_0000004"
+    b2 = _child(-1, b_args, repo)
+    assert b2.returncode == 0, b2.stderr[-2000:]
+    la, lb = _losses(tmp_path / "a.jsonl"), _losses(tmp_path / "b.jsonl")  # b: 1..6, then 5..8 again
+    assert [lb[i] for i in (5, 6, 7, 8)] == [la[i] for i in (5, 6, 7, 8)]
+    ca, cb = tmp_path / "a" / "iter_0000008", tmp_path / "b" / "iter_0000008"
+    names = sorted(checkpoint_tensors(ca, prefix=""))
+    assert names == sorted(checkpoint_tensors(cb, prefix="")) and any(n.startswith("optim.") for n in names)
+    ta, tb = read_tensors(ca, names, prefix=""), read_tensors(cb, names, prefix="")
+    for n in names:
+        assert torch.equal(ta[n], tb[n]), n
+
+
+def _dp_worker(rank, world, overrides):
+    r = trainer.train(load_job_config(None, overrides))
+    return r.losses, r.eval
+
+
+@pytest.mark.distributed
+def test_data_parallel_matches_single_process_and_resumes_across_layouts(tiny_data, tmp_path):
+    single = trainer.train(job(tiny_data))
+    dp = run_distributed(_dp_worker, 2, job_overrides(tiny_data), timeout=240)
+    for i in single.losses:
+        assert dp[0][0][i] == pytest.approx(single.losses[i], rel=1e-5, abs=1e-6)
+    assert dp[0][0] == dp[1][0]
+    assert dp[0][1]["valid"]["loss"] == pytest.approx(single.eval["valid"]["loss"], rel=1e-5)
+    # resume at another layout: 3 steps single-process, then 3 more on dp=2 from that checkpoint
+    ck = tmp_path / "ck"
+    trainer.train(job(tiny_data, "train.train_iters=3", "scheduler.decay_iters=6", f"checkpoint.save={ck}"))
+    resumed = run_distributed(_dp_worker, 2, job_overrides(tiny_data, f"checkpoint.save={ck}"), timeout=240)
+    for i in (4, 5, 6):
+        assert resumed[0][0][i] == pytest.approx(single.losses[i], rel=1e-5, abs=1e-6)
