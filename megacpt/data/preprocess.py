@@ -94,11 +94,12 @@ def choose_dtype(vocab_size: int, requested: str) -> type:
 _W: dict[str, Any] = {}  # per-process state set by _init_worker
 
 
-def _init_worker(cfg: PreprocessConfig, dtype: type, partition_of: tuple[str, int, int]) -> None:
+def _init_worker(cfg: PreprocessConfig, dtype: type, partition_of: tuple[str, int, int], encoder=None) -> None:
+    """``encoder`` is the parent's, inherited through fork (its fast path is verified once, there)."""
     from megacpt.data.encoder import build_encoder
 
     _W["cfg"], _W["dtype"], _W["partition_of"] = cfg, dtype, partition_of
-    _W["encoder"] = build_encoder(cfg.tokenizer_model, cfg.tokenizer_type, fast=cfg.fast)
+    _W["encoder"] = encoder or build_encoder(cfg.tokenizer_model, cfg.tokenizer_type, fast=cfg.fast)
 
 
 def _partition(g: int, spec: tuple[str, int, int]) -> int:
@@ -130,11 +131,12 @@ def encode_chunk(chunk: Chunk) -> dict[str, Any]:
     return result
 
 
-def _pack(docs: list[list[list[int]]], dtype: type) -> tuple[bytes, np.ndarray, np.ndarray]:
-    lengths = [len(s) for d in docs for s in d]
-    flat = np.fromiter((t for d in docs for s in d for t in s), dtype=np.int64, count=sum(lengths))
+def _pack(docs: list[list[np.ndarray]], dtype: type) -> tuple[bytes, np.ndarray, np.ndarray]:
+    seqs = [s for d in docs for s in d]
+    lengths = np.fromiter((s.size for s in seqs), np.int32, len(seqs))
+    flat = np.concatenate(seqs).astype(dtype) if seqs else np.zeros(0, dtype)
     doc_ends = np.cumsum([len(d) for d in docs], dtype=np.int64)
-    return flat.astype(dtype).tobytes(), np.asarray(lengths, np.int32), doc_ends
+    return flat.tobytes(), lengths, doc_ends
 
 
 # --- parent side -----------------------------------------------------------------------------------
@@ -154,11 +156,12 @@ def _hf(cfg: PreprocessConfig):
 
 def preprocess(cfg: PreprocessConfig) -> dict[str, dict[str, Any]]:
     """Run preprocessing; returns ``{output prefix: sidecar dict}`` of every dataset written."""
-    from megacpt.data.tokenizer import load_tokenizer
+    from megacpt.data.encoder import build_encoder
 
     cfg.validate()
     # everything that can fail before the work fails here
-    tokenizer = load_tokenizer(cfg.tokenizer_model, cfg.tokenizer_type)
+    encoder = build_encoder(cfg.tokenizer_model, cfg.tokenizer_type, fast=cfg.fast)
+    tokenizer = encoder.tokenizer
     dtype = choose_dtype(tokenizer.vocab_size, cfg.dtype)
     sources = expand_inputs(cfg.inputs, cfg.split)
     check_writable_dir(cfg.output_prefix)
@@ -173,7 +176,7 @@ def preprocess(cfg: PreprocessConfig) -> dict[str, dict[str, Any]]:
     stats = {"n_records": 0, "nbytes": 0, "skipped": 0, "skipped_examples": [], "fallbacks": 0}
     t0 = time.perf_counter()
     try:
-        for result in _run_chunks(cfg, dtype, spec, sources):
+        for result in _run_chunks(cfg, dtype, spec, sources, encoder):
             if result["error"] is not None:
                 raise InputError(*result["error"])
             stats["skipped"] += len(result["skipped"])
@@ -213,6 +216,7 @@ def preprocess(cfg: PreprocessConfig) -> dict[str, dict[str, Any]]:
             "input_bytes": stats["nbytes"],
             "skipped_lines": stats["skipped"],
             "skipped_examples": stats["skipped_examples"],
+            "tokenizer_path": encoder.fast_status,
             "fast_path_fallbacks": stats["fallbacks"],
             "seconds": round(elapsed, 3),
             "created_by": "megacpt preprocess",
@@ -228,21 +232,23 @@ def preprocess(cfg: PreprocessConfig) -> dict[str, dict[str, Any]]:
     return metas
 
 
-def _run_chunks(cfg: PreprocessConfig, dtype: type, spec, sources):
+def _run_chunks(cfg: PreprocessConfig, dtype: type, spec, sources, encoder):
     """Yield encoded chunks in input order; at most ``2 * workers + 2`` in flight (bounded memory)."""
     chunks = iter_chunks(sources, cfg.json_keys, cfg.chunk_bytes, hf_dataset=_hf(cfg))
     bar = _progress(cfg)
     if cfg.workers == 0:
-        _init_worker(cfg, dtype, spec)
+        _init_worker(cfg, dtype, spec, encoder)
         for c in chunks:
             r = encode_chunk(c)
             _tick(bar, r)
             yield r
         _close(bar)
         return
-    ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
+    fork = sys.platform == "linux"
+    ctx = mp.get_context("fork" if fork else "spawn")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one thread per worker: workers = cores
-    pool = ctx.Pool(cfg.workers, initializer=_init_worker, initargs=(cfg, dtype, spec))
+    pool = ctx.Pool(cfg.workers, initializer=_init_worker,
+                    initargs=(cfg, dtype, spec, encoder if fork else None))
     try:
         pending: collections.deque = collections.deque()
         for c in chunks:

@@ -49,6 +49,12 @@ def megatron_reference(recs, key, tok_dir, append_eod, prefix):
     return prefix
 
 
+def _has_tiktoken() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tiktoken") is not None
+
+
 def same_files(a, b):
     for ext in (".bin", ".idx"):
         assert Path(a + ext).read_bytes() == Path(b + ext).read_bytes(), ext
@@ -74,6 +80,8 @@ def test_byte_identical_to_megatron(tmp_path, tiny_tokenizer_dir, append_eod):
         same_files(str(tmp_path / f"out_{key}_document"), ref)
         meta = metas[str(tmp_path / f"out_{key}_document")]
         assert meta["num_documents"] == len(recs) and meta["dtype"] == "uint16"
+        if _has_tiktoken():
+            assert meta["tokenizer_path"].startswith("tiktoken")  # the fast path made these bytes
     from megatron.core.datasets.indexed_dataset import IndexedDataset as MIndexed
 
     m = MIndexed(str(tmp_path / "out_text_document"))
@@ -83,6 +91,14 @@ def test_byte_identical_to_megatron(tmp_path, tiny_tokenizer_dir, append_eod):
     assert ours.document_length(4) > 0
     for i in range(len(ours)):
         assert np.array_equal(m[i], ours[i])
+
+
+def test_slow_path_identical(tmp_path, tiny_tokenizer_dir):
+    src = write_jsonl(tmp_path / "in.jsonl", records(200, seed=8))
+    fast = run_pp(tmp_path, tiny_tokenizer_dir, [src], "fast", append_eod=True)
+    slow = run_pp(tmp_path, tiny_tokenizer_dir, [src], "slow", append_eod=True, fast=False)
+    same_files(str(tmp_path / "fast_text_document"), str(tmp_path / "slow_text_document"))
+    assert next(iter(slow.values()))["tokenizer_path"].startswith("disabled")
 
 
 def test_special_token_and_eod(tmp_path, tiny_tokenizer_dir, tiny_tokenizer):
