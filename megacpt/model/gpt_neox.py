@@ -171,6 +171,8 @@ class GPTNeoX(nn.Module):
         if cfg.tie_word_embeddings:
             self.embed_out.weight = self.embed_in.weight
         self.set_recompute(cfg.recompute_granularity)
+        # >1 when tensor-parallel applies sequence parallelism: activations arrive as [b, s/tp, H]
+        self.sequence_parallel_size = 1
         self.init_weights()
 
     @torch.no_grad()
@@ -215,8 +217,11 @@ class GPTNeoX(nn.Module):
         On a pipeline stage without ``embed_in`` the input is already hidden states [b, s, H], and without
         ``final_layer_norm`` the output is the last owned layer's output.
         """
-        h = self.embed_in(input_ids) if self.embed_in is not None else input_ids  # [b, s, H]
-        b, s = h.shape[0], h.shape[1]
+        h = self.embed_in(input_ids) if self.embed_in is not None else input_ids  # [b, s(/tp), H]
+        b, s = h.shape[0], h.shape[1] * self.sequence_parallel_size
+        if self.sequence_parallel_size > 1 and self.embed_in is not None and input_ids.shape[1] != s:
+            raise UserError(f"sequence parallel: sequence length {input_ids.shape[1]} is not divisible by "
+                            f"tp={self.sequence_parallel_size}")
         if position_ids is None:
             position_ids = torch.arange(s, device=h.device).expand(b, s)
         elif position_ids.dim() == 1:
