@@ -15,6 +15,7 @@ extras = {
         "scikit-learn>=1.4",
         "sentencepiece>=0.2",
         "datasets>=2.18",
+        "tiktoken>=0.7",              # the exact fast preprocessing path is tested against HF tokenizers
     ],
     "select": [
         "spacy>=3.8,<3.9",
