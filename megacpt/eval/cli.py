@@ -84,20 +84,24 @@ def run(args: argparse.Namespace) -> int:
     check_writable_dir(args.out)
     from megacpt.eval.lm import load_eval_lm
 
-    lm = load_eval_lm(args.model, tokenizer_path=args.tokenizer, dtype=args.dtype, device=args.device,
-                      batch_size=args.micro_batch_size, max_length=args.seq_length)
+    def load():
+        return load_eval_lm(args.model, tokenizer_path=args.tokenizer, dtype=args.dtype, device=args.device,
+                            batch_size=args.micro_batch_size, max_length=args.seq_length)
+
     if cmd == "finance":
-        from megacpt.eval.finance import FinanceConfig, one_line_table, run_finance, task_list
+        from megacpt.eval.finance import FinanceConfig, load_tasks, one_line_table, run_finance, task_list
 
         cfg = FinanceConfig(tasks=task_list(args.tasks), data_dir=args.data_dir, shots=args.shots, seed=args.seed,
                             label_scoring=args.label_scoring, bootstrap=args.bootstrap, predictions=args.predictions)
-        results = run_finance(lm, cfg)
+        tasks = load_tasks(cfg)  # bad task data fails here, before the model is loaded
+        results = run_finance(load(), cfg, tasks)
         write_json_atomic(args.out, results)
         print(one_line_table(results))
         return 0
     from megacpt.eval.finance import one_line_table, results_document
     from megacpt.eval.perplexity import heldout_perplexity
 
+    lm = load()
     tasks = heldout_perplexity(lm, args.data, args.seq_length or lm.max_length, args.max_documents,
                                n_boot=args.bootstrap, seed=args.seed)
     results = results_document(lm, {"data": args.data, "seq_length": args.seq_length or lm.max_length,

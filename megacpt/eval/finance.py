@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from megacpt.errors import UserError
 from megacpt.eval.prompts import load_template
 from megacpt.eval.tasks import METRIC_NAMES, RUNNERS, load_task_data, resolve_task
 
@@ -34,15 +35,26 @@ class FinanceConfig:
     predictions: bool = False       # keep per-example predictions in the results
 
 
-def run_finance(lm, cfg: FinanceConfig, log=print) -> dict:
-    out_tasks = {}
-    specs = [resolve_task(t, cfg.data_dir) for t in cfg.tasks]  # fail on a bad task before any scoring
-    data = []
-    for spec in specs:
+def load_tasks(cfg: FinanceConfig) -> list[tuple]:
+    """Resolve, template and validate every task's data up front, so bad input fails before any model is
+    loaded. Returns [(spec, shots, template, train, test)]."""
+    if not cfg.tasks:
+        raise UserError("--tasks is empty")
+    if cfg.label_scoring not in ("sum", "mean"):
+        raise UserError(f"--label-scoring {cfg.label_scoring!r}: expected sum or mean")
+    out = []
+    for name in cfg.tasks:
+        spec = resolve_task(name, cfg.data_dir)
         k = spec.shots if cfg.shots is None else cfg.shots
-        template = load_template(spec.template)
-        data.append((spec, k, template, *load_task_data(spec, cfg.data_dir, k)))
-    for spec, k, template, train, test in data:
+        if k < 0:
+            raise UserError(f"--shots {k} must be >= 0")
+        out.append((spec, k, load_template(spec.template), *load_task_data(spec, cfg.data_dir, k)))
+    return out
+
+
+def run_finance(lm, cfg: FinanceConfig, tasks: list[tuple] | None = None, log=print) -> dict:
+    out_tasks = {}
+    for spec, k, template, train, test in tasks if tasks is not None else load_tasks(cfg):
         t0, trunc0 = time.perf_counter(), lm.n_truncated
         value, ci, extra, preds = RUNNERS[spec.kind](lm, spec, template, train, test, k, cfg.seed, cfg.bootstrap,
                                                      cfg.label_scoring)

@@ -1,8 +1,10 @@
 """The model side of evaluation: label log-likelihoods (batched) and batched greedy generation.
 
-Works on any model with ``hidden_states(input_ids [b, s]) -> [b, s, H]`` and ``embed_out.weight [V_pad, H]``
-(megacpt's plain ``GPTNeoX``; an HF ``GPTNeoXForCausalLM`` through ``HFModelAdapter``). Probabilities are
-over the tokenizer's real vocabulary only: padded embedding rows (index >= vocab_size) are excluded.
+The model is megacpt's plain ``GPTNeoX`` (``megacpt.convert.load_model`` reads HF dirs and megacpt
+checkpoints). Log-likelihoods go through the scoring pass's library (``megacpt.selection.perplexity.
+sequence_nll``: length-sorted batches, fused output layer, no [tokens x vocab] logits), so eval and the
+novelty scorer compute NLL with one piece of code. Probabilities are over the real vocabulary only
+(``model.cfg.vocab_size``, set to the tokenizer's when the checkpoint only knows the padded row count).
 """
 from __future__ import annotations
 
@@ -17,44 +19,11 @@ from torch import nn
 from megacpt.errors import UserError
 
 
-def token_nll(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Per-token NLL [N] of ``targets`` [N] under logits ``hidden [N, H] @ weight[:vocab_size].T``.
-
-    The single call site of the scoring path: the kernel helper's fused linear cross-entropy (never builds
-    the [N, V] logits) when it is installed, else a chunked fp32 torch computation of the same quantity.
-    """
-    try:
-        from megacpt.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
-    except ImportError:
-        fused_linear_cross_entropy = None
-    if fused_linear_cross_entropy is not None:
-        return fused_linear_cross_entropy(hidden, weight, targets, reduction="none", vocab_size=vocab_size).float()
-    w = weight[:vocab_size].float()
-    out = torch.empty(targets.shape[0], dtype=torch.float32, device=hidden.device)
-    for i in range(0, targets.shape[0], 2048):  # bound the [rows, V] logits buffer
-        logits = hidden[i:i + 2048].float() @ w.T
-        out[i:i + 2048] = torch.logsumexp(logits, -1) - logits.gather(1, targets[i:i + 2048, None]).squeeze(1)
-    return out
-
-
-class HFModelAdapter(nn.Module):
-    """An HF ``GPTNeoXForCausalLM`` seen through megacpt's model interface."""
-
-    def __init__(self, hf_model):
-        super().__init__()
-        self.hf = hf_model
-        self.embed_out = hf_model.get_output_embeddings()  # "embed_out" in transformers 4, "lm_head" in 5
-
-    def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        return self.hf.gpt_neox(input_ids=input_ids, position_ids=position_ids).last_hidden_state
-
-
 @dataclass
 class LMInfo:
     """What produced the scores (recorded in results JSON)."""
 
     model_path: str
-    loader: str
     vocab_size: int
     padded_vocab_size: int
     max_length: int
@@ -65,15 +34,20 @@ class LMInfo:
 class EvalLM:
     """Batched scoring/generation over a model + tokenizer. ``batch_size`` counts sequences per forward."""
 
-    def __init__(self, model: nn.Module, tokenizer, *, vocab_size: int, max_length: int, batch_size: int = 8,
+    def __init__(self, model: nn.Module, tokenizer, *, max_length: int, batch_size: int = 8,
                  info: LMInfo | None = None):
         padded = model.embed_out.weight.shape[0]
         if tokenizer.vocab_size > padded:
             raise UserError(f"tokenizer vocab {tokenizer.vocab_size} does not fit the model's {padded} embedding "
                             "rows: the tokenizer does not belong to this model")
+        if model.cfg.vocab_size not in (padded, tokenizer.vocab_size):
+            raise UserError(f"model vocab_size {model.cfg.vocab_size} does not match the tokenizer's "
+                            f"{tokenizer.vocab_size}: the tokenizer does not belong to this model")
+        model.cfg.padded_vocab_size = padded          # keep the row count fixed, then
+        model.cfg.vocab_size = tokenizer.vocab_size  # rows past the tokenizer's vocab are padding
         self.model = model.eval()
         self.tok = tokenizer
-        self.vocab_size = vocab_size
+        self.vocab_size = tokenizer.vocab_size
         self.max_length = max_length
         self.batch_size = max(1, batch_size)
         self.device = model.embed_out.weight.device
@@ -110,36 +84,22 @@ class EvalLM:
         return self.model.hidden_states(ids.to(self.device))
 
     # -- scoring --------------------------------------------------------------------------------------
-    @torch.inference_mode()
     def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[tuple[float, int]]:
-        """(sum of log-probs of the continuation tokens, number of continuation tokens) per (context,
-        continuation), computed in length-sorted batches."""
-        toks = []
+        """(sum of log-probs of the continuation tokens, number of them) per (context, continuation).
+
+        Sequences longer than ``max_length`` lose context tokens on the left (counted in ``n_truncated``).
+        """
+        from megacpt.selection.perplexity import ScoringConfig, sequence_nll
+
+        seqs, starts = [], []
         for ctx, cont in requests:
             c, t = self.split_tokens(ctx, cont)
-            toks.append((self._fit(c + t, self.max_length + 1), len(t)))
-        order = sorted(range(len(toks)), key=lambda i: -len(toks[i][0]))
-        out: list[tuple[float, int]] = [(0.0, 0)] * len(toks)
-        w = self.model.embed_out.weight
-        for b in range(0, len(order), self.batch_size):
-            idx = order[b:b + self.batch_size]
-            # inputs are all tokens but the last; position p predicts token p + 1
-            seqs = [toks[i][0] for i in idx]
-            hidden = self._forward_hidden([x[:-1] for x in seqs])  # [b, s, H]
-            rows, cols, tgt, owner = [], [], [], []
-            for r, (i, x) in enumerate(zip(idx, seqs)):
-                n_cont = min(toks[i][1], len(x) - 1)
-                first = len(x) - 1 - n_cont
-                rows += [r] * n_cont
-                cols += range(first, len(x) - 1)
-                tgt += x[first + 1:]
-                owner += [r] * n_cont
-            h = hidden[torch.tensor(rows), torch.tensor(cols)]  # [N, H]
-            nll = token_nll(h, w, torch.tensor(tgt, device=self.device), self.vocab_size)
-            sums = torch.zeros(len(idx), dtype=torch.float64).index_add_(0, torch.tensor(owner), nll.double().cpu())
-            for r, i in enumerate(idx):
-                out[i] = (-float(sums[r]), min(toks[i][1], len(toks[i][0]) - 1))
-        return out
+            x = self._fit(c + t, self.max_length)
+            seqs.append(x)
+            starts.append(max(1, len(x) - len(t)))
+        cfg = ScoringConfig(seq_length=self.max_length, micro_batch_size=self.batch_size)
+        res = sequence_nll(self.model, seqs, self.max_length, cfg, target_starts=starts)
+        return [(-nll, n) for n, nll in res]
 
     # -- generation -----------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -185,48 +145,25 @@ def load_eval_lm(model_path: str, *, tokenizer_path: str | None = None, dtype: s
         raise UserError(f"--dtype {dtype!r}: expected float32, bfloat16 or float16")
     if not Path(model_path).exists():
         raise UserError(f"--model {model_path}: no such file or directory")
-    model, cfg_vocab, max_pos, loader = _load_model(model_path, torch_dtype, device)
+    from megacpt.convert import load_model
+
+    model, cfg = load_model(model_path, dtype=torch_dtype, device=device)
     tok_path = tokenizer_path or _find_tokenizer(model_path)
     if tok_path is None:
         raise UserError(f"--model {model_path} ships no tokenizer: pass --tokenizer")
     tok = load_tokenizer(tok_path)
-    padded = model.embed_out.weight.shape[0]
-    if cfg_vocab is not None and cfg_vocab != padded and cfg_vocab != tok.vocab_size:
-        raise UserError(f"model vocab_size {cfg_vocab} does not match tokenizer {tok_path} vocab {tok.vocab_size}")
-    info = LMInfo(model_path=str(model_path), loader=loader, vocab_size=tok.vocab_size, padded_vocab_size=padded,
-                  max_length=max_length or max_pos, dtype=dtype, tokenizer=tok.identity())
-    return EvalLM(model, tok, vocab_size=tok.vocab_size, max_length=max_length or max_pos,
-                  batch_size=batch_size, info=info)
-
-
-def _load_model(path: str, dtype: torch.dtype, device: str):
-    """(model, real vocab or None, max positions, loader name). megacpt.convert.load_model when present."""
-    try:
-        from megacpt.convert import load_model
-    except ImportError:
-        load_model = None
-    if load_model is not None:
-        model, cfg = load_model(path, dtype=dtype, device=device)
-        # an HF dir's config has only the padded row count; the tokenizer then decides the real vocab
-        real = cfg.vocab_size if cfg.vocab_size != cfg.padded_vocab() else None
-        return model, real, cfg.max_position_embeddings, "megacpt.convert.load_model"
-    if not (Path(path) / "config.json").is_file():
-        raise UserError(f"--model {path}: not an HF model dir (no config.json), and megacpt.convert is unavailable")
-    from transformers import GPTNeoXForCausalLM
-
-    hf = GPTNeoXForCausalLM.from_pretrained(path, dtype=dtype).to(device)
-    return HFModelAdapter(hf), None, hf.config.max_position_embeddings, "transformers.GPTNeoXForCausalLM"
+    max_length = max_length or cfg.max_position_embeddings
+    info = LMInfo(model_path=str(model_path), vocab_size=tok.vocab_size, padded_vocab_size=cfg.padded_vocab(),
+                  max_length=max_length, dtype=dtype, tokenizer=tok.identity())
+    return EvalLM(model, tok, max_length=max_length, batch_size=batch_size, info=info)
 
 
 def _find_tokenizer(path: str) -> str | None:
-    try:
-        from megacpt.convert import find_tokenizer
-    except ImportError:
-        find_tokenizer = None
-    if find_tokenizer is not None:
-        found = find_tokenizer(path)
-        if found:
-            return found
+    from megacpt.convert import find_tokenizer
+
+    found = find_tokenizer(path)
+    if found:
+        return found
     p = Path(path)
     for cand in (p, p / "tokenizer"):
         if (cand / "tokenizer.json").is_file() or (cand / "tokenizer.model").is_file():

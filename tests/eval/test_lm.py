@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from megacpt.eval.lm import EvalLM, HFModelAdapter, load_eval_lm
+from megacpt.eval.lm import load_eval_lm
 from megacpt.eval.prompts import Template
 from megacpt.eval.tasks import classify
 
@@ -54,14 +54,12 @@ def test_greedy_generation_batched_equals_unbatched(lm, model_dir):
 @pytest.mark.parametrize("scoring", ["sum", "mean"])
 def test_label_likelihood_picks_the_label_the_model_is_biased_to(lm, scoring):
     """A hand-built model whose output always favours the tokens of one verbalisation picks that label."""
-    hf = _hf(lm)
+    biased = load_eval_lm(lm.info.model_path, batch_size=4)
+    m = biased.model
     with torch.no_grad():  # constant hidden state e: final LayerNorm weight 0, bias e
-        e = torch.zeros(hf.config.hidden_size)
-        e[0] = 1.0
-        hf.gpt_neox.final_layer_norm.weight.zero_()
-        hf.gpt_neox.final_layer_norm.bias.copy_(e)
-        hf.get_output_embeddings().weight.zero_()
-    biased = EvalLM(HFModelAdapter(hf), lm.tok, vocab_size=lm.vocab_size, max_length=512, batch_size=4)
+        m.final_layer_norm.weight.zero_()
+        m.final_layer_norm.bias.zero_()
+        m.final_layer_norm.bias[0] = 1.0
     verbal = {"negative": "negative", "neutral": "neutral", "positive": "positive"}
     t = Template(example="{text}\nAnswer: {answer}")
     queries = [{"text": "Profits rose."}, {"text": "Shares fell."}, {"text": "Flat."}]
@@ -69,10 +67,10 @@ def test_label_likelihood_picks_the_label_the_model_is_biased_to(lm, scoring):
     for target in verbal:
         toks = biased.split_tokens("Answer:", " " + verbal[target])[1]
         with torch.no_grad():  # logit 30 everywhere for the target's tokens (they may share a prefix token)
-            hf.get_output_embeddings().weight.zero_()
-            hf.get_output_embeddings().weight[toks, 0] = 30.0
+            m.embed_out.weight.zero_()
+            m.embed_out.weight[toks, 0] = 30.0
         assert classify(biased, t, queries, shots, verbal, scoring) == [target] * 3
     # padded rows never count: a huge logit on a padding row changes nothing
     with torch.no_grad():
-        hf.get_output_embeddings().weight[lm.vocab_size + 5, 0] = 1e4
+        m.embed_out.weight[lm.vocab_size + 5, 0] = 1e4
     assert classify(biased, t, queries, shots, verbal, scoring) == ["positive"] * 3
