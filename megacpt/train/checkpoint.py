@@ -80,7 +80,7 @@ def to_jsonable(obj: Any, where: str = "extra") -> Any:
         if hasattr(t, "full_tensor"):  # DTensor: store the global value
             t = t.full_tensor()
         t = t.cpu().contiguous()
-        raw = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
         return {"__tensor__": {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
                                "data": base64.b64encode(raw).decode("ascii")}}
     if isinstance(obj, dict):
@@ -200,7 +200,8 @@ def _is_tensor(v: Any) -> bool:
 
 
 def _state_items(models: list[nn.Module], optimizers: list, offsets: list[int]) -> list[tuple[str, Any, int, str]]:
-    """(global key, value, chunk index, local key) for model params/buffers and flattened optimizer state."""
+    """(global key, value, owner, local key) of model params/buffers (owner: model chunk index) and of the
+    flattened optimizer state (owner: optimizer index)."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions, get_model_state_dict, get_optimizer_state_dict)
 
@@ -209,22 +210,30 @@ def _state_items(models: list[nn.Module], optimizers: list, offsets: list[int]) 
         sd = m if isinstance(m, Mapping) else get_model_state_dict(m)  # a plain {name: tensor} is accepted
         for k, v in sd.items():
             items.append((f"model.{_shift_layers(k, offsets[i])}", v, i, k))
-    for i, opt in enumerate(optimizers):
-        flat = get_optimizer_state_dict(models[i], opt, options=StateDictOptions(flatten_optimizer_state_dict=True))
-        for k, v in flat.items():
-            # "state.layers.3.mlp...exp_avg", "param_groups.layers.3.mlp...lr"
+    opts = StateDictOptions(flatten_optimizer_state_dict=True)
+    shared = len(optimizers) == 1 and len(models) > 1  # one optimizer over all chunks of a pipeline rank
+    for j, opt in enumerate(optimizers):
+        owner = nn.ModuleList(models) if shared else models[j]
+        for k, v in get_optimizer_state_dict(owner, opt, options=opts).items():
+            # "state.layers.3.mlp...exp_avg", "param_groups.layers.3.mlp...lr" ("state.<chunk>.layers..." if shared)
             head, _, rest = k.partition(".")
-            items.append((f"optim.{head}.{_shift_layers(rest, offsets[i])}", v, i, k))
-    seen: dict[str, int] = {}
-    for key, _, i, _ in items:
-        if key in seen and seen[key] != i:
+            chunk = j
+            if shared:
+                c, _, rest = rest.partition(".")
+                chunk = int(c)
+            items.append((f"optim.{head}.{_shift_layers(rest, offsets[chunk])}", v, j, k))
+    seen: dict[str, tuple] = {}
+    for key, _, i, local in items:
+        if key in seen and seen[key] != (i, local):
             raise UserError(f"checkpoint: {key!r} comes from two model chunks; give each pipeline chunk its "
                             "global first-layer index as layer_offset")
-        seen[key] = i
+        seen[key] = (i, local)
     return items
 
 
 def _normalize(models, optimizers, layer_offset) -> tuple[list[nn.Module], list, list[int]]:
+    if hasattr(models, "parts") and not isinstance(models, nn.Module):  # megacpt.parallel.pipeline.Pipeline
+        models = list(models.parts)
     models = [models] if isinstance(models, (nn.Module, Mapping)) else _as_list(models)
     optimizers = _as_list(optimizers)
     offsets = _as_list(layer_offset) if isinstance(layer_offset, (list, tuple)) else [layer_offset] * len(models)
@@ -232,8 +241,9 @@ def _normalize(models, optimizers, layer_offset) -> tuple[list[nn.Module], list,
         raise UserError(f"checkpoint: {len(models)} model chunk(s) but {len(offsets)} layer_offset value(s)")
     if optimizers and any(isinstance(m, Mapping) for m in models):
         raise UserError("checkpoint: an optimizer needs the nn.Module it optimizes, not a plain state dict")
-    if optimizers and len(optimizers) != len(models):
-        raise UserError(f"checkpoint: {len(models)} model chunk(s) need as many optimizers, got {len(optimizers)}")
+    if len(optimizers) > 1 and len(optimizers) != len(models):
+        raise UserError(f"checkpoint: {len(models)} model chunk(s) need one optimizer each, or one for all; "
+                        f"got {len(optimizers)}")
     return models, optimizers, [int(o) for o in offsets]
 
 
@@ -491,6 +501,8 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     path = Path(path)
     if not path.exists():
         raise UserError(f"checkpoint {path}: not found")
+    if path.name.endswith(".tmp"):  # a save in progress or killed: complete.json may be there, the rename is not
+        raise UserError(f"checkpoint {path}: incomplete (a .tmp dir); the save did not finish")
     if (path / COMPLETE).is_file():
         info = _read_json(path / COMPLETE)
         if info.get("format") != FORMAT:
@@ -499,7 +511,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
         return path
     if (path / LATEST).is_file():
         return latest_checkpoint(path)
-    if path.name.endswith(".tmp") or (path / ".metadata").exists():
+    if (path / ".metadata").exists():
         raise UserError(f"checkpoint {path}: incomplete (no {COMPLETE}); the save did not finish")
     raise UserError(f"checkpoint {path}: neither a checkpoint root (no '{LATEST}' file) nor a checkpoint "
                     f"dir (no {COMPLETE})")
@@ -603,8 +615,9 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module | Sequence[nn.Modu
             per_chunk_optim[i][local] = want[key] if _is_tensor(v) else from_jsonable(objects[key])
     for i, m in enumerate(models):
         set_model_state_dict(m, per_chunk_model[i], options=StateDictOptions(strict=strict))
-    for i, opt in enumerate(optimizers):
-        set_optimizer_state_dict(models[i], opt, per_chunk_optim[i],
+    shared = len(optimizers) == 1 and len(models) > 1
+    for j, opt in enumerate(optimizers):
+        set_optimizer_state_dict(nn.ModuleList(models) if shared else models[j], opt, per_chunk_optim[j],
                                  options=StateDictOptions(flatten_optimizer_state_dict=True))
 
     extra = from_jsonable(_read_json(ck / "extra.json"))
