@@ -1,17 +1,17 @@
 """The continual pre-training loop, readable top to bottom: `train(job)`.
 
-One iteration = one optimizer step over the global batch (``train.global_batch_size`` samples):
-each data-parallel rank runs ``global / (micro * dp)`` micro-batches (gradient accumulation), each
-micro-batch loss is the NLL *sum* divided by the global batch's token count, so the summed gradients
-(accumulated locally, summed over DP ranks) are exactly the gradient of the global mean loss — the same
-numbers as one process with the whole batch, whatever the layout.
+One iteration = one optimizer step over the global batch (``train.global_batch_size`` samples): each
+data-parallel rank runs ``global / (micro * dp)`` micro-batches (gradient accumulation, or the pipeline's
+micro-batches under PP). Each micro-batch's NLL *sum* is scaled by ``dp / tokens_per_iteration``; the DP
+wrapper (FSDP2/DDP) *averages* gradients over dp, so the result is exactly the gradient of the global mean
+loss — the same step as one process with the whole batch, whatever the layout.
 
 Precision: parameters, gradients, optimizer state and reductions stay fp32 ("master weights"); on GPU the
 forward/backward runs under bf16 autocast. On CPU the default is plain fp32, which makes resume bitwise.
 
 Exact resume: a checkpoint holds model, optimizer, the iteration (the LR schedule is a function of it),
-consumed samples (the data position), the NaN counters and every RNG state. Sample k of a run is always
-``dataset[k]`` and the batch of iteration i is samples [i*G, (i+1)*G), so a resumed run sees the same data.
+consumed samples (the data position; sample k of a run is always ``train_dataset[k]``), the NaN counters and
+every rank's RNG state.
 """
 from __future__ import annotations
 
@@ -22,7 +22,6 @@ import math
 import os
 import random
 import signal
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -30,7 +29,6 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from megacpt.config import JobConfig, ModelConfig
 from megacpt.errors import UserError
@@ -39,6 +37,11 @@ from megacpt.train.optim import LRSchedule, build_optimizer
 
 log = logging.getLogger("megacpt.train")
 
+# knobs of ModelConfig that are runtime choices of the job, not architecture of a loaded model
+RUNTIME_MODEL_FIELDS = ("recompute_granularity", "attention_backend", "layernorm_backend")
+ARCH_FIELDS = ("hidden_size", "num_layers", "num_heads", "intermediate_size", "rotary_pct",
+               "use_parallel_residual", "vocab_size")
+
 
 class TrainingDiverged(UserError):
     """Too many non-finite steps in a row."""
@@ -46,22 +49,25 @@ class TrainingDiverged(UserError):
 
 @dataclass
 class Runtime:
-    """Where this process sits: ranks, device, the compute dtype and the data-parallel group."""
+    """Where this process sits: ranks, device, compute dtype and the (pp, dp, tp) mesh (None: 1 process)."""
 
     rank: int
     world_size: int
-    local_rank: int
     device: torch.device
     autocast_dtype: torch.dtype | None  # None: plain fp32
-    dp_rank: int
-    dp_size: int
-    dp_group: Any = None
+    dp_rank: int = 0
+    dp_size: int = 1
+    pp_size: int = 1
     mesh: Any = None
     owns_process_group: bool = False
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def dp_group(self):
+        return self.mesh["dp"].get_group() if self.mesh is not None else None
 
 
 @dataclass
@@ -83,225 +89,58 @@ def world_size_from_env() -> int:
 
 
 def init_runtime(job: JobConfig) -> Runtime:
-    """Process group (gloo on CPU, nccl on GPU) only when launched by torchrun with WORLD_SIZE > 1."""
+    """Process group (gloo on CPU, nccl on GPU) only when launched with WORLD_SIZE > 1; then the mesh."""
     t = job.train
-    use_cuda = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
     if t.device == "cuda" and not torch.cuda.is_available():
         raise UserError("train.device: cuda requested but no CUDA device is visible")
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
     if use_cuda:
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        device = torch.device("cuda", torch.cuda.current_device())
     else:
         device = torch.device("cpu")
     owns = False
     if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dist.init_process_group("nccl" if use_cuda else "gloo")
         owns = True
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
     precision = t.precision if t.precision != "auto" else ("bf16" if use_cuda else "fp32")
-    par = job.parallel
-    tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
-    dp = world // (tp * pp)
-    mesh, dp_group, dp_rank = None, None, rank
-    if world > 1:
-        if tp > 1 or pp > 1:
-            from megacpt.parallel.mesh import build_mesh
+    rt = Runtime(rank=dist.get_rank() if dist.is_initialized() else 0,
+                 world_size=dist.get_world_size() if dist.is_initialized() else 1, device=device,
+                 autocast_dtype=torch.bfloat16 if precision == "bf16" else None, owns_process_group=owns)
+    if rt.world_size > 1:
+        from megacpt.parallel.mesh import build_mesh
 
-            mesh = build_mesh(par, world)
-            dp_group = mesh.get_group("dp")
-            dp_rank = mesh.get_local_rank("dp")
-        else:
-            dp_group = dist.group.WORLD
-    return Runtime(rank, world, local_rank, device, torch.bfloat16 if precision == "bf16" else None,
-                   dp_rank, dp, dp_group, mesh, owns)
+        rt.mesh = build_mesh(job.parallel, rt.world_size, device_type=device.type)
+        rt.dp_rank, rt.dp_size = rt.mesh["dp"].get_local_rank(), rt.mesh["dp"].size()
+        rt.pp_size = rt.mesh["pp"].size()
+    return rt
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
-    np.random.seed(seed)
+    np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
 def rng_state() -> dict:
-    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """JSON-able (tensors allowed) RNG state of this process: python, numpy, torch (+ cuda)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    st = {"python": random.getstate(), "numpy": [name, torch.from_numpy(np.asarray(keys, dtype=np.int64)), pos,
+                                                 has_gauss, cached],
+          "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state_all()
     return st
 
 
 def set_rng_state(st: dict) -> None:
-    random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
+    py = st["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    name, keys, pos, has_gauss, cached = st["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(st["torch"])
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])
-
-
-def build_model(job: JobConfig, rt: Runtime) -> tuple[torch.nn.Module, ModelConfig]:
-    """A fresh model (seeded init) or the weights of ``checkpoint.init_from`` (HF dir or megacpt ckpt)."""
-    if job.checkpoint.init_from:
-        from megacpt.convert import load_model
-
-        model, cfg = load_model(job.checkpoint.init_from, dtype=torch.float32, device="cpu")
-        # runtime knobs of the job (recompute, kernels) apply to the loaded architecture
-        for k in ("recompute_granularity", "attention_backend", "layernorm_backend"):
-            if hasattr(cfg, k):
-                setattr(cfg, k, getattr(job.model, k))
-        if hasattr(model, "set_recompute"):
-            model.set_recompute(cfg.recompute_granularity)
-        job.model = cfg
-    else:
-        from megacpt.model.gpt_neox import GPTNeoX
-
-        torch.manual_seed(job.train.seed)  # same init on every rank and every layout
-        model = GPTNeoX(job.model)
-        cfg = job.model
-    model.to(rt.device)
-    return model, cfg
-
-
-def parallelize_model(model: torch.nn.Module, job: JobConfig, rt: Runtime) -> torch.nn.Module:
-    """TP/PP/FSDP through the parallel module; plain DP needs no wrapper (gradients are all-reduced)."""
-    if rt.mesh is not None:
-        from megacpt.parallel import parallelize
-
-        return parallelize(model, rt.mesh, job.parallel)
-    return model
-
-
-# ------------------------------------------------------------------------------------------------ data
-
-def validate_data(job: JobConfig) -> None:
-    """Paths exist and the datasets' tokenizer (sidecar) agrees with each other, the model and data.tokenizer."""
-    from megacpt.data.indexed import data_paths, read_sidecar
-
-    _, prefixes = job.data.weights_and_prefixes()
-    named = [(f"data.blend[{p}]", p) for p in prefixes] + \
-            [(f"data.eval_prefixes.{k}", p) for k, p in job.data.eval_prefixes.items()]
-    identity, first = None, None
-    expect = None
-    if job.data.tokenizer:
-        from megacpt.data.tokenizer import load_tokenizer
-
-        expect = load_tokenizer(job.data.tokenizer).identity()
-        identity, first = expect, "data.tokenizer"
-    for name, prefix in named:
-        for p in data_paths(prefix):
-            if not p.exists():
-                raise UserError(f"{name}: {p} does not exist")
-        meta = read_sidecar(prefix)
-        tok = (meta or {}).get("tokenizer")
-        if not tok:
-            log.warning("%s: %s has no tokenizer in its sidecar; vocab not checked", name, prefix)
-            continue
-        if tok.get("vocab_size") is not None and tok["vocab_size"] > job.model.vocab_size:
-            raise UserError(f"{name}: tokenizer vocab_size {tok['vocab_size']} (from {prefix}.meta.json) "
-                            f"> model.vocab_size {job.model.vocab_size}")
-        if identity is None:
-            identity, first = tok, name
-        elif tok.get("sha256") != identity.get("sha256"):
-            raise UserError(f"{name}: tokenizer {tok.get('path')} (sha256 {str(tok.get('sha256'))[:12]}) differs "
-                            f"from {first}'s ({str(identity.get('sha256'))[:12]})")
-
-
-class SampleSource:
-    """Sample k of the run is ``dataset[k]`` (the dataset is already shuffled/blended). Micro-batch m of
-    iteration i on DP rank r holds samples  i*G + m*(mb*dp) + r*mb + [0, mb)  (Megatron's sampler order)."""
-
-    def __init__(self, dataset, micro_batch: int, dp_size: int, dp_rank: int):
-        self.dataset, self.mb, self.dp, self.r = dataset, micro_batch, dp_size, dp_rank
-
-    def micro_batch(self, consumed: int, m: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """tokens [mb, seq_length + 1] and doc_ids [mb, seq_length] (None without document masking)."""
-        start = consumed + m * self.mb * self.dp + self.r * self.mb
-        samples = [self.dataset[k] for k in range(start, start + self.mb)]
-        tokens = torch.from_numpy(np.stack([np.asarray(x["tokens"], dtype=np.int64) for x in samples]))
-        doc_ids = None
-        if "doc_ids" in samples[0]:
-            doc_ids = torch.from_numpy(np.stack([np.asarray(x["doc_ids"], dtype=np.int64)[:-1] for x in samples]))
-            doc_ids = doc_ids.to(device)
-        return tokens.to(device), doc_ids
-
-
-# ------------------------------------------------------------------------------------------------ loss
-
-_fused_warned = False
-
-
-def loss_sum(model: torch.nn.Module, tokens: torch.Tensor, cfg: ModelConfig, fused: bool,
-             doc_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Sum of next-token NLL over a micro-batch ``tokens`` [b, s+1] (padded vocab rows excluded)."""
-    global _fused_warned
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    if fused:
-        try:
-            from megacpt.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
-        except ImportError:
-            if not _fused_warned:
-                log.warning("train.fused_loss: megacpt.kernels.fused_linear_cross_entropy is not available; "
-                            "using logits + F.cross_entropy")
-                _fused_warned = True
-            fused = False
-    if fused:
-        h = model.hidden_states(inputs, doc_ids=doc_ids)  # [b, s, H]
-        return fused_linear_cross_entropy(h.reshape(-1, h.shape[-1]), model.embed_out.weight,
-                                          targets.reshape(-1), reduction="sum", vocab_size=cfg.vocab_size)
-    logits = model(inputs, doc_ids=doc_ids)[..., : cfg.vocab_size]  # [b, s, V]
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
-
-
-def _autocast(rt: Runtime):
-    if rt.autocast_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(rt.device.type, dtype=rt.autocast_dtype)
-
-
-def _all_reduce(t: torch.Tensor, rt: Runtime, op=None) -> torch.Tensor:
-    if rt.world_size > 1:
-        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
-    return t
-
-
-def _allreduce_grads(model: torch.nn.Module, rt: Runtime) -> None:
-    """Sum gradients over data-parallel ranks, one flat bucket per dtype (plain DP without a wrapper)."""
-    if rt.dp_size == 1 or rt.mesh is not None:  # parallelize() (FSDP/DDP) reduces its own gradients
-        return
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, group=rt.dp_group)
-    off = 0
-    for g in grads:
-        n = g.numel()
-        g.copy_(flat[off: off + n].view_as(g))
-        off += n
-
-
-def grad_norm(model: torch.nn.Module) -> torch.Tensor:
-    """Global L2 norm of all gradients (DTensor-aware through clip_grad_norm_'s internals)."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    return torch.nn.utils.get_total_norm(grads, 2.0, error_if_nonfinite=False, foreach=None)
-
-
-# ------------------------------------------------------------------------------------------ checkpoint
-
-def checkpoint_extra(it: int, consumed: int, nan_total: int, nan_streak: int, sched: LRSchedule) -> dict:
-    """Rank-independent resume state (the per-rank RNG goes to ``rank_extra``)."""
-    return {"iteration": it, "consumed_samples": consumed, "skipped_steps": nan_total,
-            "nan_streak": nan_streak, "lr_schedule": sched.state_dict()}
-
-
-def rng_to_json(st: dict) -> dict:
-    name, keys, pos, has_gauss, cached = st["numpy"]
-    return {**st, "numpy": [name, torch.from_numpy(np.asarray(keys)), pos, has_gauss, cached]}
-
-
-def rng_from_json(st: dict) -> dict:
-    name, keys, pos, has_gauss, cached = st["numpy"]
-    py = st["python"]
-    return {**st, "numpy": (name, keys.numpy(), pos, has_gauss, cached),
-            "python": (py[0], tuple(py[1]), py[2])}
 
 
 def resume_dir(job: JobConfig) -> str | None:
@@ -315,6 +154,304 @@ def resume_dir(job: JobConfig) -> str | None:
     if job.checkpoint.save and is_checkpoint(job.checkpoint.save):
         return job.checkpoint.save
     return None
+
+
+def resolve_model_config(job: JobConfig, resume: str | None) -> ModelConfig:
+    """The architecture: the resumed checkpoint's, else ``init_from``'s, else the job's (preset + overrides).
+
+    A loaded architecture keeps the job's runtime knobs (recompute, kernels); a ``model_preset`` given with
+    ``init_from`` is a check that the weights are the expected model.
+    """
+    src = resume or job.checkpoint.init_from
+    if src is None:
+        return job.model
+    from megacpt.convert import load_config
+
+    cfg = load_config(src)
+    if resume is None and job.model_preset is not None:
+        bad = [f"{k}: {getattr(job.model, k)} vs {getattr(cfg, k)}" for k in ARCH_FIELDS
+               if k != "vocab_size" and getattr(job.model, k) != getattr(cfg, k)]
+        if bad:
+            raise UserError(f"checkpoint.init_from: {src} is not a {job.model_preset} model ({'; '.join(bad)})")
+    for k in RUNTIME_MODEL_FIELDS:
+        setattr(cfg, k, getattr(job.model, k))
+    return cfg.validate()
+
+
+@dataclass
+class Model:
+    """This rank's model: ``parts`` (the whole model, or its pipeline stages) and the pipeline if PP."""
+
+    parts: list[torch.nn.Module]
+    cfg: ModelConfig
+    pipeline: Any = None
+
+    @property
+    def module(self) -> torch.nn.Module:  # the whole (maybe TP/FSDP-wrapped) model when not pipelined
+        return self.parts[0]
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [p for part in self.parts for p in part.parameters()]
+
+    def train(self, mode: bool = True) -> None:
+        for part in self.parts:
+            part.train(mode)
+
+
+def build_model(job: JobConfig, rt: Runtime, cfg: ModelConfig, weights_from: str | None) -> Model:
+    """Build, parallelise (TP/FSDP/DDP/PP from the mesh) and initialise the model.
+
+    A fresh model is initialised in full from the seed on every rank before sharding, so every layout
+    starts from the same weights. With ``weights_from`` (init_from / resume) the model is built on the meta
+    device, sharded, materialised and then loaded, so no rank ever holds a full fp32 copy it does not need.
+    """
+    from megacpt.model.gpt_neox import GPTNeoX
+
+    meta = weights_from is not None and job.parallel.pipeline_model_parallel_size == 1
+    torch.manual_seed(job.train.seed)
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        model = GPTNeoX(cfg)
+    if not meta:
+        model.to(rt.device)
+    pipeline = None
+    if rt.mesh is None:
+        parts = [model]
+    elif job.parallel.pipeline_model_parallel_size > 1:
+        from megacpt.parallel.pipeline import build_pipeline
+
+        n_micro = job.train.global_batch_size // (job.train.micro_batch_size * rt.dp_size)
+        pipeline = build_pipeline(model, rt.mesh, job.parallel, n_micro, vocab_size=cfg.vocab_size)
+        parts = list(pipeline.parts)
+    else:
+        from megacpt.parallel import parallelize
+
+        parts = [parallelize(model, rt.mesh, job.parallel)]
+    if meta:
+        for part in parts:
+            part.to_empty(device=rt.device)
+            if cfg.tie_word_embeddings and part.embed_in is not None and part.embed_out is not None:
+                part.embed_out.weight = part.embed_in.weight
+            part.init_weights()  # deterministic values for anything the load does not cover
+    return Model(parts, cfg, pipeline)
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+def validate_data(job: JobConfig, model_cfg: ModelConfig) -> None:
+    """Paths exist; the datasets' tokenizer (sidecars) agree with each other, ``data.tokenizer`` and the model."""
+    from megacpt.data.indexed import data_paths, read_sidecar
+
+    _, prefixes = job.data.weights_and_prefixes()
+    named = [(f"data.blend[{p}]", p) for p in prefixes] + \
+            [(f"data.eval_prefixes.{k}", p) for k, p in job.data.eval_prefixes.items()]
+    identity, first = None, None
+    if job.data.tokenizer:
+        from megacpt.data.tokenizer import load_tokenizer
+
+        identity, first = load_tokenizer(job.data.tokenizer).identity(), "data.tokenizer"
+        if identity["vocab_size"] > model_cfg.vocab_size:
+            raise UserError(f"data.tokenizer: vocab_size {identity['vocab_size']} > model.vocab_size "
+                            f"{model_cfg.vocab_size}")
+    for name, prefix in named:
+        for p in data_paths(prefix):
+            if not p.exists():
+                raise UserError(f"{name}: {p} does not exist")
+        tok = (read_sidecar(prefix) or {}).get("tokenizer")
+        if not tok:
+            log.warning("%s: %s has no tokenizer in its sidecar; vocab not checked", name, prefix)
+            continue
+        if tok.get("vocab_size") is not None and tok["vocab_size"] > model_cfg.vocab_size:
+            raise UserError(f"{name}: tokenizer vocab_size {tok['vocab_size']} (from {prefix}.meta.json) "
+                            f"> model.vocab_size {model_cfg.vocab_size}")
+        if identity is None:
+            identity, first = tok, name
+        elif tok.get("sha256") != identity.get("sha256"):
+            raise UserError(f"{name}: tokenizer {tok.get('path')} (sha256 {str(tok.get('sha256'))[:12]}) differs "
+                            f"from {first}'s ({str(identity.get('sha256'))[:12]})")
+
+
+def build_datasets(job: JobConfig) -> tuple[Any, dict[str, Any]]:
+    """Train samples (blend, train split, train_iters * global batch of them) and held-out sets.
+
+    A held-out set is read whole (split 1,0,0), ``eval_iters`` global batches of it at most, never more than
+    one epoch (whole global batches only, so every layout evaluates the same samples).
+    """
+    from megacpt.data.gpt_dataset import build_gpt_datasets
+    from megacpt.data.indexed import IndexedDataset
+
+    d, t = job.data, job.train
+    n = t.train_iters * t.global_batch_size
+    train = build_gpt_datasets(d.blend, d.split, d.seq_length, (n, 0, 0), seed=t.seed, cache_dir=d.cache_dir,
+                               return_doc_ids=d.reset_attention_mask)[0]
+    if train is None:
+        raise UserError(f"data.split: {d.split!r} leaves no training split")
+    evals = {}
+    for name, prefix in d.eval_prefixes.items():
+        per_epoch = max(IndexedDataset(prefix).num_tokens - 1, 0) // d.seq_length
+        n_eval = min(job.logging.eval_iters, per_epoch // t.global_batch_size) * t.global_batch_size
+        if n_eval == 0:
+            log.warning("data.eval_prefixes.%s: %s holds fewer than one global batch (%d x %d tokens); "
+                        "not evaluated", name, prefix, t.global_batch_size, d.seq_length)
+            continue
+        evals[name] = build_gpt_datasets(prefix, "1,0,0", d.seq_length, (n_eval, 0, 0), seed=t.seed,
+                                         cache_dir=d.cache_dir, return_doc_ids=d.reset_attention_mask)[0]
+    return train, evals
+
+
+def local_batches(dataset, consumed: int, job: JobConfig, rt: Runtime, device) -> list[tuple]:
+    """This DP rank's micro-batches of the global batch starting at sample ``consumed``:
+    [(tokens [mb, s+1], doc_ids [mb, s] or None)] (Megatron's sampler order)."""
+    from megacpt.data.sampler import PretrainingSampler
+
+    t = job.train
+    n_micro = t.global_batch_size // (t.micro_batch_size * rt.dp_size)
+    sampler = PretrainingSampler(consumed + t.global_batch_size, consumed, t.micro_batch_size,
+                                 rt.dp_rank, rt.dp_size)
+    out = []
+    for idx in sampler:
+        samples = [dataset[k] for k in idx]
+        tokens = torch.stack([torch.as_tensor(x["tokens"], dtype=torch.long) for x in samples]).to(device)
+        doc_ids = None
+        if "doc_ids" in samples[0]:
+            doc_ids = torch.stack([torch.as_tensor(x["doc_ids"], dtype=torch.long)[:-1] for x in samples]).to(device)
+        out.append((tokens, doc_ids))
+    assert len(out) == n_micro, (len(out), n_micro)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ loss
+
+def _tp_group(module):
+    from megacpt.parallel.loss import tp_group_of
+
+    return tp_group_of(module)
+
+
+def loss_sum(module: torch.nn.Module, tokens: torch.Tensor, cfg: ModelConfig, fused: bool,
+             doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum of next-token NLL over ``tokens`` [b, s+1]; padded vocab rows never get probability.
+
+    ``fused``: the fused linear + cross-entropy on the final hidden states (no [tokens, V] logits). Else
+    the (vocab-parallel under TP) cross-entropy on the model's logits.
+    """
+    from megacpt.parallel.loss import vocab_parallel_cross_entropy
+
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    if fused:
+        from megacpt.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
+
+        h = module.hidden_states(inputs, doc_ids=doc_ids)  # [b, s, H]
+        return fused_linear_cross_entropy(h.reshape(-1, h.shape[-1]), module.embed_out.weight,
+                                          targets.reshape(-1), reduction="sum", vocab_size=cfg.vocab_size)
+    logits = module(inputs, doc_ids=doc_ids)  # [b, s, V_pad] or local [b, s, V_pad/tp]
+    return vocab_parallel_cross_entropy(logits.flatten(0, -2), targets.flatten(), group=_tp_group(module),
+                                        vocab_size=cfg.vocab_size).sum()
+
+
+def micro_loss(module, tokens, cfg, fused, iteration, doc_ids=None):  # tests inject non-finite losses here
+    return loss_sum(module, tokens, cfg, fused, doc_ids)
+
+
+def _autocast(rt: Runtime):
+    if rt.autocast_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(rt.device.type, dtype=rt.autocast_dtype)
+
+
+def _dp_sum(x: torch.Tensor, rt: Runtime) -> torch.Tensor:
+    if rt.mesh is not None and rt.dp_size > 1:
+        dist.all_reduce(x, group=rt.dp_group)
+    return x
+
+
+def forward_backward(model: Model, batches: list[tuple], job: JobConfig, rt: Runtime, it: int,
+                     fused: bool, tokens_per_iter: int) -> float:
+    """All micro-batches of this rank, gradients accumulated; returns the global mean loss."""
+    if model.pipeline is not None:
+        from megacpt.parallel.pipeline import broadcast_loss
+
+        tokens = torch.cat([b[0] for b in batches])
+        doc_ids = torch.cat([b[1] for b in batches]) if batches[0][1] is not None else None
+        with _autocast(rt):
+            local = model.pipeline.step(tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(), doc_ids=doc_ids)
+        mean = broadcast_loss(local, rt.mesh).double()  # this dp rank's mean (equal token counts)
+        return (_dp_sum(mean, rt) / rt.dp_size).item()
+    scale = rt.dp_size / tokens_per_iter  # DP wrappers average over dp: see the module docstring
+    local = torch.zeros((), dtype=torch.float64, device=rt.device)
+    for tokens, doc_ids in batches:
+        with _autocast(rt):
+            s = micro_loss(model.module, tokens, model.cfg, fused, it, doc_ids)
+        (s * scale).backward()
+        local += s.detach().double()
+    return (_dp_sum(local, rt) / tokens_per_iter).item()
+
+
+def grad_norm(params: list[torch.nn.Parameter], rt: Runtime) -> float:
+    """Global L2 norm of the gradients over every rank, each element counted once.
+
+    A DTensor shard is replicated on ``world / (pp * n_shards)`` ranks (plain tensors: n_shards = 1); every
+    rank adds its squares divided by that count, then one all-reduce sums over the world.
+    """
+    from torch.distributed.tensor import DTensor
+
+    sq = torch.zeros((), dtype=torch.float64, device=rt.device)
+    for p in params:
+        g = p.grad
+        if g is None:
+            continue
+        n_shards = 1
+        if isinstance(g, DTensor):
+            for dim, pl in enumerate(g.placements):
+                if pl.is_shard():
+                    n_shards *= g.device_mesh.size(dim)
+            g = g.to_local()
+        sq += g.detach().double().pow(2).sum() * (n_shards * rt.pp_size / rt.world_size)
+    if rt.world_size > 1:
+        dist.all_reduce(sq)
+    return math.sqrt(sq.item()) if math.isfinite(sq.item()) else float("nan")
+
+
+@torch.no_grad()
+def clip_gradients(params: list[torch.nn.Parameter], max_norm: float, total_norm: float) -> None:
+    coef = max_norm / (total_norm + 1e-6)
+    if coef < 1.0:
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(coef)
+
+
+@torch.no_grad()
+def evaluate(model: Model, evals: dict, job: JobConfig, rt: Runtime, fused: bool) -> dict[str, dict]:
+    """Mean NLL and perplexity over each held-out set (the same samples whatever the layout)."""
+    out = {}
+    t = job.train
+    tokens_per_batch = t.global_batch_size * job.data.seq_length
+    model.train(False)
+    for name, ds in evals.items():
+        total = 0.0
+        n_batches = len(ds) // t.global_batch_size
+        for i in range(n_batches):
+            batches = local_batches(ds, i * t.global_batch_size, job, rt, rt.device)
+            if model.pipeline is not None:
+                from megacpt.parallel.pipeline import broadcast_loss
+
+                tokens = torch.cat([b[0] for b in batches])
+                doc_ids = torch.cat([b[1] for b in batches]) if batches[0][1] is not None else None
+                with _autocast(rt):
+                    local = model.pipeline.eval_step(tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(),
+                                                     doc_ids=doc_ids)
+                mean = _dp_sum(broadcast_loss(local, rt.mesh).double(), rt) / rt.dp_size
+                total += mean.item() * tokens_per_batch
+            else:
+                s = torch.zeros((), dtype=torch.float64, device=rt.device)
+                for tokens, doc_ids in batches:
+                    with _autocast(rt):
+                        s += loss_sum(model.module, tokens, model.cfg, fused, doc_ids).double()
+                total += _dp_sum(s, rt).item()
+        loss = total / (n_batches * tokens_per_batch)
+        out[name] = {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "tokens": n_batches * tokens_per_batch}
+    model.train(True)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ loop
@@ -344,8 +481,7 @@ class MetricsLogger:
 
     def __init__(self, job: JobConfig, rt: Runtime):
         self.enabled = rt.is_main
-        self.jsonl = None
-        self.tb = None
+        self.jsonl = self.tb = None
         if not self.enabled:
             return
         path = job.logging.jsonl or (str(Path(job.checkpoint.save) / "metrics.jsonl") if job.checkpoint.save else None)
@@ -369,7 +505,7 @@ class MetricsLogger:
             self.jsonl.write(json.dumps(rec) + "\n")
         if self.tb:
             for k, v in rec.items():
-                if isinstance(v, (int, float)) and k != "iteration" and v is not None:
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "iteration":
                     self.tb.add_scalar(f"{rec.get('kind', 'train')}/{k}", v, rec["iteration"])
 
     def close(self) -> None:
@@ -379,75 +515,65 @@ class MetricsLogger:
             self.tb.close()
 
 
-@torch.no_grad()
-def evaluate(model, evals: dict, job: JobConfig, rt: Runtime, cfg: ModelConfig) -> dict[str, dict]:
-    """Mean NLL and perplexity over the first ``eval_iters`` global batches of each held-out set.
-
-    The samples are the same whatever the layout (a multiple of the global batch, split over DP ranks like
-    training batches), so eval numbers compare across runs at different DP/TP/PP sizes.
-    """
-    out = {}
-    t = job.train
-    model.eval()
-    for name, ds in evals.items():
-        src = SampleSource(ds, t.micro_batch_size, rt.dp_size, rt.dp_rank)
-        n_batches = min(job.logging.eval_iters, len(ds) // t.global_batch_size)
-        if n_batches == 0:
-            log.warning("eval %s: %d samples, fewer than one global batch (%d); skipped", name, len(ds),
-                        t.global_batch_size)
-            continue
-        n_micro = t.global_batch_size // (t.micro_batch_size * rt.dp_size)
-        tot = torch.zeros(2, dtype=torch.float64, device=rt.device)
-        for i in range(n_batches):
-            for m in range(n_micro):
-                tokens, doc_ids = src.micro_batch(i * t.global_batch_size, m, rt.device)
-                with _autocast(rt):
-                    s = loss_sum(model, tokens, cfg, t.fused_loss, doc_ids)
-                tot[0] += s.double()
-                tot[1] += tokens[:, 1:].numel()
-        _all_reduce(tot, rt)
-        loss = (tot[0] / tot[1]).item()
-        out[name] = {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "tokens": int(tot[1].item())}
-    model.train()
-    return out
+def _use_fused(job: JobConfig, rt: Runtime) -> bool:
+    """The fused loss needs the model's hidden states and the whole output weight: single-process runs.
+    Under TP/FSDP/PP the vocab-parallel cross-entropy keeps logits sharded instead."""
+    if not job.train.fused_loss:
+        return False
+    if rt.mesh is not None:
+        log.info("train.fused_loss: using the vocab-parallel cross-entropy under TP/FSDP/PP")
+        return False
+    try:
+        import megacpt.kernels.fused_linear_cross_entropy  # noqa: F401
+    except ImportError as e:
+        raise UserError(f"train.fused_loss: the fused kernel cannot be imported ({e}); set train.fused_loss=false")
+    return True
 
 
 def train(job: JobConfig, on_step: Callable[[int, float], None] | None = None) -> TrainResult:
-    """Run (or resume) a training job. ``job`` is validated here before any process-group work."""
+    """Run (or resume) a training job. All validation happens before any process-group work."""
     job.validate(world_size_from_env())
-    if job.checkpoint.init_from is None:
-        validate_data(job)
+    resume = resume_dir(job)
+    cfg = resolve_model_config(job, resume)
+    job.model = cfg
+    job.validate(world_size_from_env())  # again: divisibility against the loaded architecture
+    if job.data.seq_length > cfg.max_position_embeddings:
+        raise UserError(f"data.seq_length: {job.data.seq_length} > the model's max_position_embeddings "
+                        f"{cfg.max_position_embeddings}")
+    validate_data(job, cfg)
+    if job.checkpoint.export_hf and not job.checkpoint.save:
+        raise UserError("checkpoint.export_hf: needs checkpoint.save (the export reads the final checkpoint)")
+
     rt = init_runtime(job)
     t, lg = job.train, job.logging
     seed_everything(t.seed)
-    model, cfg = build_model(job, rt)
-    if job.checkpoint.init_from is not None:
-        job.validate(rt.world_size)
-        validate_data(job)
-    model = parallelize_model(model, job, rt)
-    model.train()
-    optimizer = build_optimizer(model, job.optimizer)
-    sched = LRSchedule(job.optimizer, job.scheduler, t.train_iters)
-    from megacpt.train.data import build_datasets
+    model = build_model(job, rt, cfg, resume or job.checkpoint.init_from)
+    if resume is None and job.checkpoint.init_from:
+        from megacpt.convert import load_weights
 
+        for part in model.parts:
+            load_weights(part, job.checkpoint.init_from)
+        log.info("initialised from %s", job.checkpoint.init_from)
+    model.train(True)
+    optimizers = [build_optimizer(part, job.optimizer) for part in model.parts]
+    params = model.parameters()
+    sched = LRSchedule(job.optimizer, job.scheduler, t.train_iters)
     train_ds, eval_ds = build_datasets(job)
-    source = SampleSource(train_ds, t.micro_batch_size, rt.dp_size, rt.dp_rank)
-    n_micro = t.global_batch_size // (t.micro_batch_size * rt.dp_size)
+    fused = _use_fused(job, rt)
     tokens_per_iter = t.global_batch_size * job.data.seq_length
 
     it, consumed, nan_total, nan_streak = 0, 0, 0, 0
-    root = resume_dir(job)
-    if root is not None:
+    if resume is not None:
         from megacpt.train.checkpoint import load_checkpoint
 
-        ck = load_checkpoint(root, model, optimizer)
+        ck = load_checkpoint(resume, model.parts, optimizers)
         extra = ck.extra
         it, consumed = int(extra["iteration"]), int(extra["consumed_samples"])
         nan_total, nan_streak = int(extra.get("skipped_steps", 0)), int(extra.get("nan_streak", 0))
         for d in sched.differences(extra.get("lr_schedule", {})):
             log.warning("LR schedule changed since the checkpoint (%s); the config is used", d)
         if ck.rank_extra is not None:
-            set_rng_state(rng_from_json(ck.rank_extra["rng"]))
+            set_rng_state(ck.rank_extra["rng"])
         else:  # a rank that did not exist in the saved layout: a distinct, reproducible stream
             seed_everything(t.seed + 1000 * rt.rank + it)
         log.info("resumed from %s at iteration %d (%d samples consumed)", ck.path, it, consumed)
@@ -465,39 +591,33 @@ def train(job: JobConfig, on_step: Callable[[int, float], None] | None = None) -
     meter = Throughput(flops_per_token(cfg, job.data.seq_length), rt.world_size, peak)
     result = TrainResult(iteration=it, skipped_steps=nan_total)
     if rt.is_main:
-        n_params = sum(p.numel() for p in model.parameters())
-        log.info("training %s params, %d iterations from %d, global batch %d x %d tokens, %d micro-batches/rank, "
-                 "dp=%d tp=%d pp=%d, %s", f"{n_params:,}", t.train_iters, it, t.global_batch_size,
-                 job.data.seq_length, n_micro, rt.dp_size, job.parallel.tensor_model_parallel_size,
-                 job.parallel.pipeline_model_parallel_size,
-                 "bf16 autocast" if rt.autocast_dtype is not None else "fp32")
+        n_params = sum(p.numel() for p in params)  # DTensor numel is the global size
+        log.info("training %s params for %d iterations from %d: global batch %d x %d tokens, dp=%d tp=%d pp=%d, "
+                 "%s, %s loss", f"{n_params:,}", t.train_iters, it, t.global_batch_size, job.data.seq_length,
+                 rt.dp_size, job.parallel.tensor_model_parallel_size, rt.pp_size,
+                 "bf16 autocast" if rt.autocast_dtype is not None else "fp32", "fused" if fused else "plain")
     window_loss, window_n = 0.0, 0
     try:
         while it < t.train_iters:
-            lr = sched.apply(optimizer, it + 1)
-            optimizer.zero_grad(set_to_none=True)
-            local = torch.zeros((), dtype=torch.float64, device=rt.device)
-            for m in range(n_micro):
-                tokens, doc_ids = source.micro_batch(consumed, m, rt.device)
-                with _autocast(rt):
-                    s = micro_loss(model, tokens, cfg, t.fused_loss, it, doc_ids)
-                (s / tokens_per_iter).backward()
-                local += s.detach().double()
-            _allreduce_grads(model, rt)
-            loss = (_all_reduce(local, rt) / tokens_per_iter).item()
-            gnorm = grad_norm(model)
-            finite = math.isfinite(loss) and bool(torch.isfinite(gnorm))
-            if finite:
+            lr = 0.0
+            for opt in optimizers:
+                lr = sched.apply(opt, it + 1)
+                opt.zero_grad(set_to_none=True)
+            batches = local_batches(train_ds, consumed, job, rt, rt.device)
+            loss = forward_backward(model, batches, job, rt, it, fused, tokens_per_iter)
+            gnorm = grad_norm(params, rt)
+            if math.isfinite(loss) and math.isfinite(gnorm):
                 if job.optimizer.clip_grad > 0:
-                    torch.nn.utils.clip_grads_with_norm_(list(model.parameters()), job.optimizer.clip_grad, gnorm)
-                optimizer.step()
+                    clip_gradients(params, job.optimizer.clip_grad, gnorm)
+                for opt in optimizers:
+                    opt.step()
                 nan_streak = 0
                 result.losses[it + 1] = loss
                 window_loss, window_n = window_loss + loss, window_n + 1
             else:
                 nan_total, nan_streak = nan_total + 1, nan_streak + 1
                 log.warning("iteration %d: non-finite loss/grad norm (loss=%s, grad_norm=%s); step skipped "
-                            "(%d in a row, %d total)", it + 1, loss, gnorm.item(), nan_streak, nan_total)
+                            "(%d in a row, %d total)", it + 1, loss, gnorm, nan_streak, nan_total)
                 if nan_streak >= t.max_consecutive_nan_skips:
                     raise TrainingDiverged(
                         f"train.max_consecutive_nan_skips: {nan_streak} non-finite steps in a row at iteration "
@@ -511,35 +631,41 @@ def train(job: JobConfig, on_step: Callable[[int, float], None] | None = None) -
             if it % lg.log_interval == 0 or it == t.train_iters:
                 perf = meter.report()
                 rec = {"kind": "train", "iteration": it, "consumed_samples": consumed,
-                       "loss": (window_loss / window_n) if window_n else None, "lr": lr,
-                       "grad_norm": gnorm.item(), "skipped_steps": nan_total, **perf, **memory_stats(rt.device)}
-                mfu = f" | MFU {100 * perf['mfu']:.1f}%" if perf["mfu"] is not None else ""
+                       "loss": (window_loss / window_n) if window_n else None, "lr": lr, "grad_norm": gnorm,
+                       "skipped_steps": nan_total, **perf, **memory_stats(rt.device)}
                 loss_txt = "n/a" if rec["loss"] is None else f"{rec['loss']:.4f}"
-                logger.write(rec, f"iter {it}/{t.train_iters} | loss {loss_txt} "
-                                  f"| lr {lr:.3e} | grad_norm {gnorm.item():.3f} | {perf['tokens_per_s']:,.0f} tok/s "
-                                  f"| {perf['tflops_per_device']:.3g} TFLOP/s/dev{mfu} | skipped {nan_total}")
+                mfu = f" | MFU {100 * perf['mfu']:.1f}%" if perf["mfu"] is not None else ""
+                logger.write(rec, f"iter {it}/{t.train_iters} | loss {loss_txt} | lr {lr:.3e} | grad_norm "
+                                  f"{gnorm:.3f} | {perf['tokens_per_s']:,.0f} tok/s | "
+                                  f"{perf['tflops_per_device']:.3g} TFLOP/s/dev{mfu} | skipped {nan_total}")
                 window_loss, window_n = 0.0, 0
-            if evals_due(it, job) and eval_ds:
-                result.eval = evaluate(model, eval_ds, job, rt, cfg)
+            if eval_ds and ((lg.eval_interval and it % lg.eval_interval == 0) or it == t.train_iters):
+                result.eval = evaluate(model, eval_ds, job, rt, fused)
                 for name, r in result.eval.items():
                     logger.write({"kind": f"eval/{name}", "iteration": it, **r},
                                  f"eval {name} @ {it}: loss {r['loss']:.4f} ppl {r['ppl']:.2f}")
-            want_stop = torch.tensor(float(stop.set), device=rt.device)
-            _all_reduce(want_stop, rt, dist.ReduceOp.MAX if rt.world_size > 1 else None)
+            want_stop = stop.set
+            if rt.world_size > 1:  # every rank must agree, or the savers would wait forever
+                flag = torch.tensor(float(stop.set), device=rt.device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                want_stop = bool(flag.item())
             periodic = job.checkpoint.save_interval and it % job.checkpoint.save_interval == 0
-            if ckpt is not None and (periodic or it == t.train_iters or want_stop.item() > 0):
+            if ckpt is not None and (periodic or it == t.train_iters or want_stop):
+                extra = {"iteration": it, "consumed_samples": consumed, "skipped_steps": nan_total,
+                         "nan_streak": nan_streak, "lr_schedule": sched.state_dict()}
                 result.checkpoint = str(ckpt.save(
-                    it, model, optimizer, extra=checkpoint_extra(it, consumed, nan_total, nan_streak, sched),
-                    rank_extra={"rng": rng_to_json(rng_state())}, model_config=cfg,
+                    it, model.parts, optimizers, extra=extra, rank_extra={"rng": rng_state()}, model_config=cfg,
                     tokenizer=job.data.tokenizer, run_config=job.to_dict()))
-            if want_stop.item() > 0:
+            if want_stop:
                 result.stop_reason = "signal"
                 log.warning("stopping at iteration %d after a termination signal%s", it,
-                            f"; checkpoint {result.checkpoint}" if job.checkpoint.save else " (no checkpoint.save)")
+                            f"; checkpoint {result.checkpoint}" if ckpt is not None else " (no checkpoint.save)")
                 break
         result.iteration, result.skipped_steps = it, nan_total
+        if ckpt is not None:
+            ckpt.wait()  # an async save must be complete before export / exit
         if result.stop_reason == "done" and job.checkpoint.export_hf:
-            export_hf(model, cfg, job, rt)
+            export_hf(job, rt)
     finally:
         if ckpt is not None:
             ckpt.close()
@@ -550,18 +676,12 @@ def train(job: JobConfig, on_step: Callable[[int, float], None] | None = None) -
     return result
 
 
-def micro_loss(model, tokens, cfg, fused, iteration, doc_ids=None):  # tests inject non-finite losses here
-    return loss_sum(model, tokens, cfg, fused, doc_ids)
+def export_hf(job: JobConfig, rt: Runtime) -> None:
+    """The final checkpoint -> an HF GPT-NeoX dir, through the convert library (rank 0; streams tensors)."""
+    if rt.is_main:
+        from megacpt.convert.hf_gpt_neox import megacpt_to_hf
 
-
-def evals_due(it: int, job: JobConfig) -> bool:
-    iv = job.logging.eval_interval
-    return (iv > 0 and it % iv == 0) or it == job.train.train_iters
-
-
-def export_hf(model, cfg: ModelConfig, job: JobConfig, rt: Runtime) -> None:
-    """Final model -> HF GPT-NeoX dir through the convert library (full weights gathered on rank 0)."""
-    from megacpt.convert import export_hf as _export
-
-    _export(model, cfg, job.checkpoint.export_hf, tokenizer=job.data.tokenizer)
-    log.info("exported the final model to %s", job.checkpoint.export_hf)
+        megacpt_to_hf(job.checkpoint.save, job.checkpoint.export_hf)
+        log.info("exported the final model to %s (HF GPT-NeoX)", job.checkpoint.export_hf)
+    if rt.world_size > 1:
+        dist.barrier()
