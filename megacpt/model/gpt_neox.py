@@ -212,7 +212,16 @@ class GPTNeoX(nn.Module):
 
     def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                       doc_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Final-layer-normed hidden states [b, s, H].
+        """Final-layer-normed hidden states [b, s, H], always a plain full tensor (under sequence
+        parallelism the sequence shards are gathered; the output layer itself takes the sharded form)."""
+        h = self._trunk(input_ids, position_ids, doc_ids)
+        if hasattr(h, "full_tensor"):  # DTensor sharded over the sequence dim by sequence parallelism
+            h = h.full_tensor()
+        return h
+
+    def _trunk(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+               doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Embedding, layers, final LayerNorm, each if this (pipeline-stage) model owns it.
 
         On a pipeline stage without ``embed_in`` the input is already hidden states [b, s, H], and without
         ``final_layer_norm`` the output is the last owned layer's output.
@@ -236,7 +245,7 @@ class GPTNeoX(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 doc_ids: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.hidden_states(input_ids, position_ids, doc_ids)
+        h = self._trunk(input_ids, position_ids, doc_ids)
         if self.embed_out is None:  # a non-last pipeline stage
             return h
         return self.embed_out(h)  # [b, s, V_pad]; rows >= cfg.vocab_size are padding

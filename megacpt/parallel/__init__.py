@@ -7,7 +7,8 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from megacpt.config import ParallelConfig
 from megacpt.errors import UserError
-from megacpt.parallel.loss import lm_loss, tp_group_of, vocab_parallel_cross_entropy  # noqa: F401
+from megacpt.parallel.loss import (copy_to_tp_region, lm_loss, tp_group_of,  # noqa: F401
+                                   vocab_parallel_cross_entropy)
 from megacpt.parallel.mesh import MESH_DIMS, build_mesh, check_mesh_matches  # noqa: F401
 
 

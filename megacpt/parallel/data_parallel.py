@@ -28,7 +28,9 @@ def apply_fsdp(module: nn.Module, dp_mesh: DeviceMesh, param_dtype: str = "float
         # the last layer's params are needed again right away by backward: keep them gathered
         fully_shard(layer, mesh=dp_mesh, mp_policy=mp,
                     reshard_after_forward=reshard_after_forward and i < len(layers) - 1)
-    fully_shard(module, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    # root (embeddings, final norm, output layer): None = FSDP's "auto": stays gathered after forward, as
+    # backward needs it at once; it also lets a fused loss read embed_out.weight after hidden_states()
+    fully_shard(module, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=None if reshard_after_forward else False)
     if hasattr(module, "hidden_states"):
         # the fused-loss / scoring path calls model.hidden_states(...) rather than model(...): give it the
         # same all-gather/reshard hooks as forward

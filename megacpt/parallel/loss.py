@@ -11,6 +11,30 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 
+class _CopyToTPRegion(torch.autograd.Function):
+    """Identity forward, all-reduce backward (Megatron's ``copy_to_tensor_model_parallel_region``)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def copy_to_tp_region(x: torch.Tensor, group=None) -> torch.Tensor:
+    """Use on replicated hidden states [.., H] before a vocab-parallel matmul with a local weight slice
+    (``h @ embed_out.weight.to_local().T``, or a fused linear+CE with ``process_group``): each rank's
+    backward only sees its vocab slice, so the gradient w.r.t. ``h`` must be summed over the tp group."""
+    if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return x
+    return _CopyToTPRegion.apply(x, group)
+
+
 class _VocabParallelCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, vocab_start, group, ignore_index, vocab_size):
