@@ -47,8 +47,11 @@ def reference():
 
 def _check(layouts: dict, world: int, reference):
     ref_losses, ref_grads = reference
-    results = run_distributed(workers.run_layouts, world, [(c, h) for c, h, _ in layouts.values()],
+    results = run_distributed(workers.run_layouts_and_ce, world, [(c, h) for c, h, _ in layouts.values()],
                               timeout=420)
+    for rank, (ce_diffs, _) in enumerate(results):  # vocab-parallel CE over all ranks, padded rows masked
+        assert max(ce_diffs) < 1e-5, f"vocab-parallel cross-entropy on rank {rank}: {ce_diffs}"
+    results = [r for _, r in results]
     for i, (name, (_, _, tol)) in enumerate(layouts.items()):
         seen: set[str] = set()
         for rank, per_layout in enumerate(results):

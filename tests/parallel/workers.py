@@ -115,3 +115,30 @@ def run_layout(rank: int, world: int, pcfg: ParallelConfig, n_microbatches: int 
 def run_layouts(rank: int, world: int, layouts: list[tuple[ParallelConfig, bool]]):
     """Several (config, via_hidden) layouts in one process group (spawning is the slow part on 2 cores)."""
     return [run_layout(rank, world, p, via_hidden=h) for p, h in layouts]
+
+
+def vocab_parallel_ce_check(rank: int, world: int):
+    """Vocab-parallel CE (with padded rows masked, ignore_index) vs plain CE on the gathered logits:
+    max abs difference of per-token losses and of logits gradients (this rank's slice)."""
+    import torch.nn.functional as F
+
+    from megacpt.parallel.loss import vocab_parallel_cross_entropy
+
+    g = torch.Generator().manual_seed(5)
+    full = torch.randn(12, 128, generator=g) * 3  # [N, V_pad]
+    tgt = torch.randint(0, 101, (12,), generator=g)
+    tgt[3] = -100
+    w = torch.randn(12, generator=g)  # weights per token, so the backward sees a non-uniform grad
+    ref_in = full.clone().requires_grad_(True)
+    ref = F.cross_entropy(ref_in[:, :101], tgt, ignore_index=-100, reduction="none")
+    (ref * w).sum().backward()
+    vl = 128 // world
+    local = full[:, rank * vl:(rank + 1) * vl].clone().requires_grad_(True)
+    out = vocab_parallel_cross_entropy(local, tgt, group=dist.group.WORLD, vocab_size=101)
+    (out * w).sum().backward()
+    return ((out - ref).abs().max().item(),
+            (local.grad - ref_in.grad[:, rank * vl:(rank + 1) * vl]).abs().max().item())
+
+
+def run_layouts_and_ce(rank: int, world: int, layouts):
+    return vocab_parallel_ce_check(rank, world), run_layouts(rank, world, layouts)
