@@ -43,9 +43,10 @@ def _fmt(r: dict | None) -> str:
     if r is None:
         return "–"
     v, ci = r["value"], r.get("ci95") or [math.nan, math.nan]
-    s = f"{v:.4g}" if r["metric"] in LOWER_IS_BETTER else f"{v:.3f}"
+    digits = 2 if r["metric"] in LOWER_IS_BETTER else 3  # perplexities: 2 decimals; scores in [0, 1]: 3
+    s = f"{v:.{digits}f}"
     if all(isinstance(x, (int, float)) and math.isfinite(x) for x in ci):
-        s += f" [{ci[0]:.4g}, {ci[1]:.4g}]" if r["metric"] in LOWER_IS_BETTER else f" [{ci[0]:.3f}, {ci[1]:.3f}]"
+        s += f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
     return s
 
 

@@ -61,7 +61,7 @@ def export_classification_task(name: str, test: Sequence[Example], labels: Seque
     if num_fewshot:
         data_files["train"] = str((out / f"{name}_train.jsonl").resolve())
         write_jsonl(data_files["train"], rows(train))
-        cfg.update(fewshot_split="train", num_fewshot=num_fewshot, fewshot_config={"sampler": "default"})
+        cfg.update(fewshot_split="train", num_fewshot=num_fewshot)
     path = out / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True), encoding="utf-8")
     return path

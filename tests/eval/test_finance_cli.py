@@ -33,6 +33,7 @@ def _make_data(root):
            {"text": "Jane Doe joined Globex.", "entities": [{"text": "Jane Doe", "type": "PER"}, {"text": "Globex", "type": "ORG"}]}]
     write_jsonl(root / "ner/train.jsonl", ner)
     write_jsonl(root / "ner/test.jsonl", ner[:2])
+    (root / "ner/task.yaml").write_text("max_new_tokens: 12\n")  # a built-in task with one field overridden
     # a generic classification task (what the demo uses): labels + verbalizers + template in task.yaml
     (root / "topics").mkdir()
     (root / "topics/task.yaml").write_text(
@@ -62,7 +63,8 @@ def test_finance_end_to_end(model_dir, data_dir, tmp_path, capsys):
         assert len(r["predictions"]) == r["n"]
     assert res["tasks"]["fpb"]["metric"] == "weighted_f1" and res["tasks"]["fpb"]["n"] == 5
     assert res["tasks"]["headline"]["metric"] == "avg_weighted_f1" and len(res["tasks"]["headline"]["per_question"]) == 9
-    assert res["tasks"]["ner"]["metric"] == "entity_f1"
+    assert res["tasks"]["ner"]["metric"] == "entity_f1" and res["tasks"]["ner"]["labels"] == ["PER", "ORG", "LOC", "MISC"]
+    assert all(len(lm_tokens) <= 12 for lm_tokens in (p["pred"]["generated"].split() for p in res["tasks"]["ner"]["predictions"]))
     assert res["tasks"]["topics"]["verbalizers"] == {"earnings": "results", "merger": "deal"}
     assert res["tasks"]["topics"]["template"].endswith("my_template.yaml")
     assert [p["gold"] for p in res["tasks"]["fiqa_sa"]["predictions"]] == \

@@ -27,7 +27,7 @@ def test_lm_eval_on_exported_tiny_model_matches_our_scoring(tmp_path, tok_dir, c
     assert main(["convert", "megacpt-to-hf", "--ckpt", str(ckpt), "--out", str(export)]) == 0
 
     texts = ["Profits rose sharply this quarter.", "Shares fell after the warning.", "Revenue was flat.",
-             "Gold climbed on Monday.", "The bank cut its forecast."]
+             "Gold climbed on Monday."]
     test = [Example(fields={"text": t}, label=LABELS[i % 3], where=f"test:{i}") for i, t in enumerate(texts)]
     verbal = {lab: lab for lab in LABELS}
     tasks_dir = tmp_path / "tasks"

@@ -80,7 +80,7 @@ def test_compare_table_and_plot(tmp_path, capsys):
     lines = table.splitlines()
     assert lines[0] == "| task | metric | base | cpt-ets |"
     assert lines[2] == "| fpb | weighted_f1 ↑ | 0.500 [0.450, 0.550] | **0.600 [0.550, 0.650]** |"
-    assert lines[3].startswith("| ppl:fin | perplexity ↓ | 30 [") and "**20 [" in lines[3]  # lower is better
+    assert lines[3] == "| ppl:fin | perplexity ↓ | 30.00 [29.95, 30.05] | **20.00 [19.95, 20.05]** |"  # lower is better
     assert lines[4].startswith("| ner | entity_f1 ↑ | – |")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     assert main(["eval", "compare", a, b, "--names", "x"]) == 2
