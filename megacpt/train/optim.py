@@ -37,8 +37,20 @@ def _is_dtensor(p: torch.Tensor) -> bool:
     return isinstance(p, DTensor)
 
 
+def _split_dtensor_groups(groups: list[dict]) -> list[dict]:
+    """foreach kernels cannot mix DTensor (TP/FSDP-sharded) and plain tensors in one call: one group each."""
+    out = []
+    for g in groups:
+        for want in (True, False):
+            ps = [p for p in g["params"] if _is_dtensor(p) == want]
+            if ps:
+                out.append({**g, "params": ps})
+    return out
+
+
 def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    """AdamW. ``impl=auto``: fused on CUDA (one kernel per step), foreach otherwise (and for DTensor params)."""
+    """AdamW. ``impl=auto``: fused on CUDA (one kernel per step; foreach when params are DTensors), the
+    single-tensor loop on CPU (torch's CPU default)."""
     groups = param_groups(model, cfg.weight_decay)
     params = [p for g in groups for p in g["params"]]
     if not params:
@@ -54,9 +66,13 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig) -> torch.optim
                             "- use impl: fused") from None
         return FusedAdam(groups, adam_w_mode=True, **kw)
     if impl == "auto":
-        impl = "fused" if on_cuda and not any(_is_dtensor(p) for p in params) else "foreach"
+        if not on_cuda:
+            return torch.optim.AdamW(groups, foreach=False, **kw)
+        impl = "fused" if not any(_is_dtensor(p) for p in params) else "foreach"
     if impl == "fused" and not on_cuda:
         raise UserError("optimizer.impl: fused AdamW needs CUDA parameters; use foreach or auto on CPU")
+    if impl == "foreach":
+        groups = _split_dtensor_groups(groups)
     return torch.optim.AdamW(groups, fused=(impl == "fused"), foreach=(impl == "foreach"), **kw)
 
 

@@ -49,7 +49,8 @@ def test_weight_decay_groups():
     assert "final_layer_norm.bias" in plain and not decayed & plain
     assert len(decayed) + len(plain) == len(list(model.parameters()))
     opt = build_optimizer(model, OptimizerConfig(lr=1e-3))
-    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["foreach"]
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["foreach"] is False  # CPU: single-tensor
+    assert build_optimizer(model, OptimizerConfig(impl="foreach")).defaults["foreach"]
     from megacpt.errors import UserError
     with pytest.raises(UserError, match="optimizer.impl"):
         build_optimizer(model, OptimizerConfig(impl="fused"))

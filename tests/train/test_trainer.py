@@ -149,3 +149,32 @@ def test_data_parallel_matches_single_process_and_resumes_across_layouts(tiny_da
     resumed = run_distributed(_dp_worker, 2, job_overrides(tiny_data, f"checkpoint.save={ck}"), timeout=240)
     for i in (4, 5, 6):
         assert resumed[0][0][i] == pytest.approx(single.losses[i], rel=1e-5, abs=1e-6)
+
+
+def _layouts_worker(rank, world, jobs):
+    return [trainer.train(load_job_config(None, overrides)).losses for overrides in jobs]
+
+
+@pytest.mark.distributed
+def test_tensor_and_pipeline_parallel_match_single_process_and_resume_across_layouts(tiny_data, tmp_path):
+    single = trainer.train(job(tiny_data))
+    ck = tmp_path / "ck"
+    trainer.train(job(tiny_data, "train.train_iters=3", "scheduler.decay_iters=6", f"checkpoint.save={ck}"))
+    tp = ["parallel.tensor_model_parallel_size=2"]
+    pp = ["parallel.pipeline_model_parallel_size=2", "parallel.pipeline_schedule=1f1b"]
+    runs = run_distributed(_layouts_worker, 2, [
+        job_overrides(tiny_data, *tp),
+        job_overrides(tiny_data, *pp),
+        job_overrides(tiny_data, *tp, f"checkpoint.load={ck}"),   # saved at 1 process, resumed at tp=2
+        job_overrides(tiny_data, *pp, f"checkpoint.load={ck}"),   # ... and at pp=2
+    ], timeout=400)
+    tp_losses, pp_losses, tp_resumed, pp_resumed = runs[0]
+    assert runs[1] == runs[0]  # every rank reports the same global losses
+    for losses in (tp_losses, pp_losses):
+        assert sorted(losses) == sorted(single.losses)
+        for i in single.losses:
+            assert losses[i] == pytest.approx(single.losses[i], rel=1e-5, abs=1e-6), (i, losses, single.losses)
+    for losses in (tp_resumed, pp_resumed):
+        assert sorted(losses) == [4, 5, 6]
+        for i in (4, 5, 6):
+            assert losses[i] == pytest.approx(single.losses[i], rel=1e-5, abs=1e-6)
