@@ -34,9 +34,15 @@ Use (the same calls on every rank, single process works without a process group)
     ck = load_checkpoint(root, model, optimizer, layer_offset=...)   # root or iter dir
     ck.iteration, ck.extra, ck.rank_extra           # rank_extra is None if this rank did not exist
 
-Pipeline stages with several chunks (interleaved 1F1B) pass lists: ``model=[chunk0, chunk1]``,
-``optimizer=[opt0, opt1]``, ``layer_offset=[o0, o1]``. A stage whose modules already carry global
-layer indices passes ``layer_offset=0``.
+``model`` may be an ``nn.Module`` (plain, DTensor-TP, FSDP2, or a pipeline stage), a list of pipeline
+chunks (interleaved 1F1B) or a ``megacpt.parallel.pipeline.Pipeline`` (its ``.parts``); ``optimizer`` one
+optimizer over all of them, or one per chunk. megacpt's pipeline stages keep the full model's names
+(``split_stage``), so ``layer_offset`` stays 0; a stage numbering its layers from 0 passes its first global
+layer index (a list, one per chunk). Optimizer state is found by parameter name (torch's
+``get_optimizer_state_dict``), so it reshards like the weights; the optimizer is initialised (zero state)
+before loading. ``load_checkpoint(..., optimizer=None)`` loads weights only (e.g. ``init_from``).
+A model trained at one vocab padding must be rebuilt from the checkpoint's ``model_config.json``
+(``read_model_config``), which records ``padded_vocab_size``.
 """
 from __future__ import annotations
 
