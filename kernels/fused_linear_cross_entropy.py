@@ -127,6 +127,7 @@ def _triton_lse_target(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tenso
     n, hdim = h.shape
     h = h.contiguous()
     w = w if w.stride(1) == 1 else w.contiguous()
+    b = None if b is None else b.contiguous()
     block_n, block_v, block_h, warps, target_programs = _triton_config(h.device)
     n_tiles = triton.cdiv(max(v_valid, 0), block_v)
     row_blocks = triton.cdiv(n, block_n)

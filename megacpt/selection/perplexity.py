@@ -235,6 +235,23 @@ def _dist_info() -> tuple[int, int, object]:
     return 0, 1, None
 
 
+def _collective_device(dist) -> torch.device:
+    """nccl reduces only CUDA tensors; gloo CPU ones."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _agree(dist, ok: bool) -> None:
+    """Collective: raise on every rank if any rank failed (so none waits forever in the next barrier)."""
+    if dist is None:
+        return
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=_collective_device(dist))
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    if ok and not int(flag):
+        raise UserError("another rank failed before scoring started (see its error)")
+
+
 def _peak_memory(device: torch.device) -> dict:
     out = {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
     if device.type == "cuda":
@@ -269,8 +286,11 @@ def score_dataset(model, dataset_prefix: str, seq_length: int, out: str, cfg: Sc
     outp = Path(out)
     shards_dir = Path(str(outp) + ".shards")
     if outp.exists():
-        raise UserError(f"{outp} exists" + ("; it is already complete" if resume else
-                                            "; pass --resume to finish an interrupted run or remove it"))
+        if resume:
+            if rank == 0:
+                print(f"score perplexity: {outp} is already complete; nothing to resume", file=sys.stderr)
+            return {"out": str(outp), "already_complete": True}
+        raise UserError(f"{outp} exists; pass --resume to finish an interrupted run, or remove it")
     if shards_dir.exists() and not resume:
         raise UserError(f"{shards_dir} holds shards of an interrupted run: pass --resume to finish it, or "
                         "remove the directory to start over")
@@ -278,10 +298,12 @@ def score_dataset(model, dataset_prefix: str, seq_length: int, out: str, cfg: Sc
         "seq_length": seq_length, "dtype": dtype_name, "model": model_identity or {},
         "n_pred_zero": "nll_sum = 0, nll_mean = NaN",
     })
-    if rank == 0:
-        writer = ShardedScoreWriter(out, meta, ds.num_documents, shard_docs)
-    if dist:
-        dist.barrier()
+    writer = None
+    try:
+        if rank == 0:  # creates OUT.shards/state.json or checks it against this run's metadata
+            writer = ShardedScoreWriter(out, meta, ds.num_documents, shard_docs)
+    finally:
+        _agree(dist, writer is not None or rank != 0)  # a rank-0 error must not leave the others waiting
     if rank != 0:
         writer = ShardedScoreWriter(out, meta, ds.num_documents, shard_docs)
     pending = writer.pending()
@@ -322,7 +344,9 @@ def score_dataset(model, dataset_prefix: str, seq_length: int, out: str, cfg: Sc
     totals = torch.tensor([stats.get("tokens", 0), docs, stats.get("forward_tokens", 0)], dtype=torch.float64)
     totals *= float(writes)  # count each tp group once
     if dist:
+        totals = totals.to(_collective_device(dist))
         dist.all_reduce(totals)
+        totals = totals.cpu()
         dist.barrier()
     if rank == 0:
         writer.finalize()
@@ -375,9 +399,8 @@ def run(args: argparse.Namespace) -> int:
     ds = IndexedDataset(args.data)
     if ds.num_documents == 0:
         raise UserError(f"{args.data}: the dataset has no documents")
-    if Path(args.out).exists():
-        raise UserError(f"{args.out} exists" + ("; it is already complete" if args.resume else
-                                                "; pass --resume to finish an interrupted run or remove it"))
+    if Path(args.out).exists() and not args.resume:
+        raise UserError(f"{args.out} exists; pass --resume to finish an interrupted run, or remove it")
     mcfg = load_config(args.model)
     for w in check_vocab(mcfg.vocab_size, args.data, read_sidecar(args.data), find_tokenizer(args.model)):
         print(f"megacpt score perplexity: warning: {w}", file=sys.stderr)

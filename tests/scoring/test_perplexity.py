@@ -144,7 +144,7 @@ def _dp_worker(rank, world, model_dir, prefix, out):
 def test_two_ranks_equal_one_rank(setup, tmp_path):
     d, hf, prefix = setup
     one, two = tmp_path / "one.parquet", tmp_path / "two.parquet"
-    assert run_distributed(_dp_worker, 1, str(d / "hf"), prefix, str(one), timeout=120) == [len(DOC_SEQS)]
+    assert _dp_worker(0, 1, str(d / "hf"), prefix, str(one)) == len(DOC_SEQS)  # no process group
     assert run_distributed(_dp_worker, 2, str(d / "hf"), prefix, str(two), timeout=120) == [len(DOC_SEQS)] * 2
     a, b = _read(one), _read(two)
     for k in a.columns:
@@ -236,3 +236,13 @@ def test_bad_inputs_messages(setup, tmp_path, capsys):
     assert "vocab_size 1096" in err and "big.meta.json" in err
     _cli("--model", d / "hf", "--data", prefix, "--out", tmp_path / "c.parquet", "--seq-length", 1)
     assert "--seq-length must be >= 2" in capsys.readouterr().err
+
+
+def test_resume_of_complete_output_is_a_no_op(setup, tmp_path):
+    d, hf, prefix = setup
+    out = tmp_path / "s.parquet"
+    common = ["--model", d / "hf", "--data", prefix, "--seq-length", L, "--out", out]
+    assert _cli(*common) == 0
+    before = out.read_bytes()
+    assert _cli(*common, "--resume") == 0
+    assert out.read_bytes() == before
