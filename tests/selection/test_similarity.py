@@ -98,3 +98,15 @@ def test_cli_missing_model_is_clear(tmp_path, mixed_corpus, task_jsonl, capsys):
                str(tmp_path / "s.parquet"), "--embedding-model", str(tmp_path / "nope")])
     assert rc == 2 and "not a sentence-transformers model directory" in capsys.readouterr().err
     assert not (tmp_path / "s.parquet").exists()
+
+
+def test_bf16_embeddings_match_fp32(minilm):
+    import copy
+
+    import torch
+
+    bf16 = copy.copy(minilm)
+    bf16.model = copy.deepcopy(minilm.model).to(torch.bfloat16)
+    texts = ["Net income rose 5 percent in the third quarter.", "The chef baked fresh bread with rosemary."]
+    a, b = minilm.encode(texts, 2), bf16.encode(texts, 2)
+    assert b.dtype == np.float32 and ((a * b).sum(1) > 0.99).all()
