@@ -130,51 +130,50 @@ def test_exact_resume_after_kill9(tiny_data, tmp_path):
         assert torch.equal(ta[n], tb[n]), n
 
 
-def _dp_worker(rank, world, overrides):
-    r = trainer.train(load_job_config(None, overrides))
-    return r.losses, r.eval
-
-
-@pytest.mark.distributed
-def test_data_parallel_matches_single_process_and_resumes_across_layouts(tiny_data, tmp_path):
-    single = trainer.train(job(tiny_data))
-    dp = run_distributed(_dp_worker, 2, job_overrides(tiny_data), timeout=240)
-    for i in single.losses:
-        assert dp[0][0][i] == pytest.approx(single.losses[i], rel=1e-5, abs=1e-6)
-    assert dp[0][0] == dp[1][0]
-    assert dp[0][1]["valid"]["loss"] == pytest.approx(single.eval["valid"]["loss"], rel=1e-5)
-    # resume at another layout: 3 steps single-process, then 3 more on dp=2 from that checkpoint
-    ck = tmp_path / "ck"
-    trainer.train(job(tiny_data, "train.train_iters=3", "scheduler.decay_iters=6", f"checkpoint.save={ck}"))
-    resumed = run_distributed(_dp_worker, 2, job_overrides(tiny_data, f"checkpoint.save={ck}"), timeout=240)
-    for i in (4, 5, 6):
-        assert resumed[0][0][i] == pytest.approx(single.losses[i], rel=1e-5, abs=1e-6)
-
-
 def _layouts_worker(rank, world, jobs):
-    return [trainer.train(load_job_config(None, overrides)).losses for overrides in jobs]
+    out = []
+    for overrides in jobs:
+        r = trainer.train(load_job_config(None, overrides))
+        out.append((r.losses, r.eval))
+    return out
 
 
 @pytest.mark.distributed
-def test_tensor_and_pipeline_parallel_match_single_process_and_resume_across_layouts(tiny_data, tmp_path):
+def test_dp_tp_pp_match_single_process_and_resume_across_layouts(tiny_data, tmp_path):
+    """DP=2, TP=2, PP=2 give the single-process losses; a 1-process checkpoint resumes at each of them."""
     single = trainer.train(job(tiny_data))
     ck = tmp_path / "ck"
     trainer.train(job(tiny_data, "train.train_iters=3", "scheduler.decay_iters=6", f"checkpoint.save={ck}"))
-    tp = ["parallel.tensor_model_parallel_size=2"]
-    pp = ["parallel.pipeline_model_parallel_size=2", "parallel.pipeline_schedule=1f1b"]
-    runs = run_distributed(_layouts_worker, 2, [
-        job_overrides(tiny_data, *tp),
-        job_overrides(tiny_data, *pp),
-        job_overrides(tiny_data, *tp, f"checkpoint.load={ck}"),   # saved at 1 process, resumed at tp=2
-        job_overrides(tiny_data, *pp, f"checkpoint.load={ck}"),   # ... and at pp=2
-    ], timeout=400)
-    tp_losses, pp_losses, tp_resumed, pp_resumed = runs[0]
-    assert runs[1] == runs[0]  # every rank reports the same global losses
-    for losses in (tp_losses, pp_losses):
-        assert sorted(losses) == sorted(single.losses)
+    layouts = {"dp": [], "tp": ["parallel.tensor_model_parallel_size=2"],
+               "pp": ["parallel.pipeline_model_parallel_size=2", "parallel.pipeline_schedule=1f1b"]}
+    jobs = [job_overrides(tiny_data, *o) for o in layouts.values()]
+    jobs += [job_overrides(tiny_data, *o, f"checkpoint.load={ck}") for o in layouts.values()]
+    runs = run_distributed(_layouts_worker, 2, jobs, timeout=500)
+    assert runs[1] == runs[0]  # every rank reports the same global losses and eval
+    full, resumed = runs[0][:3], runs[0][3:]
+    for name, (losses, ev) in zip(layouts, full):
+        assert sorted(losses) == sorted(single.losses), name
         for i in single.losses:
-            assert losses[i] == pytest.approx(single.losses[i], rel=1e-5, abs=1e-6), (i, losses, single.losses)
-    for losses in (tp_resumed, pp_resumed):
-        assert sorted(losses) == [4, 5, 6]
+            assert losses[i] == pytest.approx(single.losses[i], rel=1e-5, abs=1e-6), (name, i)
+        assert ev["valid"]["loss"] == pytest.approx(single.eval["valid"]["loss"], rel=1e-5), name
+    for name, (losses, _) in zip(layouts, resumed):
+        assert sorted(losses) == [4, 5, 6], name
         for i in (4, 5, 6):
-            assert losses[i] == pytest.approx(single.losses[i], rel=1e-5, abs=1e-6)
+            assert losses[i] == pytest.approx(single.losses[i], rel=1e-5, abs=1e-6), (name, i)
+
+
+def test_init_from_hf_and_export(tiny_data, tmp_path):
+    """The final model exports to an HF dir (loadable by transformers) and a run initialised from it
+    starts from exactly those weights."""
+    from transformers import GPTNeoXForCausalLM
+
+    a = trainer.train(job(tiny_data, "train.train_iters=3", f"checkpoint.save={tmp_path / 'a'}",
+                          f"checkpoint.export_hf={tmp_path / 'hf'}"))
+    hf = GPTNeoXForCausalLM.from_pretrained(tmp_path / "hf")
+    assert hf.config.hidden_size == 64 and hf.config.num_hidden_layers == 2
+    # lr ~ 0: one step leaves the imported weights as they were, so the eval loss must be a's
+    b = trainer.train(job(tiny_data, "train.train_iters=1", "optimizer.lr=1e-12", "scheduler.warmup_iters=0",
+                          f"checkpoint.init_from={tmp_path / 'hf'}"))
+    assert b.eval["valid"]["loss"] == pytest.approx(a.eval["valid"]["loss"], rel=1e-6)
+    with pytest.raises(UserError, match="is not a pythia-70m model"):
+        trainer.train(job(tiny_data, "model_preset=pythia-70m", f"checkpoint.init_from={tmp_path / 'hf'}"))
