@@ -132,6 +132,12 @@ def _init_worker(prefix: str, tokenizer: str | None, cfg: PosEntropyConfig) -> N
     from megacpt.selection.documents import DocumentTexts
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:  # one process per core: BLAS threads inside each worker would only oversubscribe
+        from threadpoolctl import threadpool_limits
+
+        _STATE["limits"] = threadpool_limits(1)
+    except ImportError:
+        pass
     if _STATE.get("key") != (prefix, tokenizer, cfg.model):
         _STATE.update(key=(prefix, tokenizer, cfg.model), texts=DocumentTexts(prefix, tokenizer),
                       nlp=load_spacy(cfg.model))
