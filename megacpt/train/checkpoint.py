@@ -10,7 +10,7 @@ Layout of a checkpoint root::
         rank_extra/rank_00003.json   ``rank_extra`` of each rank (RNG states): one file per rank
         model_config.json            ModelConfig, so `megacpt.convert.load_model(ROOT)` is self-contained
         tokenizer/                   copy of the tokenizer dir/file, when given
-        complete.json                written last: iteration, world size, layout, time
+        complete.json                written last: iteration, optimizer (saved|empty|none), world size, time
     ROOT/iter_0000200.tmp/           a save in progress (or killed): never read, removed by the next save
 
 Why this shape:
@@ -41,6 +41,9 @@ optimizer over all of them, or one per chunk. megacpt's pipeline stages keep the
 layer index (a list, one per chunk). Optimizer state is found by parameter name (torch's
 ``get_optimizer_state_dict``), so it reshards like the weights; the optimizer is initialised (zero state)
 before loading. ``load_checkpoint(..., optimizer=None)`` loads weights only (e.g. ``init_from``).
+An optimizer that has not stepped yet is recorded as "empty" (torch would otherwise initialise it with a
+zero-gradient step, changing the run); a checkpoint saved without optimizer refuses to load one.
+``ROOT`` must be on a filesystem every rank can see (as DCP requires); rank 0 writes the JSON files.
 A model trained at one vocab padding must be rebuilt from the checkpoint's ``model_config.json``
 (``read_model_config``), which records ``padded_vocab_size``.
 """
@@ -266,6 +269,7 @@ class _Pending:
     tmp: Path
     final: Path
     iteration: int
+    optimizer: str = "none"
 
 
 class CheckpointManager:
@@ -315,7 +319,15 @@ class CheckpointManager:
                 err = UserError(f"checkpoint: cannot create {tmp}: {e}")
         _broadcast_error(err)
 
-        items = _state_items(models, optimizers, offsets)
+        # an optimizer that never stepped has no state; asking torch for its state dict would initialise it
+        # with a zero-gradient step (AdamW: step=1), changing the training run: save "empty" instead
+        has_state = any(len(o.state) for o in optimizers)
+        if _dist():
+            flags: list = [None] * _world()
+            dist.all_gather_object(flags, has_state)
+            has_state = any(flags)
+        optim_kind = "none" if not optimizers else ("saved" if has_state else "empty")
+        items = _state_items(models, optimizers if has_state else [], offsets)
         tensors = {k: v for k, v, _, _ in items if _is_tensor(v)}
         objects = {k: to_jsonable(v, k) for k, v, _, _ in items if not _is_tensor(v)}
         if _dist():  # optimizer hyper-parameters of other pipeline stages: gather them all on rank 0
@@ -349,11 +361,11 @@ class CheckpointManager:
                 fut = dcp.async_save(tensors, checkpoint_id=str(tmp), process_group=self._async_pg,
                                      no_dist=not _dist())
             fut = getattr(fut, "upload_completion", fut)
-            self._pending = _Pending(fut, tmp, final, int(iteration))
+            self._pending = _Pending(fut, tmp, final, int(iteration), optim_kind)
         else:
             with _quiet_single_process():
                 dcp.save(tensors, checkpoint_id=str(tmp), no_dist=not _dist())
-            self._pending = _Pending(None, tmp, final, int(iteration))
+            self._pending = _Pending(None, tmp, final, int(iteration), optim_kind)
             self.wait()
         return final
 
@@ -397,7 +409,7 @@ class CheckpointManager:
     # -- internals (rank 0) ----------------------------------------------------------------------------
     def _finalize(self, p: _Pending) -> None:
         write_json_atomic(p.tmp / COMPLETE, {
-            "format": FORMAT, "iteration": p.iteration, **_layout(),
+            "format": FORMAT, "iteration": p.iteration, "optimizer": p.optimizer, **_layout(),
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
         _fsync_dir(p.tmp)
         old = None
@@ -583,6 +595,11 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module | Sequence[nn.Modu
     ck = resolve_checkpoint(path)
     info = _read_json(ck / COMPLETE)
     models, optimizers, offsets = _normalize(model, optimizer, layer_offset)
+    if optimizers and info.get("optimizer") == "none":
+        raise UserError(f"checkpoint {ck}: holds weights only (no optimizer state); load it without an "
+                        "optimizer (e.g. as checkpoint.init_from)")
+    if info.get("optimizer") == "empty":  # saved before the first step: a fresh optimizer is the same state
+        optimizers = []
     items = _state_items(models, optimizers, offsets)
     stored = checkpoint_tensors(ck, prefix="")
     objects = _read_json(ck / "objects.json") if optimizers else {}
