@@ -72,7 +72,9 @@ def build_pair(preset: str, device: str, dtype: torch.dtype, with_hf: bool):
         hf = transformers.GPTNeoXForCausalLM(hf_cfg).to(device=device, dtype=dtype)
         sd = {("gpt_neox." + k if k != "embed_out.weight" else "lm_head.weight"): v
               for k, v in ours.state_dict().items()}
-        hf.load_state_dict(sd, strict=False)
+        res = hf.load_state_dict(sd, strict=False)
+        if res.missing_keys or res.unexpected_keys:  # same weights or the comparison means nothing
+            raise SystemExit(f"HF name map mismatch: missing {res.missing_keys}, unexpected {res.unexpected_keys}")
     return ours, hf
 
 
