@@ -182,9 +182,17 @@ class FastBPE:
         return out, len(fallback)
 
 
+@lru_cache(maxsize=1)
+def _byte_encoder() -> list[str]:
+    enc = [""] * 256
+    for c, b in _byte_decoder().items():
+        enc[b] = c
+    return enc
+
+
 def _from_bytes(t: bytes) -> str:
-    enc = {b: c for c, b in _byte_decoder().items()}
-    return "".join(enc[b] for b in t)
+    enc = _byte_encoder()
+    return "".join([enc[b] for b in t])
 
 
 def _alternation(words: list[str]):
