@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import html
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from megacpt.io import atomic_path
+from megacpt.io import atomic_path, write_json_atomic
 
 GENERAL_TOLERANCE = 0.02  # relative general-ppl increase over the base still called "no loss"
 
@@ -148,7 +148,7 @@ def _plots(res: DemoResults, out_dir: Path) -> list[tuple[str, str]]:
 
 
 def write_report(res: DemoResults, out_dir: Path) -> tuple[Path, Path]:
-    """Write ``out_dir``/report.md and report.html (+ plots/); return both paths."""
+    """Write ``out_dir``/report.md, report.html (+ plots/) and report.json (the same data); return md, html."""
     plots = _plots(res, out_dir) + [(f"Selection: {Path(p).stem}", p) for p in res.selection_plots]
     md: list[str] = [f"# {res.title}", "",
                      f"Date: {res.date}  ·  corpus: **{res.origin}**  ·  seed: {res.seed}  ·  budget: "
@@ -187,6 +187,7 @@ def write_report(res: DemoResults, out_dir: Path) -> tuple[Path, Path]:
         tmp.write_text(text, encoding="utf-8")
     with atomic_path(html_path) as tmp:
         tmp.write_text(_to_html(res.title, md), encoding="utf-8")
+    write_json_atomic(out_dir / "report.json", {**asdict(res), "verdict": verdict(res)})
     return md_path, html_path
 
 

@@ -46,12 +46,15 @@ class StageContext:
     log: Path
     peak_rss_kb: int = 0
     env: dict = field(default_factory=dict)
+    in_process: bool = False     # call megacpt.cli.main here: no interpreter/torch start-up per command
 
     def path(self, rel: str) -> Path:
         return self.workdir / rel
 
     def megacpt(self, *args: str) -> None:
-        """Run one `megacpt` command as a child process, appending to this stage's log."""
+        """Run one `megacpt` command (child process, or in-process), appending to this stage's log."""
+        if self.in_process:
+            return self._megacpt_here([str(a) for a in args])
         cmd = [sys.executable, "-m", "megacpt", *map(str, args)]
         env = {**os.environ, **self.env}
         self.log.parent.mkdir(parents=True, exist_ok=True)
@@ -67,10 +70,87 @@ class StageContext:
                 raise
             proc.returncode = os.waitstatus_to_exitcode(status)
         self.peak_rss_kb = max(self.peak_rss_kb, usage.ru_maxrss)
-        if proc.returncode != 0:
+        self._check(proc.returncode, args)
+
+    def _check(self, rc: int, args) -> None:
+        if rc != 0:
             tail = self.log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-6:]
             raise UserError(f"stage {self.stage.name}: `megacpt {' '.join(map(str, args[:2]))} ...` exited "
-                            f"{proc.returncode}; log {self.log}:\n    " + "\n    ".join(tail))
+                            f"{rc}; log {self.log}:\n    " + "\n    ".join(tail))
+
+    def _megacpt_here(self, args: list[str]) -> None:
+        import contextlib
+        import logging
+        import traceback
+
+        from megacpt.cli import main
+
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        root, cwd = logging.getLogger(), os.getcwd()
+        saved = root.handlers[:]
+        with open(self.log, "a", encoding="utf-8") as log, _STREAM.to(log), \
+                contextlib.redirect_stdout(_STREAM), contextlib.redirect_stderr(_STREAM):
+            print(f"$ megacpt {' '.join(args)}  (in-process)", flush=True)
+            root.handlers.clear()  # let the command's logging.basicConfig bind to this log
+            os.chdir(self.workdir)
+            try:
+                rc = main(args)
+            except SystemExit as e:  # argparse errors
+                rc = e.code if isinstance(e.code, int) else 1
+            except Exception:  # noqa: BLE001 - a command's crash becomes this stage's error, with the traceback logged
+                traceback.print_exc()
+                rc = 1
+            finally:
+                os.chdir(cwd)
+                for h in root.handlers[:]:
+                    root.removeHandler(h)
+                root.handlers[:] = saved
+        self._check(rc, args)
+
+
+class _SwitchStream:
+    """A never-closed stdout/stderr stand-in whose target is the current stage's log.
+
+    Modules imported during one in-process command may keep a reference to ``sys.stderr`` (a
+    default argument, a logging handler); through this proxy those references stay valid and write
+    to whichever log is current, instead of to a closed file.
+    """
+
+    def __init__(self):
+        self.target = None
+
+    def write(self, s: str) -> int:
+        return (self.target or sys.__stderr__).write(s)
+
+    def flush(self) -> None:
+        (self.target or sys.__stderr__).flush()
+
+    def isatty(self) -> bool:
+        return False
+
+    def fileno(self) -> int:
+        return (self.target or sys.__stderr__).fileno()
+
+    @property
+    def encoding(self) -> str:
+        return "utf-8"
+
+    def to(self, target):
+        import contextlib
+
+        @contextlib.contextmanager
+        def cm():
+            old, self.target = self.target, target
+            try:
+                yield self
+            finally:
+                self.flush()
+                self.target = old
+
+        return cm()
+
+
+_STREAM = _SwitchStream()
 
 
 def _files(workdir: Path, rel: str) -> list[Path]:
@@ -87,8 +167,9 @@ def hash_outputs(workdir: Path, outputs: list[str]) -> dict[str, dict]:
 
 class StageRunner:
     def __init__(self, workdir: Path, force: bool = False, env: dict | None = None,
-                 echo: Callable[[str], None] = print):
+                 echo: Callable[[str], None] = print, in_process: bool = False):
         self.workdir, self.force, self.env, self.echo = workdir, force, env or {}, echo
+        self.in_process = in_process
         self.manifest_path = workdir / MANIFEST
         self.manifest = self._load()
         self.summary: list[dict] = []
@@ -147,7 +228,7 @@ class StageRunner:
             self._save()
             log = self.workdir / "logs" / f"{stage.name}.log"
             log.unlink(missing_ok=True)
-            ctx = StageContext(self.workdir, stage, log, env=self.env)
+            ctx = StageContext(self.workdir, stage, log, env=self.env, in_process=self.in_process)
             t0 = time.perf_counter()
             info = stage.fn(ctx) or {}
             wall = time.perf_counter() - t0
