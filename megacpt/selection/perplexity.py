@@ -74,6 +74,10 @@ def _output_layer(model) -> tuple[torch.Tensor, int, object]:
     """(weight [V_local, H], real vocab size, vocab-parallel process group or None) of a GPTNeoX."""
     w = model.embed_out.weight
     group = getattr(model, "vocab_parallel_group", None)
+    if group is None and hasattr(w, "device_mesh"):  # parallelised by the caller with megacpt.parallel
+        from megacpt.parallel import tp_group_of
+
+        group = tp_group_of(model)
     if hasattr(w, "to_local"):  # DTensor (tensor parallel): the rank's vocab shard
         w = w.to_local()
     return w, int(model.cfg.vocab_size), group
@@ -298,6 +302,8 @@ def score_dataset(model, dataset_prefix: str, seq_length: int, out: str, cfg: Sc
         "seq_length": seq_length, "dtype": dtype_name, "model": model_identity or {},
         "n_pred_zero": "nll_sum = 0, nll_mean = NaN",
     })
+    if dist:  # every rank has checked OUT and OUT.shards before rank 0 creates OUT.shards
+        dist.barrier()
     writer = None
     try:
         if rank == 0:  # creates OUT.shards/state.json or checks it against this run's metadata
@@ -401,6 +407,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{args.data}: the dataset has no documents")
     if Path(args.out).exists() and not args.resume:
         raise UserError(f"{args.out} exists; pass --resume to finish an interrupted run, or remove it")
+    tp, world_env = args.tensor_model_parallel_size, int(os.environ.get("WORLD_SIZE", "1"))
+    if tp < 1 or world_env % tp:
+        raise UserError(f"--tensor-model-parallel-size {tp} must be >= 1 and divide the world size {world_env} "
+                        "(launch with torchrun --nproc-per-node)")
     mcfg = load_config(args.model)
     for w in check_vocab(mcfg.vocab_size, args.data, read_sidecar(args.data), find_tokenizer(args.model)):
         print(f"megacpt score perplexity: warning: {w}", file=sys.stderr)
@@ -410,7 +420,7 @@ def run(args: argparse.Namespace) -> int:
     dtype_name = args.dtype if args.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     model, mcfg = load_model(args.model, dtype=_DTYPES[dtype_name], device=device)
     if args.tensor_model_parallel_size > 1:
-        model = _tensor_parallel(model, mcfg, args.tensor_model_parallel_size, world)
+        model = _tensor_parallel(model, mcfg, args.tensor_model_parallel_size, world, device)
     summary = score_dataset(model, args.data, args.seq_length, args.out, cfg, shard_docs=args.shard_docs,
                             resume=args.resume, dtype_name=dtype_name,
                             model_identity=_model_identity(args.model, mcfg), progress=not args.no_progress)
@@ -446,23 +456,18 @@ def _init_distributed(device: str):
     return _dist_info()
 
 
-def _tensor_parallel(model, mcfg, tp: int, world: int):
-    """Shard the model over tp ranks with the model helper's parallelism (vocab-parallel output layer)."""
-    try:
-        from megacpt.parallel import parallelize
-        from megacpt.parallel.mesh import build_mesh
-    except ImportError:
-        raise UserError("--tensor-model-parallel-size > 1 needs megacpt.parallel, which this installation "
-                        "does not have") from None
+def _tensor_parallel(model, mcfg, tp: int, world: int, device: torch.device):
+    """Shard the model over tp ranks (DTensor plan of ``megacpt.parallel``: vocab-parallel ``embed_out``,
+    replicated hidden states); the fused output layer then runs over the tp group."""
     from megacpt.config import ParallelConfig
+    from megacpt.parallel import build_mesh, tp_group_of
+    from megacpt.parallel.tensor_parallel import apply_tp
 
     if world % tp:
         raise UserError(f"world size {world} is not divisible by --tensor-model-parallel-size {tp}")
-    pcfg = ParallelConfig(tensor_model_parallel_size=tp).resolve(world)
-    pcfg.validate_model(mcfg)
-    mesh = build_mesh(pcfg, world)
-    model = parallelize(model, mesh, pcfg)
-    model.vocab_parallel_group = mesh["tp"].get_group()
+    mesh = build_mesh(ParallelConfig(tensor_model_parallel_size=tp), world, mcfg, device_type=device.type)
+    apply_tp(model, mesh["tp"])  # no FSDP/DDP: inference only, dp ranks hold full tp-sharded replicas
+    model.vocab_parallel_group = tp_group_of(model)
     return model
 
 

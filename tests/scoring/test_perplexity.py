@@ -152,6 +152,29 @@ def test_two_ranks_equal_one_rank(setup, tmp_path):
     assert a.meta == b.meta
 
 
+def _tp_worker(rank, world, model_dir, prefix, out):
+    from megacpt.convert import load_model
+    from megacpt.selection.perplexity import ScoringConfig, _tensor_parallel, score_dataset
+
+    model, cfg = load_model(model_dir)
+    model = _tensor_parallel(model, cfg, 2, world, torch.device("cpu"))
+    assert model.embed_out.weight.to_local().shape[0] == VOCAB // 2  # really vocab-parallel
+    return score_dataset(model, prefix, L, out, ScoringConfig(seq_length=L, tokens_per_batch=40),
+                         shard_docs=2, progress=False)["documents_scored"]
+
+
+@pytest.mark.distributed
+def test_tensor_parallel_two_ranks_equals_one_rank(setup, tmp_path):
+    d, hf, prefix = setup
+    one, two = tmp_path / "one.parquet", tmp_path / "tp2.parquet"
+    assert _dp_worker(0, 1, str(d / "hf"), prefix, str(one)) == len(DOC_SEQS)
+    assert run_distributed(_tp_worker, 2, str(d / "hf"), prefix, str(two), timeout=180) == [len(DOC_SEQS)] * 2
+    a, b = _read(one), _read(two)
+    np.testing.assert_array_equal(a.columns["n_pred"], b.columns["n_pred"])
+    # row-parallel all-reduces sum in another order: equal up to fp32 rounding
+    np.testing.assert_allclose(a.columns["nll_sum"], b.columns["nll_sum"], rtol=1e-5, atol=1e-5)
+
+
 _KILL_AFTER_2 = """
 import os, signal, sys
 from megacpt.selection import scores
@@ -246,3 +269,18 @@ def test_resume_of_complete_output_is_a_no_op(setup, tmp_path):
     before = out.read_bytes()
     assert _cli(*common, "--resume") == 0
     assert out.read_bytes() == before
+
+
+def test_cli_flags_are_frozen():
+    from megacpt.cli import build_command_parser
+
+    parser = build_command_parser("score")
+    sub = next(a for a in parser._actions if a.dest == "scorer")
+    a = parser.parse_args(["perplexity", "--model", "m", "--data", "p", "--seq-length", "8", "--out", "o"])
+    flags = {o for act in sub.choices["perplexity"]._actions for o in act.option_strings}
+    assert {"--model", "--data", "--seq-length", "--out", "--micro-batch-size", "--tokens-per-batch",
+            "--tensor-model-parallel-size", "--dtype", "--resume", "--shard-docs", "--device"} <= flags
+    assert a.dtype == "auto" and a.micro_batch_size is None and not a.resume
+    with pytest.raises(SystemExit):  # one batch-size flag at a time
+        parser.parse_args(["perplexity", "--model", "m", "--data", "p", "--seq-length", "8", "--out", "o",
+                           "--micro-batch-size", "2", "--tokens-per-batch", "64"])
