@@ -70,6 +70,8 @@ class ModelConfig:
                f"{self.recompute_granularity!r} is not one of none, full, selective")
         _check(self.attention_backend in ("auto", "sdpa", "flash"), "model.attention_backend",
                f"{self.attention_backend!r} is not one of auto, sdpa, flash")
+        _check(self.layernorm_backend in ("torch", "auto", "apex", "te"), "model.layernorm_backend",
+               f"{self.layernorm_backend!r} is not one of torch, auto, apex, te")
         return self
 
     def to_dict(self) -> dict:

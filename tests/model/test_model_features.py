@@ -7,6 +7,7 @@ import torch
 from megacpt.errors import UserError
 from megacpt.model import GPTNeoX, get_preset
 from megacpt.model.gpt_neox import position_ids_from_doc_ids
+from tests.conftest import requires_gpu
 
 
 def _model(seed=0, **kw):
@@ -97,3 +98,53 @@ def test_torch_compile_fullgraph_traces(doc_ids):
 @pytest.mark.slow
 def test_torch_compile_inductor_matches_eager():
     _check_compile("inductor", doc_ids=False)
+
+
+def test_meta_init_then_materialise():
+    """Large models are built on the meta device (no memory), parallelised, then materialised."""
+    cfg = get_preset("tiny")
+    with torch.device("meta"):
+        model = GPTNeoX(cfg)
+    assert model.embed_in.weight.is_meta
+    model.to_empty(device="cpu")
+    model.init_weights()
+    out = model(torch.randint(0, 1000, (1, 5)))
+    assert torch.isfinite(out).all()
+    assert torch.equal(model.layers["0"].input_layernorm.weight, torch.ones(cfg.hidden_size))
+    # scaled init on the residual-branch outputs
+    std_qkv = model.layers["0"].attention.query_key_value.weight.std().item()
+    std_out = model.layers["0"].mlp.dense_4h_to_h.weight.std().item()
+    assert std_out < std_qkv
+
+
+def test_optional_gpu_paths_fail_clearly_without_them():
+    import importlib.util
+
+    from megacpt.model.fast_paths import flash_attention
+
+    q = torch.randn(1, 2, 4, 8)
+    assert flash_attention(q, q, q) is None  # CPU / fp32: the SDPA fallback is used
+    with pytest.raises(UserError, match="flash-attn"):
+        flash_attention(q, q, q, required=True)
+    if importlib.util.find_spec("apex") is None:
+        with pytest.raises(UserError, match="apex"):
+            GPTNeoX(get_preset("tiny", layernorm_backend="apex"))
+    if importlib.util.find_spec("transformer_engine") is None:
+        with pytest.raises(UserError, match="transformer-engine"):
+            GPTNeoX(get_preset("tiny", layernorm_backend="te"))
+    with pytest.raises(UserError, match="layernorm_backend"):
+        get_preset("tiny", layernorm_backend="fast")
+    with pytest.raises(UserError, match="attention_backend"):
+        get_preset("tiny", attention_backend="xformers")
+
+
+@requires_gpu
+@pytest.mark.parametrize("backend", ["sdpa", "auto"])
+def test_cuda_bf16_matches_fp32(backend):
+    """GPU paths (SDPA flash kernels; flash-attn when installed) agree with the fp32 reference."""
+    model = _model(attention_backend=backend).cuda()
+    ids = torch.randint(0, 1000, (2, 64), device="cuda")
+    with torch.no_grad():
+        ref = model(ids).float()
+        out = model.to(torch.bfloat16)(ids).float()
+    assert (out - ref).abs().max().item() < 0.05 * ref.abs().max().item()
