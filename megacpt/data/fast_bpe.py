@@ -94,25 +94,28 @@ class FastBPE:
         merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
         dec = _byte_decoder()
         to_bytes = lambda s: bytes(dec[c] for c in s)  # noqa: E731
+        text_of: dict[bytes, str] = {}  # token bytes -> its byte-level string in tokenizer.json
         try:
             ranks: dict[bytes, int] = {}
             for s, i in vocab.items():
                 if len(s) == 1:
                     ranks[to_bytes(s)] = i
+                    text_of[to_bytes(s)] = s
             merge_rank: dict[bytes, int] = {}
             for r, (a, b) in enumerate(merges):
                 t = to_bytes(a + b)
                 if t in merge_rank or (a + b) not in vocab:
                     return None, f"merge {r} ({a!r}, {b!r}) repeats a token or makes none"
                 merge_rank[t] = r
+                text_of[t] = a + b
         except KeyError:
             return None, "a vocab entry that is not byte-level text"
         if len(ranks) != 256 or len(merge_rank) + 256 != len(vocab):
             return None, f"vocab is not 256 bytes + one token per merge ({len(ranks)} + {len(merge_rank)} != {len(vocab)})"
-        ids = np.array([vocab[_from_bytes(t)] for t in merge_rank], dtype=np.int64)
+        ids = np.array([vocab[text_of[t]] for t in merge_rank], dtype=np.int64)
         order = np.array(list(merge_rank.values()))
         if np.all(np.diff(ids[np.argsort(order)]) > 0) and min(ids) > max(ranks.values()):
-            ranks.update({t: vocab[_from_bytes(t)] for t in merge_rank})  # ids already in merge order
+            ranks.update({t: vocab[text_of[t]] for t in merge_rank})  # ids already in merge order
             rank_to_id = None
         else:
             base = 256
@@ -120,16 +123,16 @@ class FastBPE:
             ranks.update({t: base + r for t, r in merge_rank.items()})
             rank_to_id = np.zeros(base + len(merges), dtype=np.int64)
             for t, r in ranks.items():
-                rank_to_id[r] = vocab[_from_bytes(t)]
+                rank_to_id[r] = vocab[text_of[t]]
         enc = tiktoken.Encoding("megacpt-hf", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={})
         fast = cls(tokenizer, enc, rank_to_id, added, nfc)
-        if not fast._self_consistent(ranks):
+        if not fast._self_consistent(ranks, text_of):
             return None, "some vocab token does not encode to itself"
         if not fast.verify(SELF_TEST):
             return None, "differs from HF on the built-in self-test"
         return fast, ""
 
-    def _self_consistent(self, ranks: dict[bytes, int]) -> bool:
+    def _self_consistent(self, ranks: dict[bytes, int], text_of: dict[bytes, str]) -> bool:
         """Every token's bytes encode to exactly that token with tiktoken and with HF's BPE model."""
         model = self.hf.backend.model
         for t, r in ranks.items():
@@ -137,13 +140,7 @@ class FastBPE:
                 continue
             if self.enc._encode_single_piece(t) != [r]:
                 return False
-        n_bad = 0
-        from_b = _from_bytes
-        for t, r in ranks.items():
-            if len(t) >= 2 and len(model.tokenize(from_b(t))) != 1:
-                n_bad += 1
-                break
-        return n_bad == 0
+        return all(len(model.tokenize(text_of[t])) == 1 for t in ranks if len(t) >= 2)
 
     def verify(self, texts: Sequence[str]) -> bool:
         return all(self.encode(t) == self.hf.encode(t) for t in texts)
@@ -180,19 +177,6 @@ class FastBPE:
             for k, ids in zip(fallback, self.hf.encode_batch([texts[k] for k in fallback])):
                 out[k] = np.asarray(ids, dtype=np.int64)
         return out, len(fallback)
-
-
-@lru_cache(maxsize=1)
-def _byte_encoder() -> list[str]:
-    enc = [""] * 256
-    for c, b in _byte_decoder().items():
-        enc[b] = c
-    return enc
-
-
-def _from_bytes(t: bytes) -> str:
-    enc = _byte_encoder()
-    return "".join([enc[b] for b in t])
 
 
 def _alternation(words: list[str]):

@@ -288,3 +288,28 @@ def test_cli_flags_frozen_and_inspect(tmp_path, tiny_tokenizer_dir, capsys):
     assert main(["inspect", str(tmp_path / "o_text_document"), "--num-docs", "1"]) == 0
     out = capsys.readouterr().out
     assert "10 documents (1 empty)" in out and "--- document 0 ---" in out
+
+
+def test_tools_scripts_and_merge_directory(tmp_path, tiny_tokenizer_dir):
+    """tools/preprocess_data.py and tools/merge_datasets.py: Megatron's entry points, same code."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    recs = records(40, seed=11)
+    src = write_jsonl(tmp_path / "in.jsonl", recs)
+    out = tmp_path / "shards"
+    out.mkdir()
+    for p in range(2):
+        subprocess.run([sys.executable, str(root / "tools" / "preprocess_data.py"), "--input", src,
+                        "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", tiny_tokenizer_dir,
+                        "--output-prefix", str(out / "s"), "--workers", "1", "--partitions", "2",
+                        "--partition-index", str(p), "--append-eod", "--quiet"], check=True, capture_output=True)
+    for f in out.glob("*.meta.json"):
+        f.unlink()  # merge must not need sidecars
+    subprocess.run([sys.executable, str(root / "tools" / "merge_datasets.py"), "--input", str(out),
+                    "--output-prefix", str(tmp_path / "merged")], check=True, capture_output=True)
+    run_pp(tmp_path, tiny_tokenizer_dir, [src], "whole", partitions=2, append_eod=True)
+    same_files(str(tmp_path / "merged"), str(tmp_path / "whole_text_document"))
+    (out / "s_1_text_document.idx").unlink()
+    assert main(["merge", "--input", str(out), "--output-prefix", str(tmp_path / "m2")]) == 2
