@@ -49,6 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     h.add_argument("--tasks", required=True, help="lm-eval task names, comma-separated")
     h.add_argument("--include-path", default=None, help="dir of custom task YAMLs")
     h.add_argument("--micro-batch-size", type=int, default=1)
+    h.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     h.add_argument("--device", default="cpu")
     h.add_argument("--limit", type=int, default=None)
     h.add_argument("--log-samples", action="store_true", help="keep per-sample log-likelihoods (lm-eval --log_samples)")
@@ -76,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         from megacpt.eval.lm_eval_adapter import run_lm_eval
 
         res = run_lm_eval(args.model, args.tasks.split(","), args.out, include_path=args.include_path,
-                          batch_size=args.micro_batch_size, device=args.device, limit=args.limit,
+                          batch_size=args.micro_batch_size, device=args.device, dtype=args.dtype, limit=args.limit,
                           log_samples=args.log_samples)
         for t, r in res.get("results", {}).items():
             print(f"[eval] lm-eval {t}: " + ", ".join(f"{k}={v:.4f}" for k, v in r.items() if isinstance(v, float)))

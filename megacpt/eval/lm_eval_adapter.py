@@ -2,25 +2,23 @@
 
 Hub task data cannot be downloaded here, so this module turns a local classification task (our JSONL
 schema) into an lm-eval *custom task*: a JSONL copy with an integer ``gold`` field plus a task YAML over it
-(``dataset_path: json`` with local ``data_files``), then runs ``lm_eval --model hf`` with ``--include_path``.
+(``dataset_path: json`` with local ``data_files``), then runs the harness's ``hf`` model on it (what
+``lm_eval --model hf --include_path DIR`` does, called in-process through ``lm_eval.simple_evaluate``).
 With hub access, the same ``run_lm_eval`` runs the standard tasks (``arc_easy``, ``hellaswag``, ``mmlu``,
 ``truthfulqa_mc2``) by name. See docs/evaluation.md.
 """
 from __future__ import annotations
 
-import glob
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Sequence
 
 import yaml
 
 from megacpt.errors import UserError
-from megacpt.eval.data import Example
-from megacpt.eval.data import write_jsonl
+from megacpt.eval.data import Example, write_jsonl
+from megacpt.io import atomic_path, write_json_atomic
 
 
 def lm_eval_available() -> bool:
@@ -67,31 +65,57 @@ def export_classification_task(name: str, test: Sequence[Example], labels: Seque
     return path
 
 
+def local_task_names(include_path: str | Path | None) -> set[str]:
+    """``task``/``group`` names defined by the YAML files under ``include_path``."""
+    names: set[str] = set()
+    if include_path is None:
+        return names
+    for f in Path(include_path).rglob("*.yaml"):
+        try:
+            d = yaml.safe_load(f.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, OSError):
+            continue  # lm-eval's own loader reports broken task files
+        if isinstance(d, dict):
+            names.update(str(d[k]) for k in ("task", "group") if isinstance(d.get(k), str))
+    return names
+
+
 def run_lm_eval(model_dir: str | Path, tasks: Sequence[str], output_path: str | Path, *,
                 include_path: str | Path | None = None, batch_size: int = 1, device: str = "cpu",
-                dtype: str = "float32", limit: int | None = None, log_samples: bool = False,
-                timeout: float | None = None) -> dict:
-    """Run ``python -m lm_eval --model hf`` on an HF model dir; return lm-eval's results JSON (parsed)."""
+                dtype: str = "float32", limit: int | None = None, log_samples: bool = False) -> dict:
+    """Run lm-eval-harness (``simple_evaluate(model="hf", ...)``, what ``lm_eval --model hf`` runs) on an HF
+    model dir. Writes ``output_path/results.json`` (+ ``samples_<task>.jsonl`` with ``log_samples``) and
+    returns lm-eval's results dict (with ``samples`` when logged).
+
+    When every requested task is defined under ``include_path``, lm-eval's ~15k built-in task YAMLs are not
+    indexed (``include_defaults=False``), which saves most of its start-up time.
+    """
     if not lm_eval_available():
         raise UserError("lm-eval is not installed: pip install 'megacpt[eval]'")
     if not (Path(model_dir) / "config.json").is_file():
         raise UserError(f"{model_dir}: not an HF model dir (no config.json); export with `megacpt convert megacpt-to-hf`")
-    cmd = [sys.executable, "-m", "lm_eval", "--model", "hf",
-           "--model_args", f"pretrained={model_dir},dtype={dtype}",
-           "--tasks", ",".join(tasks), "--device", device, "--batch_size", str(batch_size),
-           "--output_path", str(output_path)]
-    if include_path:
-        cmd += ["--include_path", str(include_path)]
-    if limit:
-        cmd += ["--limit", str(limit)]
-    if log_samples:
-        cmd += ["--log_samples"]
-    env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
-           "HF_DATASETS_OFFLINE": os.environ.get("HF_DATASETS_OFFLINE", "1"), "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-    if proc.returncode != 0:
-        raise UserError(f"lm_eval failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
-    found = sorted(glob.glob(str(Path(output_path) / "**" / "results_*.json"), recursive=True), key=os.path.getmtime)
-    if not found:
-        raise UserError(f"lm_eval wrote no results_*.json under {output_path}")
-    return json.loads(Path(found[-1]).read_text(encoding="utf-8"))
+    if include_path is not None and not Path(include_path).is_dir():
+        raise UserError(f"--include-path {include_path}: no such directory")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # local tasks: never reach for the hub
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    only_local = bool(tasks) and set(tasks) <= local_task_names(include_path)
+    tm = TaskManager(include_path=str(include_path) if include_path else None, include_defaults=not only_local)
+    unknown = [t for t in tasks if t not in tm.all_tasks]
+    if unknown:
+        raise UserError(f"lm-eval knows no task(s) {unknown}" + ("" if include_path else " (custom tasks need --include-path)"))
+    res = simple_evaluate(model="hf", model_args=f"pretrained={model_dir},dtype={dtype}", tasks=list(tasks),
+                          task_manager=tm, batch_size=batch_size, device=device, limit=limit, log_samples=log_samples)
+    if res is None:  # non-zero ranks under multi-process runs
+        return {}
+    out = Path(output_path)
+    out.mkdir(parents=True, exist_ok=True)
+    samples = res.pop("samples", None) or {}
+    write_json_atomic(out / "results.json", res)
+    for task, rows in samples.items():
+        with atomic_path(out / f"samples_{task}.jsonl") as tmp, open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, default=str, ensure_ascii=False) + "\n" for r in rows)
+    if samples:
+        res["samples"] = samples
+    return res

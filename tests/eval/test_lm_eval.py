@@ -1,6 +1,6 @@
-"""The lm-eval-harness path end to end: megacpt checkpoint -> `convert megacpt-to-hf` -> `lm_eval --model hf`
-on a local custom task; its per-sample log-likelihoods must equal `eval finance`'s scoring of the same prompts."""
-import glob
+"""The lm-eval-harness path end to end: megacpt checkpoint -> `convert megacpt-to-hf` -> lm-eval's `hf` model
+(`megacpt eval lm-eval`) on a local custom task; its per-sample log-likelihoods must equal `eval finance`'s
+scoring of the same prompts."""
 import json
 
 import pytest
@@ -8,7 +8,7 @@ import pytest
 from megacpt.cli import main
 from megacpt.eval.data import Example
 from megacpt.eval.lm import load_eval_lm
-from megacpt.eval.lm_eval_adapter import export_classification_task
+from megacpt.eval.lm_eval_adapter import export_classification_task, local_task_names
 from megacpt.eval.prompts import Template
 from megacpt.eval.tasks import classify
 
@@ -36,9 +36,8 @@ def test_lm_eval_on_exported_tiny_model_matches_our_scoring(tmp_path, tok_dir, c
     assert main(["eval", "lm-eval", "--model", str(export), "--tasks", "megacpt_local_sa", "--include-path",
                  str(tasks_dir), "--micro-batch-size", "4", "--out", str(out), "--log-samples"]) == 0
     assert "[eval] lm-eval megacpt_local_sa: acc,none=" in capsys.readouterr().out
-    res = json.loads(open(glob.glob(str(out / "**" / "results_*.json"), recursive=True)[0]).read())
-    samples = [json.loads(line) for f in glob.glob(str(out / "**" / "samples_megacpt_local_sa_*.jsonl"), recursive=True)
-               for line in open(f)]
+    res = json.loads((out / "results.json").read_text())
+    samples = [json.loads(line) for line in open(out / "samples_megacpt_local_sa.jsonl")]
     samples.sort(key=lambda s: s["doc_id"])
     assert len(samples) == len(texts)
 
@@ -51,3 +50,5 @@ def test_lm_eval_on_exported_tiny_model_matches_our_scoring(tmp_path, tok_dir, c
     preds = classify(lm, t, [e.fields for e in test], [[]] * len(test), verbal, "sum")
     acc = sum(p == e.label for p, e in zip(preds, test)) / len(test)
     assert res["results"]["megacpt_local_sa"]["acc,none"] == pytest.approx(acc)
+    # only local tasks were asked for: lm-eval's ~15k built-in task files were not indexed
+    assert local_task_names(tasks_dir) == {"megacpt_local_sa"}

@@ -46,7 +46,7 @@ FLAGS = {
                    "--bootstrap", "--out", "--data", "--max-documents"},
     "compare": {"--names", "--out-md", "--out-png"},
     "convert-data": {"--task", "--input", "--test-input", "--test-fraction", "--seed", "--out-dir"},
-    "lm-eval": {"--model", "--tasks", "--include-path", "--micro-batch-size", "--device", "--limit", "--log-samples",
+    "lm-eval": {"--model", "--tasks", "--include-path", "--micro-batch-size", "--dtype", "--device", "--limit", "--log-samples",
                 "--out"},
 }
 
