@@ -107,11 +107,49 @@ def open_binary(path: str) -> io.BufferedIOBase:
 
         return gzip.open(path, "rb")
     if low.endswith((".zst", ".zstd")):
+        return io.BufferedReader(_ZstdFrames(path), 1 << 20)
+    return open(path, "rb", buffering=1 << 20)
+
+
+class _ZstdFrames(io.RawIOBase):
+    """Decompress every zstd frame of a file; a truncated last frame is an error (zstandard's
+    stream_reader silently stops there, which would drop the rest of the corpus unnoticed)."""
+
+    def __init__(self, path: str):
         import zstandard
 
-        raw = open(path, "rb")
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True), 1 << 20)
-    return open(path, "rb", buffering=1 << 20)
+        self._zstd = zstandard
+        self._f = open(path, "rb")
+        self._d = zstandard.ZstdDecompressor().decompressobj()
+        self._buf = b""
+        self._in_frame = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while not self._buf:
+            data = self._f.read(1 << 20)
+            if not data:
+                if self._in_frame:
+                    raise EOFError("zstd stream ends inside a frame (truncated file)")
+                return 0
+            while data:
+                self._in_frame = True
+                self._buf += self._d.decompress(data)
+                data = b""
+                if self._d.eof:  # frame complete: leftover bytes start the next frame
+                    data = self._d.unused_data
+                    self._d = self._zstd.ZstdDecompressor().decompressobj()
+                    self._in_frame = False
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        return n
+
+    def close(self) -> None:
+        self._f.close()
+        super().close()
 
 
 def iter_chunks(sources: Sequence[Source], json_keys: Sequence[str], chunk_bytes: int = 1 << 20,
@@ -136,11 +174,11 @@ def _jsonl_chunks(path: str, g: int, chunk_bytes: int) -> Iterator[Chunk]:
                 yield Chunk(path, line, g, lines=lines, nbytes=sum(map(len, lines)))
                 line += len(lines)
                 g += len(lines)
-    except OSError as e:  # truncated gzip, bad zstd frame, ...
+    except (OSError, EOFError) as e:  # not gzip, truncated gzip (EOFError), unreadable file
         raise InputError(path, line, f"cannot read: {e}") from e
     except Exception as e:  # zstandard.ZstdError is not an OSError
         if type(e).__name__ == "ZstdError":
-            raise InputError(path, line, f"cannot read: {e}") from e
+            raise InputError(path, line, f"cannot read: corrupt zstd data: {e}") from e
         raise
 
 

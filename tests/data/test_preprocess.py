@@ -224,6 +224,21 @@ def test_bom_and_cli_error_line(tmp_path, tiny_tokenizer_dir, capsys):
     assert not list(tmp_path.glob("o*"))
 
 
+def test_corrupt_compressed_inputs(tmp_path, tiny_tokenizer_dir):
+    import zstandard
+
+    raw = b"".join(json.dumps({"text": t}).encode() + b"\n" for t in make_texts(300))
+    gz = gzip.compress(raw)
+    (tmp_path / "t.jsonl.gz").write_bytes(gz[: len(gz) // 2])
+    with pytest.raises(InputError, match=r"t.jsonl.gz:\d+: cannot read"):
+        run_pp(tmp_path, tiny_tokenizer_dir, [tmp_path / "t.jsonl.gz"])
+    zs = zstandard.ZstdCompressor().compress(raw)
+    (tmp_path / "t.jsonl.zst").write_bytes(zs[: len(zs) // 2])
+    with pytest.raises(InputError, match=r"t.jsonl.zst:\d+: cannot read"):
+        run_pp(tmp_path, tiny_tokenizer_dir, [tmp_path / "t.jsonl.zst"])
+    assert not list(tmp_path.glob("out*"))
+
+
 def test_parquet_null_row(tmp_path, tiny_tokenizer_dir):
     import pyarrow as pa
     import pyarrow.parquet as pq
