@@ -137,6 +137,54 @@ def _read_json(path: Path) -> Any:
 
 
 # ----------------------------------------------------------------------------------------------------
+# reading DCP without unpickling arbitrary objects
+
+def _safe_reader(path: str | os.PathLike):
+    """A DCP ``FileSystemReader`` whose ``.metadata`` (a pickle) may only build DCP's metadata classes.
+
+    Stock DCP ``pickle.load``s ``.metadata``: a crafted checkpoint would run code on load. Tensor data is
+    read by DCP with ``torch.load(weights_only=True)``; we never request non-tensor (pickled) items.
+    """
+    import io
+    import pickle
+
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    allowed_modules = ("torch.distributed.checkpoint.metadata",)
+    allowed = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+               ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+               ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"),
+               ("pathlib", "PureWindowsPath")}
+
+    class _Unpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str):
+            ok = (module, name) in allowed or module in allowed_modules or (
+                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
+            if not ok:
+                raise UserError(f"checkpoint {path}: .metadata references {module}.{name}, which is not DCP "
+                                "metadata; refusing to unpickle it")
+            return super().find_class(module, name)
+
+    class _Reader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            rank = kwargs.get("rank")
+            with self.fs.create_stream(self._get_metadata_path(rank), "rb") as f:
+                try:
+                    md = _Unpickler(io.BytesIO(f.read())).load()
+                except UserError:
+                    raise
+                except Exception as e:  # truncated / corrupt
+                    raise UserError(f"checkpoint {path}: unreadable .metadata ({type(e).__name__}: {e})") from None
+            if getattr(md, "storage_meta", None) is None:
+                md.storage_meta = StorageMeta()
+            md.storage_meta.load_id = self.load_id
+            return md
+
+    return _Reader(str(path))
+
+
+# ----------------------------------------------------------------------------------------------------
 # distributed helpers (all no-ops without a process group)
 
 def _dist() -> bool:
@@ -544,11 +592,12 @@ def read_model_config(path: str | os.PathLike):
 
 def checkpoint_tensors(path: str | os.PathLike, prefix: str = "model.") -> dict[str, tuple[tuple, torch.dtype]]:
     """name (without prefix) -> (global shape, dtype) of the tensors stored in a checkpoint dir."""
-    from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     ck = resolve_checkpoint(path)
-    md = FileSystemReader(str(ck)).read_metadata()
+    if not (ck / ".metadata").is_file():
+        raise UserError(f"checkpoint {ck}: no .metadata (not a DCP checkpoint, or damaged)")
+    md = _safe_reader(ck).read_metadata()
     return {k[len(prefix):]: (tuple(v.size), v.properties.dtype)
             for k, v in md.state_dict_metadata.items()
             if k.startswith(prefix) and isinstance(v, TensorStorageMetadata)}
@@ -568,7 +617,7 @@ def read_tensors(path: str | os.PathLike, names: Sequence[str], prefix: str = "m
         raise UserError(f"checkpoint {ck}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     sd = {prefix + n: torch.empty(meta[n][0], dtype=meta[n][1]) for n in names}
     with _quiet_single_process():
-        dcp.load(sd, checkpoint_id=str(ck), no_dist=True)
+        dcp.load(sd, storage_reader=_safe_reader(ck), no_dist=True)
     return {n: sd[prefix + n] for n in names}
 
 
@@ -626,7 +675,7 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module | Sequence[nn.Modu
 
     # DCP writes into the tensors it is given (local shards of DTensors included), casting dtypes
     with _quiet_single_process():
-        dcp.load(want, checkpoint_id=str(ck), no_dist=not _dist())
+        dcp.load(want, storage_reader=_safe_reader(ck), no_dist=not _dist())
 
     per_chunk_model: list[dict] = [dict() for _ in models]
     per_chunk_optim: list[dict] = [dict() for _ in optimizers]

@@ -179,3 +179,29 @@ def test_save_killed_midway_leaves_previous_checkpoint(tmp_path, where):
     # the next save cleans up the leftover
     CheckpointManager(root, keep_last=3).save(3, model)
     assert sorted(os.listdir(root)) == ["iter_0000001", "iter_0000003", "latest"]
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def test_crafted_metadata_is_not_unpickled(tmp_path, monkeypatch):
+    """DCP's .metadata is a pickle: only DCP's metadata classes may be built from it."""
+    import pickle
+
+    monkeypatch.chdir(tmp_path)
+    model = build()
+    save_checkpoint(tmp_path / "ck", 1, model, model_config=model_config())
+    md = tmp_path / "ck" / "iter_0000001" / ".metadata"
+    md.write_bytes(pickle.dumps({"x": _Evil()}))
+    with pytest.raises(UserError, match=r"\.metadata references posix\.system.*refusing to unpickle"):
+        load_checkpoint(tmp_path / "ck", build())
+    from megacpt.convert import load_model
+
+    with pytest.raises(UserError, match="refusing to unpickle"):
+        load_model(tmp_path / "ck")
+    md.write_bytes(b"\x80\x04garbage")
+    with pytest.raises(UserError, match="unreadable .metadata"):
+        load_checkpoint(tmp_path / "ck", build())
+    assert not (tmp_path / "PWNED").exists()

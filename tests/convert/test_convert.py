@@ -19,7 +19,7 @@ pytest.importorskip("transformers")
 @pytest.mark.parametrize("idx", range(len(HF_CONFIGS)))
 def test_round_trip_bit_exact_and_logits(tmp_path, idx):
     hf = make_hf_dir(tmp_path / "hf", seed=idx, **HF_CONFIGS[idx])
-    layouts = [(1, 1), (2, 2)] if idx < 2 else [(1, 1)]
+    layouts = [(1, 1), (2, 2)] if idx == 0 else [(1, 1)]  # tp2*pp2 padding once (also in test_distributed)
     ids = torch.randint(0, HF_CONFIGS[idx]["vocab_size"], (2, 13), generator=torch.Generator().manual_seed(idx))
     ref = hf_logits(hf, ids)
     for tp, pp in layouts:
