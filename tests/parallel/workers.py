@@ -56,6 +56,8 @@ def reference(steps: int = STEPS):
             grads = {n: p.grad.detach().numpy().copy() for n, p in model.named_parameters()}
         opt.step()
         losses.append(loss.item())
+    with torch.no_grad():  # forward-only loss after training (validation path)
+        losses.append(lm_loss(model(inp, doc_ids=doc), tgt).item())
     return losses, grads
 
 
@@ -78,6 +80,7 @@ def run_layout(rank: int, world: int, pcfg: ParallelConfig, n_microbatches: int 
         pipe = build_pipeline(model, mesh, pcfg, n_microbatches)
         params = dict(pipe.named_parameters())
         fwd_bwd = lambda: broadcast_loss(pipe.step(inp, tgt, doc_ids=doc), mesh)  # noqa: E731
+        evaluate = lambda: broadcast_loss(pipe.eval_step(inp, tgt, doc_ids=doc), mesh)  # noqa: E731
     else:
         model = parallelize(model, mesh, pcfg)
         params = dict(model.named_parameters())
@@ -95,6 +98,10 @@ def run_layout(rank: int, world: int, pcfg: ParallelConfig, n_microbatches: int 
             loss = lm_loss(logits, tgt, group=group)
             loss.backward()
             return loss.detach()
+
+        def evaluate():
+            with torch.no_grad():
+                return lm_loss(model(inp, doc_ids=doc), tgt, group=group)
     opt = torch.optim.AdamW(params.values(), lr=LR)
     losses, grads = [], None
     for step in range(steps):
@@ -104,12 +111,13 @@ def run_layout(rank: int, world: int, pcfg: ParallelConfig, n_microbatches: int 
             # numpy: torch tensors cross the result queue as shared-memory handles that die with the child
             grads = {n: _full(p.grad).detach().numpy().copy() for n, p in params.items()}
         opt.step()
-        if dp > 1:  # each dp rank's loss is the mean of its equal share: average them
-            loss = loss.clone()
-            dist.all_reduce(loss, group=dp_mesh.get_group())
-            loss /= dp
-        losses.append(loss.item())
-    return losses, grads
+        losses.append(loss)
+    losses.append(evaluate())  # forward-only loss after training (validation path)
+    if dp > 1:  # each dp rank's loss is the mean of its equal share: average them
+        losses = torch.stack(losses)
+        dist.all_reduce(losses, group=dp_mesh.get_group())
+        losses = losses / dp
+    return [float(l) for l in losses], grads
 
 
 def run_layouts(rank: int, world: int, layouts: list[tuple[ParallelConfig, bool]]):
