@@ -16,10 +16,12 @@ from tests.parallel import workers
 pytestmark = pytest.mark.distributed
 
 TOL = 1e-5
-WORLD2 = {  # name: (config, loss via hidden_states + local embed_out weight, tolerance)
+WORLD2 = {  # name: (config, loss path (False: logits; True / "fused": see workers.run_layout), tolerance)
     "tp2": (PC(tensor_model_parallel_size=2), False, TOL),
     "tp2-hidden": (PC(tensor_model_parallel_size=2), True, TOL),
     "tp2-sp-hidden": (PC(tensor_model_parallel_size=2, sequence_parallel=True), True, TOL),
+    "tp2-fused": (PC(tensor_model_parallel_size=2), "fused", TOL),  # contract with megacpt.kernels
+    "dp2-fsdp-fused": (PC(data_parallel_type="fsdp"), "fused", TOL),
     "pp2-gpipe": (PC(pipeline_model_parallel_size=2, pipeline_schedule="gpipe"), False, TOL),
     "pp2-1f1b": (PC(pipeline_model_parallel_size=2, pipeline_schedule="1f1b"), False, TOL),
     "pp2-interleaved": (PC(pipeline_model_parallel_size=2, pipeline_schedule="interleaved_1f1b",

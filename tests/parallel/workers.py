@@ -65,7 +65,8 @@ def run_layout(rank: int, world: int, pcfg: ParallelConfig, n_microbatches: int 
                via_hidden: bool = False):
     """Train ``steps`` AdamW steps under ``pcfg``; returns (global losses, step-0 full grads of owned params).
 
-    ``via_hidden``: the fused-loss path (``hidden_states`` + local ``embed_out.weight``) instead of logits."""
+    ``via_hidden``: True: ``hidden_states`` @ local ``embed_out.weight`` (+ ``copy_to_tp_region``);
+    "fused": ``hidden_states`` + the fused linear-cross-entropy kernel with ``process_group``."""
     from megacpt.parallel import build_mesh, copy_to_tp_region, lm_loss, parallelize, tp_group_of
     from megacpt.parallel.pipeline import broadcast_loss, build_pipeline
 
@@ -87,15 +88,22 @@ def run_layout(rank: int, world: int, pcfg: ParallelConfig, n_microbatches: int 
         group = tp_group_of(model)
 
         def fwd_bwd():
-            if via_hidden:
+            if via_hidden == "fused":  # the fused kernel: vocab-parallel itself, sums dL/dh over tp
+                from megacpt.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
+
+                h = model.hidden_states(inp, doc_ids=doc)
+                w = model.embed_out.weight
+                w = w.to_local() if group is not None else w  # [V/tp, H] under TP
+                loss = fused_linear_cross_entropy(h.flatten(0, 1), w, tgt.flatten(), reduction="mean",
+                                                  impl="torch", process_group=group)
+            elif via_hidden:
                 # [b, s, H] full; its gradient from a vocab slice must be summed over tp
                 h = copy_to_tp_region(model.hidden_states(inp, doc_ids=doc), group)
                 w = model.embed_out.weight
                 w = w.to_local() if group is not None else w  # [V/tp, H] under TP
-                logits = h @ w.T
+                loss = lm_loss(h @ w.T, tgt, group=group)
             else:
-                logits = model(inp, doc_ids=doc)
-            loss = lm_loss(logits, tgt, group=group)
+                loss = lm_loss(model(inp, doc_ids=doc), tgt, group=group)
             loss.backward()
             return loss.detach()
 
