@@ -94,7 +94,11 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike, layer_offset: 
             raise UserError(f"{path}: tensor {name!r} has shape {list(t.shape)}, the model expects "
                             f"{list(target.shape)}")
         full[local] = t.to(target.dtype)
-    missing = sorted(set(own) - {_shift_layers(k, layer_offset) for k in full})
+    loaded = {g for g, (local, _) in own.items() if local in full}
+    if "embed_out.weight" in own and "embed_out.weight" not in loaded and "embed_in.weight" in loaded:
+        full[own["embed_out.weight"][0]] = full[own["embed_in.weight"][0]]  # tied: HF stores only embed_in
+        loaded.add("embed_out.weight")
+    missing = sorted(set(own) - loaded)
     if missing:
         raise UserError(f"{path}: no weights for {missing[:5]}")
     # full tensors -> each rank's DTensor/FSDP shard

@@ -138,3 +138,23 @@ def test_cli_flags_frozen():
     assert (a.hf, a.out, a.tp, a.pp, a.allow_pickle, a.tokenizer) == ("H", "O", 2, 4, True, "T")
     a = p.parse_args(["megacpt-to-hf", "--ckpt", "C", "--out", "O", "--dtype", "bfloat16", "--max-shard-size", "2"])
     assert (a.ckpt, a.out, a.dtype, a.max_shard_size) == ("C", "O", "bfloat16", 2.0)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_load_weights_into_an_existing_model(tmp_path, tied):
+    """What `train` uses for init_from: HF dir or checkpoint into a (here plain) model, vocab padded further."""
+    from megacpt.convert import load_weights
+    from megacpt.model.gpt_neox import GPTNeoX
+
+    hf = make_hf_dir(tmp_path / "hf", **{**HF_CONFIGS[2], "tie_word_embeddings": tied})
+    ref, cfg = load_model(hf)
+    cfg.padded_vocab_size = 512  # e.g. the trainer pads for a larger tp: extra zero rows
+    ck = hf_to_megacpt(hf, tmp_path / "ck")  # 320 rows -> 384
+    for src, model_cfg in ((hf, cfg), (ck, load_config(ck))):
+        model = GPTNeoX(model_cfg)
+        load_weights(model, src)
+        for n, p in model.named_parameters():
+            want = ref.state_dict()[n]
+            assert torch.equal(p[: want.shape[0]], want), n
+            assert not p[want.shape[0]:].any(), n
+        assert (model.embed_out.weight is model.embed_in.weight) == tied
