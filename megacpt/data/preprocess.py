@@ -304,8 +304,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--skip-bad-lines", action="store_true", help="count, report and skip bad records "
                    "instead of stopping at the first one")
     g = parser.add_argument_group("tokenizer")
-    g.add_argument("--tokenizer-type", default="HuggingFaceTokenizer",
-                   choices=["HuggingFaceTokenizer", "SentencePieceTokenizer", "auto"])
+    g.add_argument("--tokenizer-type", default="auto",
+                   choices=["HuggingFaceTokenizer", "SentencePieceTokenizer", "auto"],
+                   help="auto: SentencePieceTokenizer for a .model file, else HuggingFaceTokenizer")
     g.add_argument("--tokenizer-model", required=True, help="HF tokenizer dir / tokenizer.json / .model")
     g.add_argument("--append-eod", action="store_true", help="append the EOD token to each non-empty document")
     g.add_argument("--dtype", default="auto", choices=["auto", "uint16", "int32"],
