@@ -25,9 +25,9 @@ def validate(pcfg: ParallelConfig, world_size: int, model_cfg: ModelConfig | Non
 
 
 def default_device_type() -> str:
-    if dist.is_initialized() and dist.get_backend() == "nccl":
-        return "cuda"
-    return "cuda" if torch.cuda.is_available() and not dist.is_initialized() else "cpu"
+    """cuda when the process group has NCCL (also as in "cpu:gloo,cuda:nccl"), else cpu (gloo)."""
+    backend = str(dist.get_backend()) if dist.is_initialized() else ""
+    return "cuda" if "nccl" in backend and torch.cuda.is_available() else "cpu"
 
 
 def build_mesh(pcfg: ParallelConfig, world_size: int | None = None, model_cfg: ModelConfig | None = None,

@@ -73,3 +73,14 @@ def test_world2_layouts(reference):
 
 def test_world4_layouts(reference):
     _check(WORLD4, 4, reference)
+
+
+WORLD8 = {
+    "tp2xpp2xdp2-1f1b-sp": (PC(tensor_model_parallel_size=2, pipeline_model_parallel_size=2,
+                               sequence_parallel=True), False, TOL),
+}
+
+
+@pytest.mark.slow  # 8 processes on 2 cores; each pair of dimensions is covered by the default tests above
+def test_world8_3d_layout(reference):
+    _check(WORLD8, 8, reference)
