@@ -133,6 +133,8 @@ def load_examples(path: str | os.PathLike, kind: str, labels: Sequence[str] = ()
                 label = binned
             if label is None:
                 raise InputError(path, n, f"missing field {label_field!r}" + (" (or 'score')" if score_binning else ""))
+            if isinstance(label, int) and not isinstance(label, bool) and str(label) in label_set:
+                label = str(label)  # integer class ids (labels: [0, 1] in task.yaml are read as strings)
             if not isinstance(label, str) or label not in label_set:
                 raise InputError(path, n, f"label {label!r} is not in the task's label set {sorted(label_set)}")
             ex.label = label

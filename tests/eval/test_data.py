@@ -117,3 +117,25 @@ def test_schema_errors_name_file_and_line(tmp_path):
         load_examples(p, "classification", labs)
     with pytest.raises(UserError, match="no such file"):
         load_examples(tmp_path / "missing.jsonl", "classification", labs)
+
+
+def test_integer_labels_match_their_string_form(tmp_path):
+    p = write_jsonl(tmp_path / "t.jsonl", [{"text": "a", "label": 1}, {"text": "b", "label": "0"}])
+    assert [e.label for e in load_examples(p, "classification", ("0", "1"))] == ["1", "0"]
+    write_jsonl(p, [{"text": "a", "label": True}])
+    with pytest.raises(InputError, match="label True is not in"):
+        load_examples(p, "classification", ("0", "1"))
+
+
+def test_convert_data_cli(tmp_path, capsys):
+    from megacpt.cli import main
+
+    assert main(["eval", "convert-data", "--task", "fiqa_sa", "--input", str(FIXTURES / "fiqa_headlines.json"),
+                 "--out-dir", str(tmp_path), "--test-fraction", "0.5", "--seed", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "fiqa_sa: wrote" in out and (tmp_path / "fiqa_sa/train.jsonl").exists()
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"1": {"sentence": "x", "info": [{"target": "A"}]}}')
+    assert main(["eval", "convert-data", "--task", "fiqa_sa", "--input", str(bad), "--out-dir", str(tmp_path / "o")]) == 2
+    assert "entry '1' info[0]: need 'target' and a numeric 'sentiment_score'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
