@@ -104,18 +104,21 @@ def test_async_save_stages_before_returning(tmp_path):
     opt = optimizer(model.parameters())
     fake_step(model.parameters(), opt)
     before = named_state(model, opt)
-    mgr = CheckpointManager(tmp_path, keep_last=1, async_save=True)
+    mgr = CheckpointManager(tmp_path, keep_last=2, async_save=True)
     mgr.save(1, model, opt, extra={"a": 1})
-    fake_step(model.parameters(), opt)  # training goes on while the writer runs
+    assert latest_checkpoint(tmp_path) is None  # not complete before wait/next save/close
+    fake_step(model.parameters(), opt)  # training goes on (in place) while the writer runs
     mgr.save(2, model, opt)  # waits for and finalises iteration 1 first
+    assert latest_checkpoint(tmp_path).name == "iter_0000001"
     mgr.close()
-    assert [p.name for p in list_checkpoints(tmp_path)] == ["iter_0000002"]
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["iter_0000001", "iter_0000002"]
     after = named_state(model, opt)
-    model2 = build(seed=5)
-    opt2 = optimizer(model2.parameters())
-    load_checkpoint(tmp_path, model2, opt2)
-    assert_states_equal(after, named_state(model2, opt2))
     assert any(not torch.equal(before[k], after[k]) for k in before)
+    for it, want in ((1, before), (2, after)):  # each holds the state of the moment save() was called
+        model2 = build(seed=5)
+        opt2 = optimizer(model2.parameters())
+        load_checkpoint(tmp_path / f"iter_{it:07d}", model2, opt2)
+        assert_states_equal(want, named_state(model2, opt2))
 
 
 def test_load_errors_name_the_tensor(tmp_path):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -118,7 +119,7 @@ def test_cli_and_tokenizer_travel(tmp_path, capsys):
     assert main(["convert", "hf-to-megacpt", "--hf", str(hf), "--out", str(tmp_path / "ck"),
                  "--tensor-model-parallel-size", "2", "--pp", "2"]) == 0
     tok = find_tokenizer(tmp_path / "ck")
-    assert tok is not None and sorted(p.name for p in __import__("pathlib").Path(tok).iterdir()) == [
+    assert tok is not None and sorted(p.name for p in Path(tok).iterdir()) == [
         "tokenizer.json", "tokenizer_config.json"]  # the weights are not copied along
     assert main(["convert", "megacpt-to-hf", "--ckpt", str(tmp_path / "ck"), "--out", str(tmp_path / "out"),
                  "--dtype", "float32"]) == 0
