@@ -30,8 +30,15 @@ def _setup_logging(level: str) -> None:
     rank = os.environ.get("RANK", "0")
     # every rank logs warnings (NaN skips, signals); only rank 0 logs progress
     lvl = getattr(logging, level) if rank == "0" else max(getattr(logging, level), logging.WARNING)
-    logging.basicConfig(stream=sys.stdout, level=lvl,
-                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    logger = logging.getLogger("megacpt")
+    for h in [h for h in logger.handlers if getattr(h, "_megacpt_train", False)]:
+        logger.removeHandler(h)  # a second run in one process (tests, notebooks) replaces, not duplicates
+    handler = logging.StreamHandler(sys.stdout)
+    handler._megacpt_train = True
+    handler.setFormatter(logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(message)s", "%H:%M:%S"))
+    logger.addHandler(handler)
+    logger.setLevel(lvl)
+    logger.propagate = False
 
 
 def run(args: argparse.Namespace) -> int:
