@@ -552,9 +552,18 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
         return None
     name = ptr.read_text().strip()
     path = root / name
-    if not _ITER_RE.match(name) or not (path / COMPLETE).is_file():
-        raise UserError(f"{ptr}: points to {name!r}, which is not a complete checkpoint in {root}")
-    return path
+    if _ITER_RE.match(name) and (path / COMPLETE).is_file():
+        return path
+    # e.g. killed between the two renames of re-saving the same iteration, or a dir deleted by hand
+    done = list_checkpoints(root)
+    if not done:
+        raise UserError(f"{ptr}: points to {name!r}, which is not a complete checkpoint in {root}, "
+                        "and there is no other")
+    import logging
+
+    logging.getLogger(__name__).warning("%s points to %r, which is not a complete checkpoint; using the newest "
+                                        "complete one, %s", ptr, name, done[-1].name)
+    return done[-1]
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:

@@ -14,6 +14,7 @@ from megacpt.cli import main
 from megacpt.convert import load_model
 from megacpt.convert.hf_gpt_neox import hf_to_megacpt, megacpt_to_hf
 from megacpt.errors import UserError
+from megacpt.train.checkpoint import latest_checkpoint
 
 from .helpers import assert_bit_exact, make_hf_dir, read_safetensors_dir
 
@@ -145,10 +146,14 @@ def test_checkpoint_problems(hf, tmp_path):
     os.unlink(tmp_path / "iter_0000005.tmp" / "complete.json")
     with pytest.raises(UserError, match="incomplete"):
         load_model(tmp_path / "iter_0000005.tmp")
-    # latest pointing nowhere
+    # latest pointing nowhere: the newest complete checkpoint is used (with a warning); none left: error
     (ck / "latest").write_text("iter_0000009\n")
+    assert latest_checkpoint(ck) == it
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "latest").write_text("iter_0000009\n")
     with pytest.raises(UserError, match=r"latest: points to 'iter_0000009', which is not a complete checkpoint"):
-        load_model(ck)
+        load_model(empty)
     (ck / "latest").write_text("iter_0000000\n")
     # model_config.json disagrees with the stored tensors
     cfg = json.loads((it / "model_config.json").read_text())
