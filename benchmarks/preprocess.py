@@ -37,9 +37,11 @@ import psutil
 NEOX_WHITESPACE = [" " * k for k in range(2, 25)]  # GPT-NeoX adds runs of 2..24 spaces as tokens
 
 
-def stdlib_sentences() -> list[str]:
+def stdlib_sentences(max_files: int = 1200) -> list[str]:
     out = []
-    for f in sorted(glob.glob(sysconfig.get_paths()["stdlib"] + "/**/*.py", recursive=True)):
+    files = [f for f in sorted(glob.glob(sysconfig.get_paths()["stdlib"] + "/**/*.py", recursive=True))
+             if "/test" not in f and "site-packages" not in f][:max_files]
+    for f in files:
         try:
             tree = ast.parse(Path(f).read_text(encoding="utf-8"))
         except (SyntaxError, UnicodeDecodeError, ValueError):
