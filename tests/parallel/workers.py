@@ -5,7 +5,7 @@ import torch
 import torch.distributed as dist
 
 from megacpt.config import ModelConfig, ParallelConfig
-from megacpt.model.gpt_neox import GPTNeoX
+from megacpt.model.gpt_neox import GPTNeoX, position_ids_from_doc_ids
 
 STEPS = 3
 LR = 1e-2
@@ -47,17 +47,18 @@ def reference(steps: int = STEPS):
     model = make_model()
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
     inp, tgt, doc = batch()
+    pos = position_ids_from_doc_ids(doc)  # positions restart per document: a second kwarg through PP
     losses, grads = [], None
     for step in range(steps):
         opt.zero_grad()
-        loss = lm_loss(model(inp, doc_ids=doc), tgt)
+        loss = lm_loss(model(inp, doc_ids=doc, position_ids=pos), tgt)
         loss.backward()
         if step == 0:
             grads = {n: p.grad.detach().numpy().copy() for n, p in model.named_parameters()}
         opt.step()
         losses.append(loss.item())
     with torch.no_grad():  # forward-only loss after training (validation path)
-        losses.append(lm_loss(model(inp, doc_ids=doc), tgt).item())
+        losses.append(lm_loss(model(inp, doc_ids=doc, position_ids=pos), tgt).item())
     return losses, grads
 
 
@@ -76,12 +77,16 @@ def run_layout(rank: int, world: int, pcfg: ParallelConfig, n_microbatches: int 
     inp, tgt, doc = batch()
     b = inp.shape[0] // dp  # this dp rank's share of the global batch
     inp, tgt, doc = (t[dp_rank * b:(dp_rank + 1) * b] for t in (inp, tgt, doc))
+    pos = position_ids_from_doc_ids(doc)
     model = make_model()
     if pcfg.pipeline_model_parallel_size > 1:
         pipe = build_pipeline(model, mesh, pcfg, n_microbatches)
         params = dict(pipe.named_parameters())
-        fwd_bwd = lambda: broadcast_loss(pipe.step(inp, tgt, doc_ids=doc), mesh)  # noqa: E731
-        evaluate = lambda: broadcast_loss(pipe.eval_step(inp, tgt, doc_ids=doc), mesh)  # noqa: E731
+        def fwd_bwd():
+            return broadcast_loss(pipe.step(inp, tgt, doc_ids=doc, position_ids=pos), mesh)
+
+        def evaluate():
+            return broadcast_loss(pipe.eval_step(inp, tgt, doc_ids=doc, position_ids=pos), mesh)
     else:
         model = parallelize(model, mesh, pcfg)
         params = dict(model.named_parameters())
@@ -91,25 +96,25 @@ def run_layout(rank: int, world: int, pcfg: ParallelConfig, n_microbatches: int 
             if via_hidden == "fused":  # the fused kernel: vocab-parallel itself, sums dL/dh over tp
                 from megacpt.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
 
-                h = model.hidden_states(inp, doc_ids=doc)
+                h = model.hidden_states(inp, doc_ids=doc, position_ids=pos)
                 w = model.embed_out.weight
                 w = w.to_local() if group is not None else w  # [V/tp, H] under TP
                 loss = fused_linear_cross_entropy(h.flatten(0, 1), w, tgt.flatten(), reduction="mean",
                                                   impl="torch", process_group=group)
             elif via_hidden:
                 # [b, s, H] full; its gradient from a vocab slice must be summed over tp
-                h = copy_to_tp_region(model.hidden_states(inp, doc_ids=doc), group)
+                h = copy_to_tp_region(model.hidden_states(inp, doc_ids=doc, position_ids=pos), group)
                 w = model.embed_out.weight
                 w = w.to_local() if group is not None else w  # [V/tp, H] under TP
                 loss = lm_loss(h @ w.T, tgt, group=group)
             else:
-                loss = lm_loss(model(inp, doc_ids=doc), tgt, group=group)
+                loss = lm_loss(model(inp, doc_ids=doc, position_ids=pos), tgt, group=group)
             loss.backward()
             return loss.detach()
 
         def evaluate():
             with torch.no_grad():
-                return lm_loss(model(inp, doc_ids=doc), tgt, group=group)
+                return lm_loss(model(inp, doc_ids=doc, position_ids=pos), tgt, group=group)
     opt = torch.optim.AdamW(params.values(), lr=LR)
     losses, grads = [], None
     for step in range(steps):
