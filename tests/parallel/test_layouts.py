@@ -2,7 +2,8 @@
 
 For each layout: the loss and every parameter's gradient on a fixed batch (two packed documents per row,
 document-aware mask, positions restarting per document) match the plain model within 1e-5, and 3 AdamW
-steps give the same losses, as does a forward-only (validation) loss after them. Layouts of one world size share one spawned process group (spawning dominates the runtime on 2 cores).
+steps give the same losses, as does a forward-only (validation) loss after them. Layouts of one world size
+share one spawned process group (spawning dominates the runtime on 2 cores).
 """
 from __future__ import annotations
 
