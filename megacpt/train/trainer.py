@@ -386,15 +386,16 @@ def forward_backward(model: Model, batches: list[tuple], job: JobConfig, rt: Run
     return (_dp_sum(local, rt) / tokens_per_iter).item()
 
 
+@torch.no_grad()
 def grad_norm(params: list[torch.nn.Parameter], rt: Runtime) -> float:
     """Global L2 norm of the gradients over every rank, each element counted once.
 
     A DTensor shard is replicated on ``world / (pp * n_shards)`` ranks (plain tensors: n_shards = 1); every
-    rank adds its squares divided by that count, then one all-reduce sums over the world.
+    rank adds its squared norms divided by that count, then one all-reduce sums over the world.
     """
     from torch.distributed.tensor import DTensor
 
-    sq = torch.zeros((), dtype=torch.float64, device=rt.device)
+    groups: dict[float, list[torch.Tensor]] = {}
     for p in params:
         g = p.grad
         if g is None:
@@ -405,10 +406,15 @@ def grad_norm(params: list[torch.nn.Parameter], rt: Runtime) -> float:
                 if pl.is_shard():
                     n_shards *= g.device_mesh.size(dim)
             g = g.to_local()
-        sq += g.detach().double().pow(2).sum() * (n_shards * rt.pp_size / rt.world_size)
+        groups.setdefault(n_shards * rt.pp_size / rt.world_size, []).append(g)
+    sq = torch.zeros((), dtype=torch.float64, device=rt.device)
+    for weight, grads in groups.items():
+        norms = torch._foreach_norm(grads)  # one fp32 norm per tensor, one kernel per dtype/device
+        sq += torch.stack(norms).double().pow(2).sum() * weight
     if rt.world_size > 1:
         dist.all_reduce(sq)
-    return math.sqrt(sq.item()) if math.isfinite(sq.item()) else float("nan")
+    total = sq.item()
+    return math.sqrt(total) if math.isfinite(total) else float("nan")
 
 
 @torch.no_grad()
