@@ -1,0 +1,98 @@
+"""Label-likelihood scoring (`megacpt eval finance`'s classification path) vs lm-eval-harness's HF method.
+
+Both paths score the same requests (k-shot-sized prompt + a 1-3 token label verbalisation, 3 labels per
+example) with the same weights (a Pythia-70M-shaped GPT-NeoX, random weights, vocab 50,304), in
+length-sorted batches of the same size, in one process, rounds interleaved:
+
+  baseline  HF GPTNeoXForCausalLM(ids).logits -> log_softmax over [b, s, V] -> gather the label tokens
+            (what lm-eval's HFLM does for loglikelihood requests)
+  megacpt   megacpt.selection.perplexity.sequence_nll(target_starts=...): trunk, then the fused output
+            layer on the label positions only (what EvalLM.loglikelihood calls)
+
+Prints requests/s of each, the ratio, and the max |log-likelihood difference|.
+
+    python benchmarks/eval_label_likelihood.py [--examples 16] [--prompt-len 256] [--batch 8] [--rounds 2]
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="pythia-70m")
+    ap.add_argument("--examples", type=int, default=16)
+    ap.add_argument("--prompt-len", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from megacpt.convert import load_model
+    from megacpt.model.hf_config import hf_config_from_model_config
+    from megacpt.model.presets import PRESETS
+    from megacpt.selection.perplexity import ScoringConfig, sequence_nll
+
+    cfg = PRESETS[args.preset]
+    hf = GPTNeoXForCausalLM(GPTNeoXConfig(**hf_config_from_model_config(cfg))).eval()
+    with tempfile.TemporaryDirectory() as d:
+        hf.save_pretrained(d)
+        model, mcfg = load_model(d)
+    model.cfg.vocab_size = cfg.padded_vocab()  # no padding rows in this random HF model: same softmax as HF
+
+    rng = np.random.default_rng(0)
+    seqs, starts = [], []
+    for _ in range(args.examples):
+        prompt = rng.integers(2, cfg.vocab_size, int(rng.integers(args.prompt_len // 2, args.prompt_len))).tolist()
+        for n_label in (1, 2, 3):  # three labels with 1..3 tokens
+            seqs.append(prompt + rng.integers(2, cfg.vocab_size, n_label).tolist())
+            starts.append(len(prompt))
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    n_tok = sum(map(len, seqs))
+
+    @torch.inference_mode()
+    def baseline() -> list[float]:
+        out = [0.0] * len(seqs)
+        for b in range(0, len(order), args.batch):
+            idx = order[b:b + args.batch]
+            s = max(len(seqs[i]) for i in idx)
+            ids = torch.zeros(len(idx), s, dtype=torch.long)
+            for r, i in enumerate(idx):
+                ids[r, : len(seqs[i])] = torch.tensor(seqs[i])
+            logp = torch.log_softmax(hf(ids).logits, dim=-1)  # [b, s, V]
+            for r, i in enumerate(idx):
+                pos = torch.arange(starts[i], len(seqs[i]))
+                out[i] = float(logp[r, pos - 1, ids[r, pos]].double().sum())
+        return out
+
+    def ours() -> list[float]:
+        res = sequence_nll(model, seqs, max(map(len, seqs)), ScoringConfig(seq_length=max(map(len, seqs)),
+                           micro_batch_size=args.batch), target_starts=starts)
+        return [-nll for _, nll in res]
+
+    times = {"baseline": [], "megacpt": []}
+    vals = {}
+    for _ in range(args.rounds):
+        for name, fn in (("baseline", baseline), ("megacpt", ours)):
+            t0 = time.perf_counter()
+            vals[name] = fn()
+            times[name].append(time.perf_counter() - t0)
+    best = {k: min(v) for k, v in times.items()}
+    diff = max(abs(a - b) for a, b in zip(vals["baseline"], vals["megacpt"]))
+    print(f"preset {args.preset}, {len(seqs)} requests ({n_tok} tokens), batch {args.batch}, {args.threads} threads")
+    for k in ("baseline", "megacpt"):
+        print(f"  {k:9s} {len(seqs) / best[k]:8.2f} requests/s  {n_tok / best[k]:9.0f} tokens/s  (best of {args.rounds})")
+    print(f"  megacpt / baseline: {best['baseline'] / best['megacpt']:.2f}x   max |loglik diff|: {diff:.2e}")
+
+
+if __name__ == "__main__":
+    main()
