@@ -85,10 +85,9 @@ def iteration_dirname(iteration: int) -> str:
 def to_jsonable(obj: Any, where: str = "extra") -> Any:
     """Encode ``obj`` (dict/list/tuple/scalars/None/tensors) as JSON-able data; tensors as raw bytes."""
     if isinstance(obj, torch.Tensor):
-        t = obj.detach()
-        if hasattr(t, "full_tensor"):  # DTensor: store the global value
-            t = t.full_tensor()
-        t = t.cpu().contiguous()
+        if hasattr(obj, "full_tensor"):  # gathering it here (rank 0 only) would hang the other ranks
+            raise UserError(f"{where}: a DTensor; put its .full_tensor() (or local shard) in extras")
+        t = obj.detach().cpu().contiguous()
         raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
         return {"__tensor__": {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
                                "data": base64.b64encode(raw).decode("ascii")}}
@@ -370,10 +369,20 @@ class CheckpointManager:
         # an optimizer that never stepped has no state; asking torch for its state dict would initialise it
         # with a zero-gradient step (AdamW: step=1), changing the training run: save "empty" instead
         has_state = any(len(o.state) for o in optimizers)
-        if _dist():
+        rank_json, bad = None, None
+        try:
+            rank_json = None if rank_extra is None else to_jsonable(rank_extra, f"rank_extra (rank {_rank()})")
+        except UserError as e:
+            bad = e
+        if _dist():  # agree on both before anything else is collective
             flags: list = [None] * _world()
-            dist.all_gather_object(flags, has_state)
-            has_state = any(flags)
+            dist.all_gather_object(flags, (has_state, None if bad is None else str(bad)))
+            has_state = any(f[0] for f in flags)
+            msgs = [f[1] for f in flags if f[1]]
+            if msgs and bad is None:
+                bad = UserError(msgs[0])
+        if bad is not None:
+            raise bad
         optim_kind = "none" if not optimizers else ("saved" if has_state else "empty")
         items = _state_items(models, optimizers if has_state else [], offsets)
         tensors = {k: v for k, v, _, _ in items if _is_tensor(v)}
@@ -383,9 +392,8 @@ class CheckpointManager:
             dist.all_gather_object(gathered, objects)
             for g in gathered:
                 objects.update(g)
-        if rank_extra is not None:
-            write_json_atomic(tmp / "rank_extra" / f"rank_{_rank():05d}.json",
-                              to_jsonable(rank_extra, "rank_extra"))
+        if rank_json is not None:
+            write_json_atomic(tmp / "rank_extra" / f"rank_{_rank():05d}.json", rank_json)
         err = None
         if _rank() == 0:
             try:
