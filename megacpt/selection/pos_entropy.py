@@ -15,7 +15,6 @@ Tagging uses only ``tok2vec`` (the tagger's input features), ``tagger`` and ``at
 from __future__ import annotations
 
 import argparse
-import math
 import multiprocessing as mp
 import os
 from collections import Counter

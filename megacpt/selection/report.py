@@ -133,7 +133,7 @@ def build_report(manifests: list[str], out_dir: str, extra_scores: list[str] = (
     import matplotlib.pyplot as plt
 
     from megacpt.data.indexed import IndexedDataset
-    from megacpt.selection.combine import load_metrics
+    from megacpt.selection.combine import load_metrics, metric_of, percentile_rank
     from megacpt.selection.documents import DocumentTexts, dataset_identity, same_dataset
     from megacpt.selection.sample import Budget
     from megacpt.selection.scores import read_scores
@@ -163,7 +163,6 @@ def build_report(manifests: list[str], out_dir: str, extra_scores: list[str] = (
     # metrics: every score file the selections used, plus extra ones (first file per metric wins)
     paths = list(dict.fromkeys([s["path"] for sel in sels for s in sel.manifest.get("scores", [])] + list(extra_scores)))
     files, seen = [], set()
-    from megacpt.selection.combine import metric_of
     for p in paths:
         sf = read_scores(p)
         if metric_of(sf) not in seen:
@@ -249,8 +248,6 @@ def build_report(manifests: list[str], out_dir: str, extra_scores: list[str] = (
             doc.image(f"hist_{name}.png", f"{METRIC_TITLES[name]} histogram")
 
         doc.h2("Metric correlations (Spearman, non-empty documents)")
-        from megacpt.selection.combine import percentile_rank
-
         keep = lengths > 0
         cols = {n: percentile_rank(m.values[keep], m.undefined[keep]) for n, m in metrics.items()}
         cols["length"] = percentile_rank(lengths[keep].astype(float))

@@ -104,7 +104,8 @@ class SentenceTransformerEmbedder:
 
     def encode(self, texts, batch_size):
         if not texts:
-            return np.zeros((0, self.model.get_sentence_embedding_dimension()), np.float32)
+            dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+            return np.zeros((0, dim()), np.float32)
         return self.model.encode(list(texts), batch_size=batch_size, normalize_embeddings=True,
                                  convert_to_numpy=True, show_progress_bar=False).astype(np.float32)
 
@@ -189,7 +190,7 @@ def score_dataset(prefix: str, task_data: str, out: str, cfg: SimilarityConfig, 
     docs = DocumentTexts(prefix, tokenizer)
     tasks = read_task_texts(task_data, json_keys)
     embedder = embedder or SentenceTransformerEmbedder(cfg.model, cfg.device, cfg.dtype)
-    task_emb, task_chunks = embed_texts(tasks, embedder, cfg)
+    task_emb, _ = embed_texts(tasks, embedder, cfg)
     config = {**asdict(cfg), "model": embedder.name, "dtype": getattr(embedder, "dtype", cfg.dtype),
               "task_data": str(Path(task_data).resolve()),
               "task_sha256": sha256_file(task_data), "json_keys": list(json_keys), "num_task_examples": len(tasks)}

@@ -1,7 +1,6 @@
 import math
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 
 from megacpt.cli import main

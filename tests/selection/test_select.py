@@ -1,15 +1,16 @@
 import itertools
 import json
+import os
 
 import numpy as np
 import pytest
 
 from megacpt.cli import main
-from megacpt.data.indexed import IndexedDataset, IndexedDatasetWriter, read_sidecar
+from megacpt.data.indexed import IndexedDataset, IndexedDatasetWriter, read_sidecar, write_sidecar
 from megacpt.errors import UserError
-from megacpt.selection.combine import combined_score, load_metrics, parse_weights, percentile_rank, Metric
+from megacpt.selection.combine import Metric, combined_score, parse_weights, percentile_rank
 from megacpt.selection.documents import dataset_identity
-from megacpt.selection.sample import Budget, hard_order, soft_order, take_budget
+from megacpt.selection.sample import Budget, soft_order, take_budget
 from megacpt.selection.scores import score_metadata, write_scores
 from megacpt.selection.select import SelectConfig, compute_selection, replay, select
 
@@ -32,14 +33,13 @@ def corpus(tmp_path):
     with IndexedDatasetWriter(prefix, np.uint16) as w:
         for d, n in enumerate(lengths):
             w.add_document([np.full(n, d)] if n else [])
-    from megacpt.data.indexed import write_sidecar
     write_sidecar(prefix, {"tokenizer": {"type": "fake", "sha256": "abc", "eod": 0}, "dtype": "uint16"})
     return prefix, lengths
 
 
 def _outputs(prefix):
     return [p for p in (prefix + s for s in (".bin", ".idx", ".meta.json", ".manifest.json"))
-            if __import__("os").path.exists(p)]
+            if os.path.exists(p)]
 
 
 def test_percentile_rank_ties_and_undefined():
