@@ -113,7 +113,9 @@ def _train_config(s: DemoSettings, blend: str, save: str, iters: int, lr: float,
         "model_preset": "tiny",
         "model": {"vocab_size": s.vocab_size, "hidden_size": s.model.hidden_size, "num_layers": s.model.num_layers,
                   "num_heads": s.model.num_heads, "max_position_embeddings": s.seq_length},
-        "data": {"blend": [blend], "split": "100,0,0", "seq_length": s.seq_length, "tokenizer": "tokenizer"},
+        # index caches go with the run (the default, beside the data, would change another stage's outputs)
+        "data": {"blend": [blend], "split": "100,0,0", "seq_length": s.seq_length, "tokenizer": "tokenizer",
+                 "cache_dir": f"{save}/data-cache"},
         "optimizer": {"lr": lr, "weight_decay": 0.1},
         "scheduler": {"warmup_iters": max(1, round(s.warmup_fraction * iters)), "decay_style": "cosine",
                       "min_lr": lr * s.min_lr_ratio, "warmup_init_lr": 0.0},
@@ -217,7 +219,8 @@ def build_stages(s: DemoSettings) -> list[Stage]:
             return {k: m[k] for k in ("num_selected", "selected_tokens") if k in m}
 
         stages.append(Stage(f"select-{st}", [out], select, params={"budget": s.budget_fraction, "seed": s.seed},
-                            deps=["preprocess", *[score_stage[m] for m in metrics]]))
+                            deps=["preprocess", *[score_stage[m] for m in metrics]],
+                            volatile=("*.manifest.json", "*.meta.json")))
         train_data[st] = f"{out}/selected"
 
     selected = [st for st in s.strategies if st != "full"]

@@ -37,6 +37,10 @@ class Stage:
     fn: Callable[["StageContext"], dict | None]  # does the work; returns info recorded in the manifest
     params: dict = field(default_factory=dict)
     deps: list[str] = field(default_factory=list)
+    # glob patterns (on the relative path) of outputs whose bytes differ between identical runs (timestamps,
+    # timings): still checked for corruption, but left out of downstream fingerprints so an identical redo
+    # does not cascade
+    volatile: tuple[str, ...] = ()
 
 
 @dataclass
@@ -182,7 +186,14 @@ class StageRunner:
             return {"stages": {}}
 
     def fingerprint(self, stage: Stage) -> str:
-        up = {d: self.manifest["stages"].get(d, {}).get("outputs") for d in stage.deps}
+        import fnmatch
+
+        up = {}
+        for d in stage.deps:
+            entry = self.manifest["stages"].get(d, {})
+            vol = entry.get("volatile", [])
+            up[d] = {rel: h["sha256"] for rel, h in (entry.get("outputs") or {}).items()
+                     if not any(fnmatch.fnmatch(rel, pat) for pat in vol)} if entry else None
         blob = json.dumps({"params": stage.params, "outputs": stage.outputs, "upstream": up},
                           sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()
@@ -236,7 +247,8 @@ class StageRunner:
             if not outputs:
                 raise UserError(f"stage {stage.name} produced none of its outputs {stage.outputs} (log: {log})")
             peak = max(ctx.peak_rss_kb, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-            entry = {"fingerprint": self.fingerprint(stage), "outputs": outputs, "wall_s": round(wall, 3),
+            entry = {"fingerprint": self.fingerprint(stage), "outputs": outputs, "volatile": list(stage.volatile),
+                     "wall_s": round(wall, 3),
                      "peak_rss_mb": round(peak / 1024, 1), "info": info,
                      "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
             self.manifest["stages"][stage.name] = entry

@@ -104,7 +104,7 @@ def test_rerun_skips_and_corruption_is_redone(demo_run):
     shutil.rmtree(wd / "runs" / "cpt-random")
     retrained = _demo(wd)
     redo = [x for x in retrained.stdout.splitlines() if "running (" in x]
-    assert [x.split()[2] for x in redo] == ["cpt-random", "eval-cpt-random"], retrained.stdout
+    assert [x.split("]", 1)[1].split()[0] for x in redo] == ["cpt-random", "eval-cpt-random"], retrained.stdout
     after = json.loads((wd / "report.json").read_text())
     key = lambda rep: [(r["name"], r["tokens_trained"], r["domain_ppl"], r["general_ppl"], r["task_score"])  # noqa
                        for r in rep["runs"]]

@@ -99,7 +99,7 @@ def test_unreachable_registry_message(tmp_path, monkeypatch):
         sources.fetch("lm-lexicon", tmp_path)
 
 
-def _stages(calls: list[str], value: str = "v1") -> list[Stage]:
+def _stages(calls: list[str], value: str = "v1", volatile: bool = False) -> list[Stage]:
     def make_a(ctx):
         calls.append("a")
         ctx.path("a").mkdir()
@@ -110,7 +110,30 @@ def _stages(calls: list[str], value: str = "v1") -> list[Stage]:
         calls.append("b")
         ctx.path("b.txt").write_text((ctx.path("a") / "x.txt").read_text() + "+b")
 
-    return [Stage("a", ["a"], make_a, params={"v": value}), Stage("b", ["b.txt"], make_b, deps=["a"])]
+    def make_c(ctx):
+        calls.append("c")
+        ctx.path("c").mkdir()
+        (ctx.path("c") / "data").write_text((ctx.path("a") / "x.txt").read_text())
+        (ctx.path("c") / "log").write_text(f"made at {len(calls)}")   # differs on every run
+
+    def make_d(ctx):
+        calls.append("d")
+        ctx.path("d.txt").write_text((ctx.path("c") / "data").read_text() + "+d")
+
+    ab = [Stage("a", ["a"], make_a, params={"v": value}), Stage("b", ["b.txt"], make_b, deps=["a"])]
+    return ab + ([Stage("c", ["c"], make_c, deps=["a"], volatile=("c/log",)),
+                  Stage("d", ["d.txt"], make_d, deps=["c"])] if volatile else [])
+
+
+def test_volatile_outputs_do_not_cascade(tmp_path):
+    calls: list[str] = []
+    StageRunner(tmp_path, echo=lambda s: None).run(_stages(calls, volatile=True))
+    (tmp_path / "c" / "data").write_text("XX")            # corrupt c: redone, its log differs, data the same
+    StageRunner(tmp_path, echo=lambda s: None).run(_stages(calls, volatile=True))
+    assert calls == ["a", "b", "c", "d", "c"]
+    (tmp_path / "c" / "log").write_text("tampered")       # a volatile file is still checked for corruption
+    StageRunner(tmp_path, echo=lambda s: None).run(_stages(calls, volatile=True))
+    assert calls[-1] == "c" and (tmp_path / "d.txt").read_text() == "v1+d"
 
 
 def test_stage_runner_skips_redoes_and_detects_corruption(tmp_path):
