@@ -288,6 +288,10 @@ def test_rerun_replaces_atomically_and_failure_keeps_old(tmp_path, tiny_tokenize
         run_pp(tmp_path, tiny_tokenizer_dir, [src])
     assert (tmp_path / "out_text_document.bin").read_bytes() == before
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    umask = os.umask(0)
+    os.umask(umask)
+    for ext in (".bin", ".idx", ".meta.json"):  # not the 0600 of a temp file
+        assert (tmp_path / f"out_text_document{ext}").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_cli_flags_frozen_and_inspect(tmp_path, tiny_tokenizer_dir, capsys):
