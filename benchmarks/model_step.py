@@ -81,7 +81,7 @@ def build_pair(preset: str, device: str, dtype: torch.dtype, with_hf: bool):
 def step_fn(model, is_hf: bool):
     def step(ids):
         inp, tgt = ids[:, :-1], ids[:, 1:]
-        logits = model(input_ids=inp).logits if is_hf else model(inp)
+        logits = model(input_ids=inp, use_cache=False).logits if is_hf else model(inp)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), tgt.flatten())
         loss.backward()
         return loss
