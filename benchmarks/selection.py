@@ -18,6 +18,7 @@ import argparse
 import os
 import pkgutil
 import sys
+import sysconfig
 import tempfile
 import time
 from pathlib import Path
@@ -34,8 +35,8 @@ def stdlib_prose(n_docs: int, chars: int) -> list[str]:
 
     seen, paras = set(), []
     warnings.simplefilter("ignore")
-    for mod in sorted(m.name for m in pkgutil.iter_modules() if m.module_finder.path.endswith("python3.11")
-                      or "lib/python3" in str(getattr(m.module_finder, "path", ""))):
+    stdlib = sysconfig.get_paths()["stdlib"]
+    for mod in sorted(m.name for m in pkgutil.iter_modules([stdlib])):
         if mod.startswith(("_", "test", "idlelib", "tkinter", "turtle", "antigravity", "this")):
             continue
         try:
