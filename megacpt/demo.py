@@ -22,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="redo every stage even if its outputs are intact")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads per command (toy models: 1 is fastest)")
     p.add_argument("--child-processes", action="store_true",
-                   help="run every command as a child process (default already; --quick runs them in-process)")
+                   help="run every command as a child process (isolated memory; default: in this process)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -45,13 +45,13 @@ class DemoSettings:
     strategies: tuple[str, ...] = STRATEGIES
     sizes: CorpusSizes = field(default_factory=CorpusSizes)
     vocab_size: int = 4096
-    model: ModelShape = field(default_factory=ModelShape)
+    model: ModelShape = field(default_factory=lambda: ModelShape(128, 3, 4))
     seq_length: int = 256
     micro_batch_size: int = 16
     global_batch_size: int = 16
     base_epochs: float = 1.0        # passes over the general corpus for the base model
     base_lr: float = 3e-3
-    cpt_epochs: float = 2.0         # passes over each CPT dataset (full: the whole crawl)
+    cpt_epochs: float = 1.0         # passes over each CPT dataset (full: the whole crawl, 10x the tokens)
     cpt_lr: float = 1e-3            # CPT re-warms to a lower peak than pre-training (METHOD.md §1)
     warmup_fraction: float = 0.05
     min_lr_ratio: float = 0.1
@@ -64,7 +64,8 @@ class DemoSettings:
     # Toy models are overhead-bound: one intra-op thread is as fast on an idle machine and 10x faster on a
     # loaded one (OpenMP threads spin-wait for a busy core). Left out of the stage fingerprints.
     threads: int = 1
-    in_process: bool = False        # commands in this process (quick: no per-command start-up) or children
+    # commands run in this process (no interpreter + torch start-up per command: ~35 commands) or as children
+    in_process: bool = True
 
     def fingerprint_dict(self) -> dict:
         d = asdict(self)
@@ -78,7 +79,7 @@ class DemoSettings:
             kw = {"sizes": CorpusSizes.quick(), "vocab_size": 2048, "model": ModelShape(64, 2, 4), "seq_length": 128,
                   "micro_batch_size": 8, "global_batch_size": 8, "base_epochs": 1.0, "cpt_epochs": 1.0,
                   "eval_shots": 2, "eval_bootstrap": 50, "similarity_chunk_tokens": 32,
-                  "in_process": True, **kw}
+                  **kw}
         s = cls(quick=quick, **kw)
         bad = [x for x in s.strategies if x not in STRATEGIES]
         if bad or not s.strategies:
@@ -335,8 +336,8 @@ def collect_results(workdir: Path, s: DemoSettings, summary: list[dict]):
         title="megacpt demo: data selection for domain-adaptive continual pre-training at toy scale",
         date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), origin=card["origin"], seed=s.seed,
         budget_fraction=s.budget_fraction, runs=runs,
-        stages=[{"name": x["name"], "wall_s": x["wall_s"], "peak_rss_mb": x["peak_rss_mb"], "skipped": x["skipped"]}
-                for x in summary],
+        stages=[{"name": x["name"], "wall_s": x["wall_s"], "cpu_s": x.get("cpu_s"), "peak_rss_mb": x["peak_rss_mb"],
+                 "skipped": x["skipped"]} for x in summary],
         corpora=card,
         settings={"model": f"GPT-NeoX {s.model.num_layers}L/{s.model.hidden_size}H/{s.model.num_heads} heads, "
                            f"vocab {s.vocab_size} (BPE trained on the general corpus)",
@@ -372,8 +373,9 @@ def run_demo(workdir: Path, s: DemoSettings, force: bool = False, echo=print) ->
     md, _ = write_report(res, workdir)
     wall = time.perf_counter() - t0
     peak = max(x["peak_rss_mb"] for x in summary)
-    echo(f"demo finished in {wall:.1f}s ({sum(not x['skipped'] for x in summary)} stages ran, "
-         f"{sum(x['skipped'] for x in summary)} skipped); peak RSS {peak:.0f} MB; report: {md}")
+    ran = [x for x in summary if not x["skipped"]]
+    echo(f"demo finished in {wall:.1f}s ({len(ran)} stages ran, CPU {sum(x.get('cpu_s') or 0 for x in ran):.0f}s; "
+         f"{len(summary) - len(ran)} skipped); peak RSS {peak:.0f} MB; report: {md}")
     for r in res.runs:
         echo(f"  {r.name:<9} tokens {r.tokens_trained:>9,}  domain ppl {r.domain_ppl:8.2f}  "
              f"general ppl {r.general_ppl:8.2f}  task F1 {r.task_score:.3f}")

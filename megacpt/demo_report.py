@@ -172,11 +172,15 @@ def write_report(res: DemoResults, out_dir: Path) -> tuple[Path, Path]:
     md += ["", f"Domain crawl composition: {card.get('domain_crawl_sources')}",
            f"Task labels (test): {card.get('task_label_counts')} — {card.get('weak_labels', '')}", "",
            "Sources:"] + [f"- {p}" for p in card.get("provenance", [])]
-    md += ["", "## Stages", "", "| stage | wall (s) | peak RSS (MB) | this run |", "|---|---:|---:|---|"]
-    md += [f"| {s['name']} | {s['wall_s']:.1f} | {s['peak_rss_mb']:.0f} | {'skipped' if s['skipped'] else 'ran'} |"
+    md += ["", "## Stages", "", "Wall and CPU time of each stage when it last ran (CPU = user + system of the demo and "
+           "its children; with one thread per command it is the wall time an idle machine would show).", "",
+           "| stage | wall (s) | CPU (s) | peak RSS (MB) |", "|---|---:|---:|---:|"]
+    md += [f"| {s['name']} | {s['wall_s']:.1f} | {_fmt(s.get('cpu_s'), 1)} | {s['peak_rss_mb']:.0f} |"
            for s in res.stages]
     if res.stages:
-        md.append(f"\nPeak RSS over all stages: {max(s['peak_rss_mb'] for s in res.stages):.0f} MB")
+        md.append(f"\nTotal: wall {sum(s['wall_s'] for s in res.stages):.0f} s, CPU "
+                  f"{sum(s.get('cpu_s') or 0 for s in res.stages):.0f} s; peak RSS over all stages "
+                  f"{max(s['peak_rss_mb'] for s in res.stages):.0f} MB")
     md += ["", "## Plots", ""] + [f"![{t}]({p})" for t, p in plots]
     if res.notes:
         md += ["", "## Notes", ""] + [f"- {n}" for n in res.notes]

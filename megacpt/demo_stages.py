@@ -164,6 +164,12 @@ def _files(workdir: Path, rel: str) -> list[Path]:
     return [p] if p.exists() else []
 
 
+def _cpu_s() -> float:
+    """CPU seconds (user + system) of this process and its waited-for children: load-independent cost."""
+    a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
+
+
 def hash_outputs(workdir: Path, outputs: list[str]) -> dict[str, dict]:
     return {str(f.relative_to(workdir)): {"size": f.stat().st_size, "sha256": sha256_file(f)}
             for rel in outputs for f in _files(workdir, rel)}
@@ -240,20 +246,20 @@ class StageRunner:
             log = self.workdir / "logs" / f"{stage.name}.log"
             log.unlink(missing_ok=True)
             ctx = StageContext(self.workdir, stage, log, env=self.env, in_process=self.in_process)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), _cpu_s()
             info = stage.fn(ctx) or {}
-            wall = time.perf_counter() - t0
+            wall, cpu = time.perf_counter() - t0, _cpu_s() - c0
             outputs = hash_outputs(self.workdir, stage.outputs)
             if not outputs:
                 raise UserError(f"stage {stage.name} produced none of its outputs {stage.outputs} (log: {log})")
             peak = max(ctx.peak_rss_kb, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
             entry = {"fingerprint": self.fingerprint(stage), "outputs": outputs, "volatile": list(stage.volatile),
-                     "wall_s": round(wall, 3),
+                     "wall_s": round(wall, 3), "cpu_s": round(cpu, 3),
                      "peak_rss_mb": round(peak / 1024, 1), "info": info,
                      "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
             self.manifest["stages"][stage.name] = entry
             self._save()
-            self.echo(f"{head} done in {wall:.1f}s (peak RSS {entry['peak_rss_mb']:.0f} MB)")
+            self.echo(f"{head} done in {wall:.1f}s, CPU {cpu:.1f}s (peak RSS {entry['peak_rss_mb']:.0f} MB)")
             self.summary.append({**entry, "name": stage.name, "skipped": False})
         return self.summary
 

