@@ -111,12 +111,20 @@ if HAS_TRITON:
 # ----------------------------------------------------------------------------------------------------
 # 2. launcher
 # ----------------------------------------------------------------------------------------------------
-def _triton_config(device: torch.device) -> tuple[int, int, int, int, int]:
-    """(BLOCK_N, BLOCK_V, BLOCK_H, num_warps, target #programs). The interpreter gets tiny tiles."""
+def _triton_config(device: torch.device, dtype: torch.dtype) -> tuple[int, int, int, int, int]:
+    """(BLOCK_N, BLOCK_V, BLOCK_H, num_warps, target #programs). The interpreter gets tiny tiles.
+
+    Each row block streams all of W once, so W traffic is (N / BLOCK_N) * V * H: BLOCK_N = 128 halves it
+    against 64; programs of one vocab split run side by side and share W tiles through L2. fp32 (IEEE
+    dot, no tensor-core TF32) uses smaller tiles for register pressure. Untuned: no GPU was available
+    when this was written; ``benchmarks/score.py --device cuda`` is the place to tune it.
+    """
     if device.type != "cuda":  # TRITON_INTERPRET=1 on CPU: correctness only, keep tiles small
         return 16, 32, 16, 1, 4
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return 64, 128, 64, 8, 4 * sms
+    if dtype == torch.float32:
+        return 64, 64, 32, 4, 4 * sms
+    return 128, 128, 64, 8, 2 * sms
 
 
 def _triton_lse_target(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], t: torch.Tensor,
@@ -128,7 +136,7 @@ def _triton_lse_target(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tenso
     h = h.contiguous()
     w = w if w.stride(1) == 1 else w.contiguous()
     b = None if b is None else b.contiguous()
-    block_n, block_v, block_h, warps, target_programs = _triton_config(h.device)
+    block_n, block_v, block_h, warps, target_programs = _triton_config(h.device, h.dtype)
     n_tiles = triton.cdiv(max(v_valid, 0), block_v)
     row_blocks = triton.cdiv(n, block_n)
     # split the vocab loop over programs when there are too few token blocks to fill the GPU

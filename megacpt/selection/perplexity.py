@@ -160,7 +160,7 @@ def sequence_nll(model, token_lists: Sequence[np.ndarray | Sequence[int]], seq_l
     log-likelihood classification); a list longer than ``seq_length`` with ``target_starts`` is an error
     (truncate the prompt on the left first).
     """
-    cfg = cfg or ScoringConfig(seq_length=seq_length)
+    cfg = cfg or ScoringConfig(seq_length=seq_length, tokens_per_batch=max(seq_length, 8192))
     if cfg.seq_length != seq_length:
         cfg = ScoringConfig(**{**asdict(cfg), "seq_length": seq_length})
     cfg.validate()
