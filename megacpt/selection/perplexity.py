@@ -361,7 +361,7 @@ def score_dataset(model, dataset_prefix: str, seq_length: int, out: str, cfg: Sc
     summary = {"out": str(outp), "documents_scored": int(totals[1]), "tokens_scored": int(totals[0]),
                "padding_fraction": 1 - float(totals[0]) / max(float(totals[2]), 1.0),
                "seconds": elapsed, "tokens_per_s": float(totals[0]) / max(elapsed, 1e-9),
-               "tokens_per_s_per_gpu": float(totals[0]) / max(elapsed, 1e-9) / world,
+               "tokens_per_s_per_rank": float(totals[0]) / max(elapsed, 1e-9) / world,
                "world_size": world, "shards_resumed": done_before, **_peak_memory(device)}
     return summary
 
