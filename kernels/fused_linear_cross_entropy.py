@@ -211,36 +211,61 @@ def _torch_lse_target(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor
     return lse, tgt
 
 
+def _backward_compute_dtype(w: torch.Tensor) -> torch.dtype:
+    """Backward matmuls run in bf16/fp16 on GPUs (tensor cores, fp32 accumulation; Liger does the same);
+    everywhere else, and for fp32 inputs, in fp32."""
+    return w.dtype if (w.is_cuda and w.dtype in (torch.bfloat16, torch.float16)) else torch.float32
+
+
 def _torch_backward(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], t: torch.Tensor,
                     lse: torch.Tensor, grad_nll: torch.Tensor, v_valid: int, v_offset: int,
                     ignore_index: int, need_dh: bool, need_dw: bool, need_db: bool,
-                    chunk_size: int = DEFAULT_CHUNK):
-    """Chunked recompute: dlogits = (exp(logits - lse) - onehot(t)) * grad_nll, per token chunk."""
+                    chunk_size: int = DEFAULT_CHUNK, compute_dtype: Optional[torch.dtype] = None):
+    """Chunked recompute: dlogits = (exp(logits - lse) - onehot(t)) * grad_nll, per token chunk.
+
+    Softmax and dlogits are fp32; dh, dW, db accumulate in fp32. With a 16-bit ``compute_dtype`` the
+    logits recompute and the two grad matmuls take 16-bit inputs (their products are added in fp32).
+    """
     n, hdim = h.shape
+    cdt = compute_dtype or _backward_compute_dtype(w)
     dh = torch.zeros(n, hdim, dtype=torch.float32, device=h.device) if need_dh else None
     dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_dw else None
     db = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device) if need_db else None
     if n == 0 or v_valid <= 0:
         return dh, dw, db
-    w32, b32 = _as_fp32(w[:v_valid]), _as_fp32(None if b is None else b[:v_valid])
+    wc = w[:v_valid].to(cdt)                                       # [Vv, H] (no copy when dtypes agree)
+    b32 = _as_fp32(None if b is None else b[:v_valid])
     local = t - v_offset
     on_shard = (t != ignore_index) & (local >= 0) & (local < v_valid)
     g = torch.where(t == ignore_index, torch.zeros_like(grad_nll), grad_nll).float()  # [N]
     c = max(1, min(chunk_size, n))
-    buf = torch.empty(c, v_valid, dtype=torch.float32, device=h.device)
+    buf = torch.empty(c, v_valid, dtype=torch.float32, device=h.device) if cdt == torch.float32 else None
     for s in range(0, n, c):
         e = min(s + c, n)
-        p = _chunk_logits(h[s:e], w32, b32, out=buf[: e - s])
+        hc = h[s:e].to(cdt)                                                     # [c, H]
+        if cdt == torch.float32:
+            p = _chunk_logits(hc, wc, b32, out=buf[: e - s])                    # [c, Vv] fp32
+        else:
+            p = (hc @ wc.t()).float()
+            if b32 is not None:
+                p += b32
         p.sub_(lse[s:e, None]).exp_()                                          # softmax [c, Vv]
         rows = torch.nonzero(on_shard[s:e]).squeeze(1)
         p[rows, local[s:e][rows]] -= 1.0
-        p.mul_(g[s:e, None])                                                    # dlogits [c, Vv]
-        if dh is not None:
-            dh[s:e] = p @ w32
-        if dw is not None:
-            dw[:v_valid].addmm_(p.t(), h[s:e].float())
+        p.mul_(g[s:e, None])                                                    # dlogits [c, Vv] fp32
         if db is not None:
             db[:v_valid] += p.sum(0)
+        if cdt == torch.float32:
+            if dh is not None:
+                dh[s:e] = p @ wc
+            if dw is not None:
+                dw[:v_valid].addmm_(p.t(), hc)
+        else:
+            p16 = p.to(cdt)
+            if dh is not None:
+                dh[s:e] = p16 @ wc
+            if dw is not None:
+                dw[:v_valid] += p16.t() @ hc
     return dh, dw, db
 
 
