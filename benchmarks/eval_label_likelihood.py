@@ -1,17 +1,20 @@
 """Label-likelihood scoring (`megacpt eval finance`'s classification path) vs lm-eval-harness's HF method.
 
-Both paths score the same requests (k-shot-sized prompt + a 1-3 token label verbalisation, 3 labels per
-example) with the same weights (a Pythia-70M-shaped GPT-NeoX, random weights, vocab 50,304), in
-length-sorted batches of the same size, in one process, rounds interleaved:
+Both paths score the same requests (a k-shot-sized prompt + each of 3 label verbalisations) with the same
+weights (a Pythia-70M-shaped GPT-NeoX, random weights, vocab 50,304), in length-sorted batches of the same
+size, in one process, rounds interleaved:
 
-  baseline  HF GPTNeoXForCausalLM(ids).logits -> log_softmax over [b, s, V] -> gather the label tokens
-            (what lm-eval's HFLM does for loglikelihood requests)
-  megacpt   megacpt.selection.perplexity.sequence_nll(target_starts=...): trunk, then the fused output
-            layer on the label positions only (what EvalLM.loglikelihood calls)
+  baseline  HF GPTNeoXForCausalLM(ids).logits -> log_softmax over [b, s, V] -> gather the label tokens,
+            one sequence per (prompt, label) (what lm-eval's HFLM does for loglikelihood requests)
+  megacpt   EvalLM.loglikelihood (what `eval finance` runs): single-token labels from one next-token
+            distribution per prompt; longer labels through sequence_nll (fused output layer on the label
+            positions only)
 
-Prints requests/s of each, the ratio, and the max |log-likelihood difference|.
+``--label-tokens 1`` (default) is the FPB/FiQA/Headline case with Pythia's tokenizer (" positive",
+" negative", " neutral", " Yes", " No" are single tokens); ``--label-tokens 3`` uses labels of 1, 2 and
+3 tokens. Token ids stand in for text (a stub tokenizer reads "12 7 99" as [12, 7, 99]).
 
-    python benchmarks/eval_label_likelihood.py [--examples 16] [--prompt-len 256] [--batch 8] [--rounds 2]
+    python benchmarks/eval_label_likelihood.py [--label-tokens 1|3] [--examples 16] [--prompt-len 256] [--batch 8]
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--label-tokens", type=int, default=1, choices=[1, 3])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -40,20 +44,20 @@ def main() -> None:
     from megacpt.convert import load_model
     from megacpt.model.hf_config import hf_config_from_model_config
     from megacpt.model.presets import PRESETS
-    from megacpt.selection.perplexity import ScoringConfig, sequence_nll
+    from megacpt.eval.lm import EvalLM
 
     cfg = PRESETS[args.preset]
     hf = GPTNeoXForCausalLM(GPTNeoXConfig(**hf_config_from_model_config(cfg))).eval()
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)
-        model, mcfg = load_model(d)
+        model, _ = load_model(d)
     model.cfg.vocab_size = cfg.padded_vocab()  # no padding rows in this random HF model: same softmax as HF
 
     rng = np.random.default_rng(0)
     seqs, starts = [], []
     for _ in range(args.examples):
         prompt = rng.integers(2, cfg.vocab_size, int(rng.integers(args.prompt_len // 2, args.prompt_len))).tolist()
-        for n_label in (1, 2, 3):  # three labels with 1..3 tokens
+        for n_label in ((1, 1, 1) if args.label_tokens == 1 else (1, 2, 3)):  # three labels
             seqs.append(prompt + rng.integers(2, cfg.vocab_size, n_label).tolist())
             starts.append(len(prompt))
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
@@ -74,10 +78,17 @@ def main() -> None:
                 out[i] = float(logp[r, pos - 1, ids[r, pos]].double().sum())
         return out
 
+    class IdTokenizer:  # text is space-separated token ids
+        vocab_size, eod = cfg.padded_vocab(), 0
+
+        def encode(self, text):
+            return [int(x) for x in text.split()]
+
+    lm = EvalLM(model, IdTokenizer(), max_length=cfg.max_position_embeddings, batch_size=args.batch)
+    requests = [(" ".join(map(str, x[:st])), " " + " ".join(map(str, x[st:]))) for x, st in zip(seqs, starts)]
+
     def ours() -> list[float]:
-        res = sequence_nll(model, seqs, max(map(len, seqs)), ScoringConfig(seq_length=max(map(len, seqs)),
-                           micro_batch_size=args.batch), target_starts=starts)
-        return [-nll for _, nll in res]
+        return [ll for ll, _ in lm.loglikelihood(requests)]
 
     times = {"baseline": [], "megacpt": []}
     vals = {}
@@ -88,7 +99,8 @@ def main() -> None:
             times[name].append(time.perf_counter() - t0)
     best = {k: min(v) for k, v in times.items()}
     diff = max(abs(a - b) for a, b in zip(vals["baseline"], vals["megacpt"]))
-    print(f"preset {args.preset}, {len(seqs)} requests ({n_tok} tokens), batch {args.batch}, {args.threads} threads")
+    print(f"preset {args.preset}, {len(seqs)} requests ({n_tok} tokens), labels of {args.label_tokens} token(s) max, "
+          f"batch {args.batch}, {args.threads} threads")
     for k in ("baseline", "megacpt"):
         print(f"  {k:9s} {len(seqs) / best[k]:8.2f} requests/s  {n_tok / best[k]:9.0f} tokens/s  (best of {args.rounds})")
     print(f"  megacpt / baseline: {best['baseline'] / best['megacpt']:.2f}x   max |loglik diff|: {diff:.2e}")

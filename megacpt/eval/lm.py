@@ -83,23 +83,53 @@ class EvalLM:
             ids[i, : len(x)] = torch.tensor(x, dtype=torch.long)
         return self.model.hidden_states(ids.to(self.device))
 
+    @torch.inference_mode()
+    def next_token_logits(self, seqs: Sequence[list[int]]) -> torch.Tensor:
+        """fp32 logits [n, vocab_size] of the token after each sequence (real vocab only), batched."""
+        w = self.model.embed_out.weight[: self.vocab_size].float()
+        out = torch.empty(len(seqs), self.vocab_size, dtype=torch.float32)
+        for b in range(0, len(seqs), self.batch_size):
+            batch = seqs[b:b + self.batch_size]
+            hidden = self._forward_hidden(batch)
+            last = hidden[torch.arange(len(batch)), torch.tensor([len(x) - 1 for x in batch])]  # [b, H]
+            out[b:b + len(batch)] = (last.float() @ w.T).cpu()
+        return out
+
     # -- scoring --------------------------------------------------------------------------------------
     def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[tuple[float, int]]:
         """(sum of log-probs of the continuation tokens, number of them) per (context, continuation).
 
-        Sequences longer than ``max_length`` lose context tokens on the left (counted in ``n_truncated``).
+        Single-token continuations that share a context (the usual label set: " positive"/" negative"/
+        " neutral", " Yes"/" No") are read from one next-token distribution per context, so the prompt is
+        run once, not once per label. Longer continuations go through the scoring pass's
+        ``sequence_nll``. Sequences longer than ``max_length`` lose context tokens on the left (counted in
+        ``n_truncated``).
         """
         from megacpt.selection.perplexity import ScoringConfig, sequence_nll
 
-        seqs, starts = [], []
-        for ctx, cont in requests:
+        out: list[tuple[float, int]] = [(0.0, 0)] * len(requests)
+        single: dict[tuple[int, ...], list[tuple[int, int]]] = {}  # context -> [(request, token)]
+        seqs, starts, multi = [], [], []
+        for r, (ctx, cont) in enumerate(requests):
             c, t = self.split_tokens(ctx, cont)
+            if len(t) == 1:
+                single.setdefault(tuple(self._fit(c, self.max_length - 1)), []).append((r, t[0]))
+                continue
             x = self._fit(c + t, self.max_length)
             seqs.append(x)
             starts.append(max(1, len(x) - len(t)))
-        cfg = ScoringConfig(seq_length=self.max_length, micro_batch_size=self.batch_size)
-        res = sequence_nll(self.model, seqs, self.max_length, cfg, target_starts=starts)
-        return [(-nll, n) for n, nll in res]
+            multi.append(r)
+        if single:
+            ctxs = sorted(single, key=len, reverse=True)  # length-sorted batches: little padding
+            logp = torch.log_softmax(self.next_token_logits([list(c) for c in ctxs]).double(), -1)
+            for row, c in enumerate(ctxs):
+                for r, tok in single[c]:
+                    out[r] = (float(logp[row, tok]), 1)
+        if multi:
+            cfg = ScoringConfig(seq_length=self.max_length, micro_batch_size=self.batch_size)
+            for r, (n, nll) in zip(multi, sequence_nll(self.model, seqs, self.max_length, cfg, target_starts=starts)):
+                out[r] = (-nll, n)
+        return out
 
     # -- generation -----------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -113,24 +143,18 @@ class EvalLM:
         gen: list[list[int]] = [[] for _ in prompts]
         texts = [""] * len(prompts)
         active = list(range(len(prompts)))
-        w = self.model.embed_out.weight[: self.vocab_size]
         for _ in range(max_new_tokens):
             if not active:
                 break
+            nxt = self.next_token_logits([seqs[i] + gen[i] for i in active]).argmax(-1).tolist()
             still = []
-            for b in range(0, len(active), self.batch_size):
-                idx = active[b:b + self.batch_size]
-                batch = [seqs[i] + gen[i] for i in idx]
-                hidden = self._forward_hidden(batch)
-                last = hidden[torch.arange(len(idx)), torch.tensor([len(x) - 1 for x in batch])]  # [b, H]
-                nxt = (last.float() @ w.float().T).argmax(-1).tolist()
-                for i, t in zip(idx, nxt):
-                    if t == self.tok.eod:
-                        continue
-                    gen[i].append(t)
-                    texts[i] = self.tok.decode(gen[i])
-                    if stop not in texts[i]:
-                        still.append(i)
+            for i, t in zip(active, nxt):
+                if t == self.tok.eod:
+                    continue
+                gen[i].append(t)
+                texts[i] = self.tok.decode(gen[i])
+                if stop not in texts[i]:
+                    still.append(i)
             active = still
         return [t.split(stop, 1)[0] for t in texts]
 

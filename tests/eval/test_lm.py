@@ -21,8 +21,11 @@ def _hf(lm):
 def test_loglikelihood_matches_unbatched_full_logits(lm):
     hf = _hf(lm)
     reqs = [("Profits rose sharply", " positive"), ("Shares fell.", " negative result"),
-            ("Revenue was flat and the board kept the dividend", " neutral"), ("Gold", " prices climbed on Monday")]
+            ("Revenue was flat and the board kept the dividend", " neutral"), ("Gold", " prices climbed on Monday"),
+            ("Profits rose sharply", " negative"), ("Shares fell.", "x")]
     got = lm.loglikelihood(reqs)
+    n_tokens = [len(lm.split_tokens(c, t)[1]) for c, t in reqs]
+    assert 1 in n_tokens and max(n_tokens) > 1  # both the next-token path and sequence_nll are exercised
     for (ctx, cont), (ll, n) in zip(reqs, got):
         c, t = lm.split_tokens(ctx, cont)
         ids = torch.tensor([c + t])
@@ -74,3 +77,21 @@ def test_label_likelihood_picks_the_label_the_model_is_biased_to(lm, scoring):
     with torch.no_grad():
         m.embed_out.weight[lm.vocab_size + 5, 0] = 1e4
     assert classify(biased, t, queries, shots, verbal, scoring) == ["positive"] * 3
+
+
+def test_long_prompts_are_cut_on_the_left_and_counted(lm, model_dir):
+    short = load_eval_lm(str(model_dir), batch_size=2, max_length=12)
+    hf = _hf(lm)
+    ctx = "The agreement between Acme Holdings and Jane Doe was signed in London, and gold prices climbed"
+    multi = next(w for w in (" Monday", " climbed", " prices") if 1 < len(short.split_tokens(ctx, w)[1]) < 12)
+    one = next(w for w in (" a", " x", "x") if len(short.split_tokens(ctx, w)[1]) == 1)
+    reqs = [(ctx, one), (ctx, multi)]
+    got = short.loglikelihood(reqs)
+    assert short.n_truncated == 2 and got[0][1] == 1  # the next-token path
+    for (c, t), (ll, n) in zip(reqs, got):
+        cids, tids = short.split_tokens(c, t)
+        ids = (cids + tids)[-12:]  # the model sees at most 12 tokens, the continuation always whole
+        with torch.no_grad():
+            logp = torch.log_softmax(hf(torch.tensor([ids])).logits[0, :, : lm.vocab_size].double(), -1)
+        ref = sum(float(logp[len(ids) - len(tids) - 1 + j, tok]) for j, tok in enumerate(tids))
+        assert n == len(tids) and ll == pytest.approx(ref, abs=1e-4)
