@@ -1,9 +1,10 @@
 """The model side of evaluation: label log-likelihoods (batched) and batched greedy generation.
 
 The model is megacpt's plain ``GPTNeoX`` (``megacpt.convert.load_model`` reads HF dirs and megacpt
-checkpoints). Log-likelihoods go through the scoring pass's library (``megacpt.selection.perplexity.
-sequence_nll``: length-sorted batches, fused output layer, no [tokens x vocab] logits), so eval and the
-novelty scorer compute NLL with one piece of code. Probabilities are over the real vocabulary only
+checkpoints). Single-token continuations are read from one next-token distribution per context; longer
+ones go through the scoring pass's library (``megacpt.selection.perplexity.sequence_nll``: length-sorted
+batches, fused output layer, no [tokens x vocab] logits), so eval and the novelty scorer compute NLL with
+one piece of code. Probabilities are over the real vocabulary only
 (``model.cfg.vocab_size``, set to the tokenizer's when the checkpoint only knows the padded row count).
 """
 from __future__ import annotations
