@@ -176,3 +176,11 @@ def test_backward_in_bf16_compute():
     for a, r in zip(got, ref):
         torch.testing.assert_close(a, r, atol=3e-2, rtol=3e-2)
     assert got[1][V_REAL:].abs().max() == 0
+
+
+@pytest.mark.slow  # one torch.compile (~10-20 s); the eager path of the same math is tested above
+def test_compiled_lse_matches_eager():
+    hid, w, b, t = _inputs()
+    eager = fused_linear_cross_entropy(hid, w, t, b, vocab_size=V_REAL, chunk_size=8)
+    comp = fused_linear_cross_entropy(hid, w, t, b, vocab_size=V_REAL, chunk_size=8, compile_lse=True)
+    torch.testing.assert_close(comp, eager, atol=1e-5, rtol=1e-5)
