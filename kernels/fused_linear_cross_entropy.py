@@ -9,11 +9,14 @@ Layout of this file (Liger-Kernel structure, one op per file):
   2. ``_triton_lse_target`` launcher: grid (token blocks, vocab splits); partial (lse, target logit) per
                              split are merged in torch (a [N, splits] tensor: tiny).
   3. ``_torch_lse_target``  pure-torch chunked reference / CPU path: token chunks of ``chunk_size`` rows,
-                             fp32 matmul into one reused [chunk, V] buffer, in-place max/exp/sum.
+                             fp32 matmul into one reused [chunk, V] buffer, in-place max/exp/sum
+                             (or a ``torch.compile``d two-pass log-sum-exp with ``compile_lse``).
   4. ``FusedLinearCrossEntropyFunction`` autograd: forward = (2) or (3); backward is CHUNKED (not fused):
                              it recomputes one token chunk of logits at a time from the saved lse,
                              ``dlogits = (softmax - onehot) * grad``, then ``dh = dlogits @ W``,
                              ``dW += dlogits^T @ h`` (and ``db``). Memory O(chunk x V), never O(N x V).
+                             Softmax/dlogits/accumulators are fp32; the matmuls take bf16/fp16 inputs on
+                             GPU (tensor cores) and fp32 elsewhere.
   5. ``fused_linear_cross_entropy`` functional API and ``FusedLinearCrossEntropy`` module.
 
 Vocab parallel (``process_group``): each rank holds rows [r*V/tp, (r+1)*V/tp) of W (and b); targets are
