@@ -25,7 +25,6 @@ so 1 rank, N ranks and a killed-then-resumed run write identical files.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import resource
 import sys
