@@ -66,7 +66,7 @@ def test_nan_skip_leaves_weights_untouched(tiny_data, monkeypatch):
 
 def test_sigterm_saves_and_exits_then_resumes(tiny_data, tmp_path):
     ck = tmp_path / "ck"
-    j = job(tiny_data, f"checkpoint.save={ck}")
+    j = job(tiny_data, f"checkpoint.save={ck}", "checkpoint.async_save=true")
     r = trainer.train(j, on_step=lambda it, loss: os.kill(os.getpid(), signal.SIGTERM) if it == 3 else None)
     assert r.stop_reason == "signal" and r.iteration == 3
     assert latest_checkpoint(ck).name == "iter_0000003"
@@ -141,16 +141,20 @@ def _layouts_worker(rank, world, jobs):
 @pytest.mark.distributed
 def test_dp_tp_pp_match_single_process_and_resume_across_layouts(tiny_data, tmp_path):
     """DP=2, TP=2, PP=2 give the single-process losses; a 1-process checkpoint resumes at each of them."""
-    single = trainer.train(job(tiny_data))
+    single = trainer.train(job(tiny_data, f"checkpoint.save={tmp_path / 's'}", f"checkpoint.export_hf={tmp_path / 'hf'}"))
     ck = tmp_path / "ck"
     trainer.train(job(tiny_data, "train.train_iters=3", "scheduler.decay_iters=6", f"checkpoint.save={ck}"))
     layouts = {"dp": [], "tp": ["parallel.tensor_model_parallel_size=2"],
                "pp": ["parallel.pipeline_model_parallel_size=2", "parallel.pipeline_schedule=1f1b"]}
     jobs = [job_overrides(tiny_data, *o) for o in layouts.values()]
     jobs += [job_overrides(tiny_data, *o, f"checkpoint.load={ck}") for o in layouts.values()]
+    # init from the exported HF dir at tp=2 (weights sharded on load); lr ~ 0 keeps them: eval == single's
+    jobs.append(job_overrides(tiny_data, *layouts["tp"], f"checkpoint.init_from={tmp_path / 'hf'}",
+                              "train.train_iters=1", "optimizer.lr=1e-12", "scheduler.warmup_iters=0"))
     runs = run_distributed(_layouts_worker, 2, jobs, timeout=500)
     assert runs[1] == runs[0]  # every rank reports the same global losses and eval
-    full, resumed = runs[0][:3], runs[0][3:]
+    full, resumed = runs[0][:3], runs[0][3:6]
+    assert runs[0][6][1]["valid"]["loss"] == pytest.approx(single.eval["valid"]["loss"], rel=1e-5)
     for name, (losses, ev) in zip(layouts, full):
         assert sorted(losses) == sorted(single.losses), name
         for i in single.losses:
