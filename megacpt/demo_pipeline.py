@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -130,6 +131,15 @@ def _train_config(s: DemoSettings, blend: str, save: str, iters: int, lr: float,
     return cfg
 
 
+def _check_finished(workdir: Path, run: str, iters: int) -> None:
+    """`megacpt train` exits 0 after a SIGTERM checkpoint too: only a run at its last iteration is done."""
+    its = [json.loads(x).get("iteration", 0) for x in
+           (workdir / "runs" / run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    if max(its, default=0) < iters:
+        raise UserError(f"runs/{run} stopped at iteration {max(its, default=0)} of {iters} (interrupted?); "
+                        f"run `megacpt demo` again to resume it")
+
+
 def _write_yaml(path: Path, obj: dict) -> None:
     import yaml
 
@@ -174,9 +184,10 @@ def build_stages(s: DemoSettings) -> list[Stage]:
         _write_yaml(ctx.path("configs/base.yaml"),
                     _train_config(s, prefix("general_train"), "runs/base", iters, s.base_lr, None))
         ctx.megacpt("train", "--config", "configs/base.yaml")
+        _check_finished(ctx.workdir, "base", iters)
         return {"train_iters": iters}
 
-    stages.append(Stage("pretrain-base", ["configs/base.yaml", "runs/base"], pretrain,
+    stages.append(Stage("pretrain-base", ["configs/base.yaml", "runs/base"], pretrain, resumable=True,
                         params={k: P[k] for k in ("model", "seq_length", "micro_batch_size", "global_batch_size",
                                                   "base_epochs", "base_lr", "warmup_fraction", "min_lr_ratio",
                                                   "seed")}, deps=["preprocess"]))
@@ -241,9 +252,10 @@ def build_stages(s: DemoSettings) -> list[Stage]:
             _write_yaml(ctx.path(f"configs/cpt-{st}.yaml"),
                         _train_config(s, train_data[st], f"runs/cpt-{st}", iters, s.cpt_lr, "runs/base"))
             ctx.megacpt("train", "--config", f"configs/cpt-{st}.yaml")
+            _check_finished(ctx.workdir, f"cpt-{st}", iters)
             return {"train_iters": iters, "dataset_tokens": tokens}
 
-        stages.append(Stage(f"cpt-{st}", [f"configs/cpt-{st}.yaml", f"runs/cpt-{st}"], cpt,
+        stages.append(Stage(f"cpt-{st}", [f"configs/cpt-{st}.yaml", f"runs/cpt-{st}"], cpt, resumable=True,
                             params={k: P[k] for k in ("cpt_epochs", "cpt_lr", "warmup_fraction", "min_lr_ratio",
                                                       "seq_length", "micro_batch_size", "global_batch_size", "seed")},
                             deps=["pretrain-base", "preprocess"] + ([] if st == "full" else [f"select-{st}"])))
@@ -269,12 +281,12 @@ def build_stages(s: DemoSettings) -> list[Stage]:
 
 def _loss_curve(workdir: Path, run: str) -> list[tuple[int, float]]:
     path = workdir / "runs" / run / "metrics.jsonl"
-    out = []
+    out: dict[int, float] = {}  # a resumed run appends: the last record of an iteration wins
     for line in path.read_text().splitlines() if path.exists() else []:
         r = json.loads(line)
         if r.get("kind") == "train" and r.get("loss") is not None:
-            out.append((int(r["iteration"]), float(r["loss"])))
-    return out
+            out[int(r["iteration"])] = float(r["loss"])
+    return sorted(out.items())
 
 
 def _tokens_trained(workdir: Path, run: str, seq_length: int) -> int:
@@ -319,18 +331,14 @@ def collect_results(workdir: Path, s: DemoSettings, summary: list[dict]):
             wall_s=float(stages.get("pretrain-base" if run == "base" else run, {}).get("wall_s", 0.0)),
             loss_curve=_loss_curve(workdir, run),
         ))
-    hist = {}
-    for m in ("perplexity", "pos_entropy", "similarity"):
-        p = workdir / "scores" / f"{m}.parquet"
-        if p.exists():
-            import pyarrow.parquet as pq
-
-            t = pq.read_table(p)
-            col = "nll_mean" if m == "perplexity" else m
-            if col in t.column_names:
-                vals = t.column(col).to_pylist()
-                hist["perplexity (log = mean NLL)" if m == "perplexity" else m] = [float(v) for v in vals
-                                                                                   if v is not None]
+    sources = [json.loads(x)["source"] for x in
+               (workdir / "corpora" / "domain_crawl.jsonl").read_text(encoding="utf-8").splitlines()]
+    picked: dict[str, dict[str, int]] = {"(whole crawl)": dict(sorted(Counter(sources).items()))}
+    for st in s.strategies:
+        if st != "full":
+            ids = _read_json(workdir / f"selections/{st}/selected.manifest.json")["selected_doc_ids"]
+            picked[st] = dict(sorted(Counter(sources[i] for i in ids).items()))
+    srep = workdir / "selection-report"
     card = _read_json(workdir / "corpora" / "corpora.json")
     return DemoResults(
         title="megacpt demo: data selection for domain-adaptive continual pre-training at toy scale",
@@ -347,7 +355,9 @@ def collect_results(workdir: Path, s: DemoSettings, summary: list[dict]):
                          f"warm-up {s.warmup_fraction:.0%}, cosine to {s.min_lr_ratio:g}x",
                   "selection": "hard top-k by percentile-rank score to the token budget; random: seeded",
                   "mode": "quick" if s.quick else "default"},
-        score_histograms=hist,
+        selection_plots=sorted(str(p.relative_to(workdir)) for p in srep.glob("*.png")),
+        selection_report="selection-report/report.md" if (srep / "report.md").exists() else None,
+        selection_sources=picked,
     )
 
 

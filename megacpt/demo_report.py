@@ -42,8 +42,11 @@ class DemoResults:
     stages: list[dict]             # runner summary rows: name, wall_s, peak_rss_mb, skipped
     corpora: dict                  # the corpus card (corpora.json)
     settings: dict                 # model shape, schedule, seq length, ...
-    score_histograms: dict[str, list[float]] = field(default_factory=dict)  # metric -> per-doc values
     selection_plots: list[str] = field(default_factory=list)  # PNGs made by `megacpt report selection`
+    selection_report: str | None = None                       # its report.md, relative to the work dir
+    # strategy -> {crawl source kind -> selected documents}: the crawl's composition is known, so this shows
+    # whether a strategy picked financial text or the off-domain noise
+    selection_sources: dict[str, dict[str, int]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
 
@@ -125,15 +128,6 @@ def _plots(res: DemoResults, out_dir: Path) -> list[tuple[str, str]]:
         ax.legend()
         save(fig, "loss_curves.png", "Training loss curves (base pre-training and each CPT run)")
 
-    if res.score_histograms:
-        n = len(res.score_histograms)
-        fig, axes = plt.subplots(1, n, figsize=(4 * n, 3.2), squeeze=False)
-        for ax, (metric, vals) in zip(axes[0], sorted(res.score_histograms.items())):
-            vals = [v for v in vals if v is not None and math.isfinite(v)]
-            ax.hist(vals, bins=40)
-            ax.set(title=metric, xlabel="score", ylabel="documents")
-        save(fig, "metric_histograms.png", "Per-document metrics of the domain corpus")
-
     names = [r.name for r in res.runs]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for ax, (attr, label) in zip(axes, [("domain_ppl", "domain perplexity (lower is better)"),
@@ -165,6 +159,16 @@ def write_report(res: DemoResults, out_dir: Path) -> tuple[Path, Path]:
                "|---|" + "---:|" * len(extra)]
         md += [f"| {r.name} | " + " | ".join(_fmt(r.task_extra.get(k), 3) for k in extra) + " |" for r in res.runs]
     md += ["", "## Verdict", ""] + [f"- {v}" for v in verdict(res)]
+    if res.selection_sources:
+        kinds = sorted({k for v in res.selection_sources.values() for k in v})
+        md += ["", "## What each strategy selected", "",
+               "Documents of each kind in the selection (the crawl's composition is known by construction):", "",
+               "| strategy | " + " | ".join(kinds) + " |", "|---|" + "---:|" * len(kinds)]
+        md += [f"| {st} | " + " | ".join(_fmt(v.get(k, 0)) for k in kinds) + " |"
+               for st, v in res.selection_sources.items()]
+    if res.selection_report:
+        md += ["", f"Per-metric histograms, selected vs rest, overlaps and examples: [{res.selection_report}]"
+                   f"({res.selection_report}) (`megacpt report selection`)."]
     md += ["", "## Setup", ""] + [f"- {k}: {v}" for k, v in sorted(res.settings.items())]
     card = res.corpora
     md += ["", "## Corpora", "", "| file | docs | words |", "|---|---:|---:|"]

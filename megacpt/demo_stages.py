@@ -41,6 +41,9 @@ class Stage:
     # timings): still checked for corruption, but left out of downstream fingerprints so an identical redo
     # does not cascade
     volatile: tuple[str, ...] = ()
+    # the command resumes from its own partial output (a training run from its last checkpoint): after an
+    # interruption (no manifest entry yet) the outputs are kept; a changed or corrupted stage still starts clean
+    resumable: bool = False
 
 
 @dataclass
@@ -237,8 +240,10 @@ class StageRunner:
                 self.echo(f"{head} skipped (up to date, {entry['wall_s']:.1f}s when run)")
                 self.summary.append({**entry, "name": stage.name, "skipped": True})
                 continue
-            self.echo(f"{head} running ({reason}) ...")
-            for rel in stage.outputs:  # never mix a stale partial output with a new one
+            resume = stage.resumable and reason == "not run yet" and any(
+                (self.workdir / rel).exists() for rel in stage.outputs)
+            self.echo(f"{head} running ({reason}{'; resuming its partial output' if resume else ''}) ...")
+            for rel in stage.outputs if not resume else []:  # never mix a stale partial output with a new one
                 p = self.workdir / rel
                 shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
             self.manifest["stages"].pop(stage.name, None)

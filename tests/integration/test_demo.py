@@ -28,6 +28,10 @@ def _demo(workdir: Path, *extra: str) -> subprocess.CompletedProcess:
     return r
 
 
+def by_name(rep: dict, name: str) -> dict:
+    return next(r for r in rep["runs"] if r["name"] == name)
+
+
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     wd = tmp_path_factory.mktemp("demo")
@@ -50,7 +54,13 @@ def test_report_has_every_strategy_with_finite_numbers(demo_run):
         assert 0.0 <= r["task_score"] <= 1.0
     assert rep["verdict"] and "synthetic" in rep["verdict"][-1]
     assert (wd / "report.html").exists() and (wd / "plots" / "results.png").stat().st_size > 0
-    assert (wd / "plots" / "loss_curves.png").exists() and (wd / "plots" / "metric_histograms.png").exists()
+    assert (wd / "plots" / "loss_curves.png").exists()
+    assert rep["selection_plots"] and all((wd / p).exists() for p in rep["selection_plots"])
+    for p in rep["selection_plots"]:   # `megacpt report selection`'s plots are linked, not redrawn
+        assert f"]({p})" in md
+    assert sum(rep["selection_sources"]["(whole crawl)"].values()) == by_name(rep, "full")["selected_docs"]
+    for st in STRATEGIES[:-1]:
+        assert sum(rep["selection_sources"][st].values()) == by_name(rep, st)["selected_docs"]
     assert "peak RSS" in first.stdout and "demo finished" in first.stdout
     for st in STRATEGIES:  # CPT really learned the domain: every CPT run beats the base on domain text
         r = next(x for x in rep["runs"] if x["name"] == st)

@@ -194,7 +194,7 @@ def _results(origin="real", full_ppl=30.0) -> DemoResults:
     return DemoResults("t", "2026-11-26", origin, 1, 0.1, runs,
                        [{"name": "a", "wall_s": 1.0, "peak_rss_mb": 100.0, "skipped": False}],
                        {"files": {"general_train": {"docs": 1, "words": 2}}}, {"seq_length": 128},
-                       score_histograms={"ppl": [1.0, 2.0, float("nan")]})
+                       selection_sources={"ets": {"reuters": 9, "noise-news": 1}})
 
 
 def test_report_and_verdict(tmp_path):
@@ -203,6 +203,7 @@ def test_report_and_verdict(tmp_path):
     for name in ("base", "full", "random", "ets"):
         assert f"| {name} |" in text
     assert "**Domain: held.**" in text and "forgetting" in text and "ets (45.00)" in text
+    assert "| ets | 1 | 9 |" in text   # selected documents by crawl source (noise-news, reuters)
     assert (tmp_path / "plots" / "results.png").stat().st_size > 1000
     assert (tmp_path / "plots" / "loss_curves.png").exists() and "<table>" in html.read_text()
     v = verdict(_results(origin="synthetic", full_ppl=20.0))
@@ -231,3 +232,24 @@ def test_real_corpora_from_registries(tmp_path):
     card = build_corpora(raw, tmp_path, CorpusSizes.quick(), seed=1)
     assert card["origin"] == "real" and len(card["provenance"]) == 5
     assert card["files"]["domain_crawl"]["docs"] > 300 and card["files"]["general_train"]["words"] > 50_000
+
+
+def test_resumable_stage_keeps_partial_output_after_interruption(tmp_path):
+    seen: list[str] = []
+
+    def train(ctx, fail=False):
+        p = ctx.path("run")
+        p.mkdir(exist_ok=True)
+        seen.append(",".join(sorted(q.name for q in p.iterdir())))
+        (p / f"ckpt{len(seen)}").write_text("x")
+        if fail:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        StageRunner(tmp_path, echo=lambda s: None).run([Stage("t", ["run"], lambda c: train(c, True), resumable=True)])
+    lines: list[str] = []
+    StageRunner(tmp_path, echo=lines.append).run([Stage("t", ["run"], train, resumable=True)])
+    assert seen == ["", "ckpt1"] and "resuming" in lines[0]      # the second attempt saw the first's checkpoint
+    (tmp_path / "run" / "ckpt1").write_text("corrupted")
+    StageRunner(tmp_path, echo=lambda s: None).run([Stage("t", ["run"], train, resumable=True)])
+    assert seen[-1] == ""                                          # corrupted: starts clean
