@@ -259,6 +259,9 @@ def test_errors_before_any_work(tmp_path, tiny_tokenizer_dir):
     with pytest.raises(UserError, match="unsupported file type"):
         (tmp_path / "x.csv").write_text("a\n")
         run_pp(tmp_path, tiny_tokenizer_dir, [tmp_path / "x.csv"])
+    (tmp_path / "afile").write_text("x")  # a path under a regular file can't be created, even by root
+    with pytest.raises(UserError, match="not writable"):
+        run_pp(tmp_path / "afile", tiny_tokenizer_dir, [src])
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o500)
