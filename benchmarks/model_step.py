@@ -1,6 +1,6 @@
 """Training-step throughput of the plain model: forward + backward tokens/s and MFU, megacpt vs HF
-``GPTNeoXForCausalLM`` on the same config, weights and batches, in the same process (interleaved rounds,
-so load changes hit both alike).
+``GPTNeoXForCausalLM`` on the same config, weights and batches, in the same process (alternating step by
+step, so load changes on a shared machine hit both alike).
 
 FLOPs per trained token (PaLM appendix B / Megatron convention; what MFU divides by):
 
@@ -126,10 +126,19 @@ def run(args) -> list[dict]:
         for step in paths.values():  # warm-up (allocator, oneDNN/cuBLAS plans, compile)
             for ids in batches[: args.warmup]:
                 step(ids)
+        # alternate the paths step by step (order flipped every step) so load changes on a shared machine
+        # hit both alike; report total times and the median of the per-step time ratios
         times = {k: 0.0 for k in paths}
-        for _ in range(args.rounds):  # interleave the paths so machine-load changes hit both
-            for k, step in paths.items():
-                times[k] += time_steps(step, batches, device)
+        ratios = []
+        names = list(paths)
+        for r in range(args.rounds):
+            for i, ids in enumerate(batches):
+                t = {}
+                for k in (names if (r + i) % 2 == 0 else names[::-1]):
+                    t[k] = time_steps(paths[k], [ids], device)
+                    times[k] += t[k]
+                if "hf" in t:
+                    ratios.append(t["hf"] / t["megacpt"])
         tokens = args.rounds * args.iters * args.batch_size * args.seq_length
         row = {"preset": preset, "device": device, "dtype": args.dtype, "batch": args.batch_size,
                "seq": args.seq_length, "flops_per_token": fpt, "peak_flops": peak}
@@ -138,6 +147,7 @@ def run(args) -> list[dict]:
             row[f"{k}_mfu"] = tokens / t * fpt / peak
         if "hf" in times:
             row["speedup_vs_hf"] = times["hf"] / times["megacpt"]
+            row["median_step_speedup_vs_hf"] = sorted(ratios)[len(ratios) // 2]
         rows.append(row)
         print(json.dumps(row), flush=True)
         del ours, hf, paths
@@ -154,8 +164,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="default: fp32 cpu, bf16 cuda")
     ap.add_argument("--batch-size", type=int, default=None, help="default: 4 (cpu and cuda)")
     ap.add_argument("--seq-length", type=int, default=None, help="default: 256 (cpu), 2048 (cuda)")
-    ap.add_argument("--iters", type=int, default=3, help="timed steps per round")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--iters", type=int, default=3, help="timed steps per round (distinct batches)")
+    ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--recompute", choices=("none", "full", "selective"), default="none")

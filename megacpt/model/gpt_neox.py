@@ -227,14 +227,14 @@ class GPTNeoX(nn.Module):
         ``final_layer_norm`` the output is the last owned layer's output.
         """
         h = self.embed_in(input_ids) if self.embed_in is not None else input_ids  # [b, s(/tp), H]
-        b, s = h.shape[0], h.shape[1] * self.sequence_parallel_size
+        s = h.shape[1] * self.sequence_parallel_size
         if self.sequence_parallel_size > 1 and self.embed_in is not None and input_ids.shape[1] != s:
             raise UserError(f"sequence parallel: sequence length {input_ids.shape[1]} is not divisible by "
                             f"tp={self.sequence_parallel_size}")
         if position_ids is None:
-            position_ids = torch.arange(s, device=h.device).expand(b, s)
+            position_ids = torch.arange(s, device=h.device)[None]  # [1, s]: cos/sin broadcast over the batch
         elif position_ids.dim() == 1:
-            position_ids = position_ids.expand(b, s)
+            position_ids = position_ids[None]
         cos, sin = rotary_cos_sin(position_ids, self.cfg.rotary_dim, self.cfg.rotary_base, h.dtype)
         mask = doc_attention_mask(doc_ids) if doc_ids is not None else None
         for layer in self.layers.values():
