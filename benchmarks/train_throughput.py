@@ -46,18 +46,20 @@ def make_corpus(prefix: Path, vocab: int, n_tokens: int, seed: int = 0) -> None:
     write_sidecar(prefix, {"tokenizer": {"type": "bench", "sha256": "bench", "vocab_size": vocab, "eod": vocab - 1}})
 
 
-def measured_matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048) -> float:
+def measured_matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048) -> tuple[float, float]:
+    """(FLOP/s per wall-clock second, FLOP/s per CPU-second) of a large matmul: the CPU's practical peak."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(2):
         a @ b
     reps = 5
-    t0 = time.perf_counter()
+    w0, c0 = _now()
     for _ in range(reps):
         a @ b
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+    w1, c1 = _now()
+    return 2 * n ** 3 * reps / (w1 - w0), 2 * n ** 3 * reps / (c1 - c0)
 
 
 def _sync(device):
@@ -181,12 +183,14 @@ def main() -> int:
         print("runs (tok/s | tok/CPU-s): HF " + ", ".join(f"{r[0]:,.0f} | {r[1]:,.0f}" for r in hf_runs)
               + " ; megacpt " + ", ".join(f"{r[0]:,.0f} | {r[1]:,.0f}" for r in mc_runs))
     dtype = "bf16" if gpu else "fp32"
+    cpu_peak = None
     if args.peak_flops:
         peak, peak_src = args.peak_flops, "--peak-flops"
     elif gpu:
         peak, peak_src = peak_flops(torch.cuda.get_device_name(), dtype), "datasheet"
     else:
-        peak, peak_src = measured_matmul_peak(device, torch.float32), "measured 2048^3 fp32 matmul"
+        peak, cpu_peak = measured_matmul_peak(device, torch.float32)
+        peak_src = f"measured 2048^3 fp32 matmul; {cpu_peak / 1e9:.1f} GFLOP per CPU-second"
     fpt = flops_per_token(cfg, seq)
     name = torch.cuda.get_device_name() if gpu else f"CPU x{args.threads} threads"
     print(f"device: {name} | preset {preset} | seq {seq} | micro {mb} | global {gb} | {dtype} | "
@@ -200,6 +204,8 @@ def main() -> int:
     if gpu:
         total = torch.cuda.get_device_properties(0).total_memory / 2**30
         print(f"memory headroom (megacpt): {total - mc_mem:.1f} of {total:.1f} GiB")
+    if cpu_peak:  # load-independent: work per CPU-second against the matmul's FLOP per CPU-second
+        print(f"MFU per CPU-second: HF {100 * hf_cpu * fpt / cpu_peak:.1f}% | megacpt {100 * mc_cpu * fpt / cpu_peak:.1f}%")
     print(f"ratio megacpt / HF: {mc_tps / hf_tps:.2f}x wall-clock tokens/s, "
           f"{mc_cpu / hf_cpu:.2f}x tokens per CPU-second ({mc_cpu:,.0f} vs {hf_cpu:,.0f})")
     return 0
