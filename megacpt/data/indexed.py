@@ -47,13 +47,6 @@ def sidecar_path(prefix: str | os.PathLike) -> Path:
     return Path(str(prefix) + ".meta.json")
 
 
-def _default_mode(path: Path) -> None:
-    """Temp files are created 0600; give the final file the mode a plain ``open()`` would (umask)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
 def read_sidecar(prefix: str | os.PathLike) -> dict[str, Any] | None:
     p = sidecar_path(prefix)
     return json.loads(p.read_text()) if p.exists() else None
@@ -61,7 +54,6 @@ def read_sidecar(prefix: str | os.PathLike) -> dict[str, Any] | None:
 
 def write_sidecar(prefix: str | os.PathLike, meta: dict[str, Any]) -> None:
     write_json_atomic(sidecar_path(prefix), meta)
-    _default_mode(sidecar_path(prefix))
 
 
 class IndexedDatasetWriter:
@@ -173,8 +165,6 @@ class IndexedDatasetWriter:
         idx_tmp = tmp_path_for(self.idx_path)
         try:
             write_index(idx_tmp, self.dtype, lengths, doc_indices)
-            _default_mode(idx_tmp)
-            _default_mode(self._bin_tmp)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.idx_path)  # an old .idx must never pair with the new .bin
             os.replace(self._bin_tmp, self.bin_path)
