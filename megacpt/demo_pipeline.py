@@ -131,6 +131,11 @@ def _train_config(s: DemoSettings, blend: str, save: str, iters: int, lr: float,
     return cfg
 
 
+def _score_out(metric: str) -> list[str]:
+    # a scorer keeps OUT.shards/ of an interrupted run; as a stage output it is cleared before a redo
+    return [f"scores/{metric}.parquet", f"scores/{metric}.parquet.shards"]
+
+
 def _check_finished(workdir: Path, run: str, iters: int) -> None:
     """`megacpt train` exits 0 after a SIGTERM checkpoint too: only a run at its last iteration is done."""
     its = [json.loads(x).get("iteration", 0) for x in
@@ -196,18 +201,18 @@ def build_stages(s: DemoSettings) -> list[Stage]:
     need = sorted({m for st in s.strategies for m in STRATEGY_METRICS.get(st, [])})
     score_stage = {}
     if "perplexity" in need:
-        stages.append(Stage("score-perplexity", ["scores/perplexity.parquet"], lambda ctx: ctx.megacpt(
+        stages.append(Stage("score-perplexity", _score_out("perplexity"), lambda ctx: ctx.megacpt(
             "score", "perplexity", "--model", "runs/base", "--data", crawl, "--seq-length", s.seq_length,
             "--out", "scores/perplexity.parquet", "--device", "cpu", "--dtype", "fp32", "--no-progress"),
             deps=["preprocess", "pretrain-base"]))
         score_stage["perplexity"] = "score-perplexity"
     if "pos_entropy" in need:
-        stages.append(Stage("score-pos-entropy", ["scores/pos_entropy.parquet"], lambda ctx: ctx.megacpt(
+        stages.append(Stage("score-pos-entropy", _score_out("pos_entropy"), lambda ctx: ctx.megacpt(
             "score", "pos-entropy", "--data", crawl, "--out", "scores/pos_entropy.parquet", "--workers", "1"),
             deps=["preprocess"]))
         score_stage["pos_entropy"] = "score-pos-entropy"
     if "similarity" in need:
-        stages.append(Stage("score-similarity", ["scores/similarity.parquet"], lambda ctx: ctx.megacpt(
+        stages.append(Stage("score-similarity", _score_out("similarity"), lambda ctx: ctx.megacpt(
             "score", "similarity", "--data", crawl, "--task-data", "corpora/task_unlabeled.jsonl",
             "--out", "scores/similarity.parquet", "--device", "cpu", "--max-chunks", s.similarity_max_chunks,
             "--chunk-tokens", s.similarity_chunk_tokens),

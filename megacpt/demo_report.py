@@ -81,10 +81,22 @@ def verdict(res: DemoResults) -> list[str]:
         beat = [r.name for r in selected if r.domain_ppl < rnd.domain_ppl]
         out.append(f"Against a random subset of the same budget (domain ppl {rnd.domain_ppl:.2f}), "
                    + (f"{', '.join(beat)} did better." if beat else "no selection strategy did better."))
-    best_task = max(selected, key=lambda r: r.task_score)
-    out.append(f"Task (weighted F1): best selection {best_task.name} {best_task.task_score:.3f} vs full corpus "
-               f"{full.task_score:.3f}" + (f" and base {base.task_score:.3f}" if base else "")
-               + "; at this model size differences of a few points are within noise.")
+    if len({round(r.task_score, 6) for r in res.runs}) == 1:
+        out.append(f"Task: every model scored the same weighted F1 ({full.task_score:.3f}): each predicts one "
+                   "label for every example, so the classification task does not discriminate at this model size.")
+    else:
+        best_task = max(selected, key=lambda r: r.task_score)
+        out.append(f"Task (weighted F1): best selection {best_task.name} {best_task.task_score:.3f} vs full corpus "
+                   f"{full.task_score:.3f}" + (f" and base {base.task_score:.3f}" if base else "")
+                   + "; at this model size differences of a few points are within noise.")
+    crawl = res.selection_sources.get("(whole crawl)")
+    if crawl:
+        def noise(d: dict) -> float:
+            return sum(v for k, v in d.items() if k.startswith("noise")) / max(sum(d.values()), 1)
+
+        out.append(f"Off-domain noise is {noise(crawl):.0%} of the crawl's documents; in the selections: "
+                   + ", ".join(f"{st} {noise(d):.0%}" for st, d in res.selection_sources.items()
+                               if st != "(whole crawl)") + ".")
     if base is not None:
         worse = [r for r in res.runs if r.name != "base"
                  and r.general_ppl > base.general_ppl * (1 + GENERAL_TOLERANCE)]
@@ -148,7 +160,7 @@ def write_report(res: DemoResults, out_dir: Path) -> tuple[Path, Path]:
                      f"Date: {res.date}  ·  corpus: **{res.origin}**  ·  seed: {res.seed}  ·  budget: "
                      f"{res.budget_fraction:.0%} of the domain corpus's tokens", ""]
     md += ["## Results", "",
-           "| strategy | selected docs | tokens trained | domain ppl | general ppl | task F1 | CPT wall (s) |",
+           "| strategy | selected docs | tokens trained | domain ppl | general ppl | task F1 | train wall (s) |",
            "|---|---:|---:|---:|---:|---:|---:|"]
     for r in res.runs:
         md.append(f"| {r.name} | {_fmt(r.selected_docs)} | {_fmt(r.tokens_trained)} | {_fmt(r.domain_ppl)} | "
