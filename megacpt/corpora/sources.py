@@ -106,8 +106,9 @@ def _run_client(cmd: list[str], cwd: Path, what: str) -> None:
                                   f"{FETCH_TIMEOUT_S}s; run `megacpt demo --synthetic` offline") from e
     if r.returncode != 0:
         tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["(no output)"]
+        hint = " (empty apt package lists? run `sudo apt-get update`)" if cmd[0] == "apt-get" else ""
         raise RegistryUnreachable(f"cannot fetch {what} (registry unreachable?): `{' '.join(cmd)}` failed: "
-                                  f"{tail[0]}; run `megacpt demo --synthetic` to work offline")
+                                  f"{tail[0]}{hint}; run `megacpt demo --synthetic` to work offline")
 
 
 def _download(src: Source, tmp: Path) -> Path:
