@@ -136,3 +136,18 @@ def test_quick_demo_on_real_corpora(tmp_path):
     rep = json.loads((tmp_path / "report.json").read_text())
     assert rep["origin"] == "real" and [x["name"] for x in rep["runs"]] == ["base", *STRATEGIES]
     assert all(math.isfinite(x["domain_ppl"]) and math.isfinite(x["task_score"]) for x in rep["runs"])
+
+
+def test_child_process_mode_reproduces_the_numbers(demo_run, tmp_path):
+    """A fresh work dir, every command a child process, a subset of strategies: the same seed gives the
+    same numbers as the in-process run (determinism from scratch, independent of how commands run)."""
+    wd, _ = demo_run
+    r = _demo(tmp_path, "--child-processes", "--strategies", "random,full")
+    assert "select-random" in r.stdout and "cpt-ets" not in r.stdout
+    fresh = json.loads((tmp_path / "report.json").read_text())
+    first = json.loads((wd / "report.json").read_text())
+    assert [x["name"] for x in fresh["runs"]] == ["base", "random", "full"]
+    for run in fresh["runs"]:
+        ref = by_name(first, run["name"])
+        for k in ("tokens_trained", "selected_docs", "domain_ppl", "general_ppl", "task_score"):
+            assert run[k] == ref[k], (run["name"], k)
