@@ -94,7 +94,7 @@ def read_scores(path: str | os.PathLike) -> ScoreFile:
 class Progress:
     """One stderr line every few seconds: done/total and docs/s since start."""
 
-    def __init__(self, name: str, total: int, every_s: float = 5.0, stream=sys.stderr):
+    def __init__(self, name: str, total: int, every_s: float = 5.0, stream=None):
         self.name, self.total, self.every_s, self.stream = name, total, every_s, stream
         self.t0 = self.last = time.perf_counter()
         self.done = 0
@@ -109,7 +109,7 @@ class Progress:
             rate = (self.done - self.start_done) / max(now - self.t0, 1e-9)
             pct = 100.0 * self.done / max(self.total, 1)
             print(f"{self.name}: {self.done}/{self.total} docs ({pct:.1f}%), {rate:,.1f} docs/s",
-                  file=self.stream, flush=True)
+                  file=self.stream or sys.stderr, flush=True)  # stderr looked up now, not at import
 
 
 class ShardedScoreWriter:
