@@ -197,7 +197,9 @@ class DataConfig:
     """
 
     blend: list = field(default_factory=list)
-    split: str = "969,30,1"           # train/valid/test split of each prefix (Megatron --split)
+    # train/valid/test split of each prefix by documents (Megatron --split). Default: all for training, as
+    # held-out sets are separate prefixes (eval_prefixes); "969,30,1" reproduces Megatron's default.
+    split: str = "1,0,0"
     eval_prefixes: dict = field(default_factory=dict)  # name -> prefix of a held-out set (domain, general)
     seq_length: int = 2048
     tokenizer: str | None = None      # optional: checked against the datasets' sidecars

@@ -83,6 +83,8 @@ def test_data_validation_errors(tiny_data, tmp_path):
     other = make_dataset(tmp_path / "other", n_docs=5, sha="another-tokenizer")
     with pytest.raises(UserError, match="data.eval_prefixes.valid: tokenizer .* differs"):
         trainer.train(job(tiny_data, f"data.blend=[{other}]"))
+    with pytest.raises(UserError, match="data.split: '969,30,1' leaves the test split of .* empty"):
+        trainer.train(job(tiny_data, "data.split=969,30,1"))
     big = make_dataset(tmp_path / "big", n_docs=5, vocab=5000)
     with pytest.raises(UserError, match="tokenizer vocab_size 5000 .* > model.vocab_size 1000"):
         trainer.train(job(tiny_data, f"data.blend=[{big}]"))
