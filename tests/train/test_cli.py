@@ -40,3 +40,30 @@ def test_tiny_cpu_config_trains_single_process(tiny_data, tmp_path, capsys):
     assert (tmp_path / "run" / "latest").read_text().strip() == "iter_0000002"
     recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert recs[-2]["kind"] == "train" and recs[-2]["iteration"] == 2
+
+
+@pytest.mark.distributed
+@pytest.mark.integration
+def test_torchrun_launch_matches_single_process(tiny_data, tmp_path):
+    """`torchrun -m megacpt train` (the trainer creates the gloo process group itself) at tp=2."""
+    import os
+    import subprocess
+    import sys
+
+    from megacpt.config import load_job_config
+    from megacpt.train import trainer
+
+    over = job_overrides(tiny_data, "train.train_iters=3")
+    single = trainer.train(load_job_config(None, over))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "megacpt", "train", *over, "parallel.tensor_model_parallel_size=2",
+           f"checkpoint.save={tmp_path / 'ck'}"]
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    recs = [json.loads(x) for x in (tmp_path / "ck" / "metrics.jsonl").read_text().splitlines()]
+    losses = {r["iteration"]: r["loss"] for r in recs if r["kind"] == "train"}
+    assert losses.keys() == single.losses.keys()
+    for i, v in single.losses.items():
+        assert losses[i] == pytest.approx(v, rel=1e-5, abs=1e-6)
+    assert (tmp_path / "ck" / "latest").read_text().strip() == "iter_0000003"
