@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from megacpt.data.blend import Blend, blend_tokenizer_identity, parse_blend
+from megacpt.data.indexed import IndexedDataset
 from megacpt.errors import UserError
 
 
@@ -118,6 +119,23 @@ def normalize_split(split: str | Sequence[float]) -> str:
     return ",".join(f"{v:g}" for v in vals + [0.0] * (3 - len(vals)))
 
 
+def check_split(split: str | Sequence[float], prefixes: Sequence[str]) -> None:
+    """Every split with a weight must get at least one document of every prefix (Megatron's rounding in
+    ``get_split_indices``); an empty one would make megatron-core's epoch count loop forever."""
+    w = [float(x) for x in normalize_split(split).split(",")]
+    w = [x / sum(w) for x in w]
+    for p in prefixes:
+        n = IndexedDataset(p).num_documents
+        bounds = [0]
+        for x in w:
+            bounds.append(bounds[-1] + int(round(x * n)))
+        bounds[-1] = n
+        for i, name in enumerate(("train", "valid", "test")):
+            if w[i] > 0 and bounds[i + 1] <= bounds[i]:
+                raise UserError(f"data.split: {split!r} leaves the {name} split of {p} empty ({n} documents); "
+                                f"use a split with 0 for unused parts, e.g. '98,2,0' or '1,0,0'")
+
+
 def build_gpt_datasets(
     blend: Any,
     split: str | Sequence[float],
@@ -144,6 +162,7 @@ def build_gpt_datasets(
     if len(num_samples) != 3:
         raise UserError(f"num_samples must be (train, valid, test), got {num_samples}")
     split_s = normalize_split(split)
+    check_split(split_s, b.prefixes)
     identity = blend_tokenizer_identity(b)
     if cache_dir is None:
         cache_dir = Path(b.prefixes[0]).parent / "cache"

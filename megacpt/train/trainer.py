@@ -270,37 +270,18 @@ def validate_data(job: JobConfig, model_cfg: ModelConfig) -> None:
                             f"from {first}'s ({str(identity.get('sha256'))[:12]})")
 
 
-def check_split(split: str, prefixes: list[str]) -> None:
-    """Every split with a weight must get at least one document of every prefix (Megatron's rounding in
-    ``get_split_indices``); an empty one would make megatron-core's epoch count loop forever."""
-    from megacpt.data.indexed import IndexedDataset
-
-    w = [float(x) for x in split.replace("/", ",").split(",")]
-    w = [x / sum(w) for x in (w + [0.0, 0.0])[:3]]
-    for p in prefixes:
-        n = IndexedDataset(p).num_documents
-        bounds = [0]
-        for x in w:
-            bounds.append(bounds[-1] + int(round(x * n)))
-        bounds[-1] = n
-        for i, name in enumerate(("train", "valid", "test")):
-            if w[i] > 0 and bounds[i + 1] <= bounds[i]:
-                raise UserError(f"data.split: {split!r} leaves the {name} split of {p} empty ({n} documents); "
-                                f"use a split with 0 for unused parts, e.g. '98,2,0' or '1,0,0'")
-
-
 def build_datasets(job: JobConfig) -> tuple[Any, dict[str, Any]]:
     """Train samples (blend, train split, train_iters * global batch of them) and held-out sets.
 
     A held-out set is read whole (split 1,0,0), ``eval_iters`` global batches of it at most, never more than
     one epoch (whole global batches only, so every layout evaluates the same samples).
     """
-    from megacpt.data.gpt_dataset import build_gpt_datasets
+    from megacpt.data.gpt_dataset import build_gpt_datasets, check_split
     from megacpt.data.indexed import IndexedDataset
 
     d, t = job.data, job.train
     n = t.train_iters * t.global_batch_size
-    check_split(d.split, d.weights_and_prefixes()[1])
+    check_split(d.split, d.weights_and_prefixes()[1])  # before any rank waits on a barrier
     train = build_gpt_datasets(d.blend, d.split, d.seq_length, (n, 0, 0), seed=t.seed, cache_dir=d.cache_dir,
                                return_doc_ids=d.reset_attention_mask)[0]
     if train is None:

@@ -101,6 +101,15 @@ def test_blend_validation(tmp_path, two_datasets):
         parse_blend([a, c])
 
 
+@requires_megatron
+def test_split_leaving_a_weighted_part_empty_is_an_error_not_a_hang(tmp_path):
+    from megacpt.data.gpt_dataset import build_gpt_datasets
+
+    small = make_dataset(tmp_path / "small", 20, 0, 5)  # 969,30,1 rounds the test part of 20 docs to 0
+    with pytest.raises(UserError, match="leaves the test split of .* empty"):
+        build_gpt_datasets(small, "969,30,1", 8, (10, 2, 1), seed=1, cache_dir=tmp_path / "c")
+
+
 def batches(sampler, n=None):
     import itertools
 
