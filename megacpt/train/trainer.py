@@ -341,9 +341,12 @@ def loss_sum(module: torch.nn.Module, tokens: torch.Tensor, cfg: ModelConfig, fu
     if fused:
         from megacpt.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
 
-        h = module.hidden_states(inputs, doc_ids=doc_ids)  # [b, s, H]
-        return fused_linear_cross_entropy(h.reshape(-1, h.shape[-1]), module.embed_out.weight,
-                                          targets.reshape(-1), reduction="sum", vocab_size=cfg.vocab_size)
+        h = module.hidden_states(inputs, doc_ids=doc_ids)  # [b, s, H] (full H under TP)
+        group = _tp_group(module)
+        w = module.embed_out.weight
+        w = w.to_local() if group is not None else w  # [V_pad/tp, H] shard under TP
+        return fused_linear_cross_entropy(h.reshape(-1, h.shape[-1]), w, targets.reshape(-1), reduction="sum",
+                                          vocab_size=cfg.vocab_size, process_group=group)
     logits = module(inputs, doc_ids=doc_ids)  # [b, s, V_pad] or local [b, s, V_pad/tp]
     return vocab_parallel_cross_entropy(logits.flatten(0, -2), targets.flatten(), group=_tp_group(module),
                                         vocab_size=cfg.vocab_size).sum()
@@ -523,12 +526,13 @@ class MetricsLogger:
 
 
 def _use_fused(job: JobConfig, rt: Runtime) -> bool:
-    """The fused loss needs the model's hidden states and the whole output weight: single-process runs.
-    Under TP/FSDP/PP the vocab-parallel cross-entropy keeps logits sharded instead."""
+    """The fused loss runs on the final hidden states: single process, TP (vocab-parallel over the local
+    ``embed_out`` shard, reduced over the tp group inside the op) and FSDP (the root's ``embed_out`` stays
+    gathered after ``hidden_states``). Pipeline stages compute their loss in the schedule: vocab-parallel CE."""
     if not job.train.fused_loss:
         return False
-    if rt.mesh is not None:
-        log.info("train.fused_loss: using the vocab-parallel cross-entropy under TP/FSDP/PP")
+    if rt.pp_size > 1:
+        log.info("train.fused_loss: pipeline stages use the vocab-parallel cross-entropy")
         return False
     try:
         import megacpt.kernels.fused_linear_cross_entropy  # noqa: F401
