@@ -123,10 +123,11 @@ def score_dataset(prefix: str, task_data: str, out: str, cfg: DsirConfig, json_k
 
 # -- `megacpt score dsir` --------------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from megacpt.selection.scores import add_sharded_output_args, add_task_data_args
+
     d = DsirConfig()
     p.add_argument("--data", required=True, metavar="PREFIX", help="indexed dataset prefix (the raw distribution)")
-    p.add_argument("--task-data", required=True, metavar="TASKS.jsonl", help="target examples, JSONL")
-    p.add_argument("--json-keys", nargs="+", default=["text"], help="keys of a task example (joined by newline)")
+    add_task_data_args(p)
     p.add_argument("--out", required=True, help="output Parquet: doc_id, dsir_log_weight, n_ngrams")
     p.add_argument("--num-buckets", type=int, default=d.num_buckets, help="hashed n-gram buckets")
     p.add_argument("--ngram", type=int, default=d.ngram, help="largest n-gram order")
@@ -135,9 +136,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="mean: log weight per n-gram (default); sum: DSIR's sum over the document")
     p.add_argument("--raw-sample-docs", type=int, default=d.raw_sample_docs, help="docs fitting p_R (0: all)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the raw sample")
-    p.add_argument("--shard-docs", type=int, default=d.shard_docs, help="documents per committed (resumable) shard")
-    p.add_argument("--tokenizer", default=None, help="override the tokenizer path named in PREFIX.meta.json")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT and discard shards of another config")
+    add_sharded_output_args(p, d.shard_docs)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -177,6 +177,8 @@ def score_dataset(prefix: str, out: str, cfg: PosEntropyConfig, tokenizer: str |
 
 # -- `megacpt score pos-entropy` -------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from megacpt.selection.scores import add_sharded_output_args
+
     d = PosEntropyConfig()
     p.add_argument("--data", required=True, metavar="PREFIX", help="indexed dataset prefix (PREFIX.bin/.idx)")
     p.add_argument("--out", required=True, help="output Parquet: doc_id, pos_entropy, n_tagged, n_alpha, truncated")
@@ -184,10 +186,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-chars", type=int, default=d.max_chars, help="characters tagged per document (0: all)")
     p.add_argument("--piece-chars", type=int, default=d.piece_chars, help="longest text piece per spaCy call")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="texts per nlp.pipe batch")
-    p.add_argument("--shard-docs", type=int, default=d.shard_docs, help="documents per committed (resumable) shard")
     p.add_argument("--spacy-model", default=d.model, help="spaCy package name (default: auto)")
-    p.add_argument("--tokenizer", default=None, help="override the tokenizer path named in PREFIX.meta.json")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT and discard shards of another config")
+    add_sharded_output_args(p, d.shard_docs)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -210,10 +210,11 @@ def score_dataset(prefix: str, task_data: str, out: str, cfg: SimilarityConfig, 
 
 # -- `megacpt score similarity` --------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from megacpt.selection.scores import add_sharded_output_args, add_task_data_args
+
     d = SimilarityConfig()
     p.add_argument("--data", required=True, metavar="PREFIX", help="indexed dataset prefix")
-    p.add_argument("--task-data", required=True, metavar="TASKS.jsonl", help="unlabeled task examples, JSONL")
-    p.add_argument("--json-keys", nargs="+", default=["text"], help="keys of a task example (joined by newline)")
+    add_task_data_args(p)
     p.add_argument("--out", required=True, help="output Parquet: doc_id, similarity, n_chunks")
     p.add_argument("--reduce", choices=REDUCE, default=d.reduce, help="cosine to the task centroid, or max over tasks")
     p.add_argument("--embedding-model", default=d.model, help="sentence-transformers dir (default: bundled MiniLM)")
@@ -223,9 +224,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=d.device, help="auto | cpu | cuda[:N]")
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default=d.dtype,
                    help="auto: bf16 on cuda, fp32 on cpu (recorded in the output metadata)")
-    p.add_argument("--shard-docs", type=int, default=d.shard_docs, help="documents per committed (resumable) shard")
-    p.add_argument("--tokenizer", default=None, help="override the tokenizer path named in PREFIX.meta.json")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT and discard shards of another config")
+    add_sharded_output_args(p, d.shard_docs)
 
 
 def run(args: argparse.Namespace) -> int:
