@@ -44,3 +44,18 @@ def tiny_tokenizer(tiny_tokenizer_dir):
     from megacpt.data.tokenizer import load_tokenizer
 
     return load_tokenizer(tiny_tokenizer_dir)
+
+
+SP_VOCAB = 120
+
+
+@pytest.fixture(scope="session")
+def sp_model(tmp_path_factory):
+    """One tiny SentencePiece BPE model (vocab SP_VOCAB) per session: its .model path."""
+    spm = pytest.importorskip("sentencepiece")
+    d = tmp_path_factory.mktemp("sp")
+    corpus = d / "c.txt"
+    corpus.write_text("\n".join(make_texts(300, seed=3)))
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(d / "sp"), vocab_size=SP_VOCAB,
+                                   model_type="bpe", minloglevel=2)
+    return d / "sp.model"

@@ -337,16 +337,13 @@ def test_tools_scripts_and_merge_directory(tmp_path, tiny_tokenizer_dir):
     assert main(["merge", "--input", str(out), "--output-prefix", str(tmp_path / "m2")]) == 2
 
 
-def test_sentencepiece_tokenizer(tmp_path):
-    spm = pytest.importorskip("sentencepiece")
-    corpus = tmp_path / "c.txt"
-    corpus.write_text("\n".join(make_texts(300, seed=3)))
-    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "sp"), vocab_size=150,
-                                   model_type="bpe", minloglevel=2)
-    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
+def test_sentencepiece_tokenizer(tmp_path, sp_model):
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(sp_model))
     recs = records(30, seed=12)
     src = write_jsonl(tmp_path / "in.jsonl", recs)
-    metas = run_pp(tmp_path, str(tmp_path / "sp.model"), [src], append_eod=True, workers=1)
+    metas = run_pp(tmp_path, str(sp_model), [src], append_eod=True, workers=1)
     assert next(iter(metas.values()))["tokenizer"]["type"] == "SentencePieceTokenizer"
     ds = IndexedDataset(tmp_path / "out_text_document")
     for d, r in enumerate(recs):

@@ -4,7 +4,7 @@ import pytest
 
 from megacpt.data.tokenizer import EOD_TOKEN, load_tokenizer, train_bpe
 from megacpt.errors import UserError
-from tests.data.conftest import make_texts
+from tests.data.conftest import SP_VOCAB, make_texts
 
 
 def test_trained_tokenizer_matches_transformers(tiny_tokenizer, tiny_tokenizer_dir):
@@ -47,18 +47,15 @@ def test_errors(tmp_path):
         train_bpe(["x"], 100, tmp_path / "t")
 
 
-def test_sentencepiece(tmp_path):
-    spm = pytest.importorskip("sentencepiece")
-    corpus = tmp_path / "c.txt"
-    corpus.write_text("\n".join(make_texts(300, seed=3)))
-    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "sp"), vocab_size=120,
-                                   model_type="bpe", minloglevel=2)
-    tok = load_tokenizer(tmp_path / "sp.model")
+def test_sentencepiece(sp_model):
+    import sentencepiece as spm
+
+    tok = load_tokenizer(sp_model)
     assert tok.type == "SentencePieceTokenizer"
-    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
+    sp = spm.SentencePieceProcessor(model_file=str(sp_model))
     t = "the market rose"
     assert tok.encode(t) == sp.encode_as_ids(t) and tok.eod == sp.eos_id()
-    assert tok.decode(tok.encode(t)) == t and tok.vocab_size == 120
+    assert tok.decode(tok.encode(t)) == t and tok.vocab_size == SP_VOCAB
 
 
 def test_cli_train(tmp_path):
