@@ -114,20 +114,26 @@ if HAS_TRITON:
 # ----------------------------------------------------------------------------------------------------
 # 2. launcher
 # ----------------------------------------------------------------------------------------------------
-def _triton_config(device: torch.device, dtype: torch.dtype) -> tuple[int, int, int, int, int]:
-    """(BLOCK_N, BLOCK_V, BLOCK_H, num_warps, target #programs). The interpreter gets tiny tiles.
+def _triton_config(device: torch.device, dtype: torch.dtype) -> tuple[int, int, int, int, int, int]:
+    """(BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages, target #programs). The interpreter gets tiny tiles.
 
-    Each row block streams all of W once, so W traffic is (N / BLOCK_N) * V * H: BLOCK_N = 128 halves it
-    against 64; programs of one vocab split run side by side and share W tiles through L2. fp32 (IEEE
-    dot, no tensor-core TF32) uses smaller tiles for register pressure. Untuned: no GPU was available
-    when this was written; ``benchmarks/score.py --device cuda`` is the place to tune it.
+    Each row block streams all of W once, so W traffic is (N / BLOCK_N) * V * H; programs of one vocab
+    split run side by side and share W tiles through L2. fp32 (IEEE
+    dot, no tensor-core TF32) uses smaller tiles for register pressure. ``MEGACPT_FLCE_TRITON_CONFIG``
+    ("BN,BV,BH,warps,stages,programs_per_sm") overrides it; ``benchmarks/kernel_tune.py`` sweeps it.
     """
     if device.type != "cuda":  # TRITON_INTERPRET=1 on CPU: correctness only, keep tiles small
-        return 16, 32, 16, 1, 4
+        return 16, 32, 16, 1, 1, 4
     sms = torch.cuda.get_device_properties(device).multi_processor_count
+    env = os.environ.get("MEGACPT_FLCE_TRITON_CONFIG")
+    if env:
+        bn, bv, bh, warps, stages, per_sm = (int(x) for x in env.split(","))
+        return bn, bv, bh, warps, stages, per_sm * sms
     if dtype == torch.float32:
-        return 64, 64, 32, 4, 4 * sms
-    return 128, 128, 64, 8, 2 * sms
+        return 64, 64, 32, 4, 2, 4 * sms
+    # H100, bf16, N=16k, V=50k (benchmarks/kernel_tune.py, 2026-11-26): 490-510 TFLOP/s at H=2048/4096,
+    # against 294-300 for (128, 128, 64, 8, 3) and 211-369 for the other shapes tried
+    return 128, 256, 64, 8, 3, 2 * sms
 
 
 def _triton_lse_target(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], t: torch.Tensor,
@@ -139,7 +145,7 @@ def _triton_lse_target(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tenso
     h = h.contiguous()
     w = w if w.stride(1) == 1 else w.contiguous()
     b = None if b is None else b.contiguous()
-    block_n, block_v, block_h, warps, target_programs = _triton_config(h.device, h.dtype)
+    block_n, block_v, block_h, warps, stages, target_programs = _triton_config(h.device, h.dtype)
     n_tiles = triton.cdiv(max(v_valid, 0), block_v)
     row_blocks = triton.cdiv(n, block_n)
     # split the vocab loop over programs when there are too few token blocks to fill the GPU
@@ -154,7 +160,7 @@ def _triton_lse_target(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tenso
             n, hdim, v_valid, v_offset, ignore_index,
             h.stride(0), w.stride(0), n_tiles, tiles_per_split, n_splits,
             HAS_BIAS=b is not None, IEEE=h.dtype == torch.float32, UPCAST=h.device.type != "cuda",
-            BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, num_warps=warps,
+            BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, num_warps=warps, num_stages=stages,
         )
     if n_splits == 1:
         return lse[:, 0], tgt[:, 0]
@@ -171,21 +177,60 @@ def _merge_lse(lse: torch.Tensor, dim: int) -> torch.Tensor:
 # 3. pure-torch chunked path (CPU, reference)
 # ----------------------------------------------------------------------------------------------------
 DEFAULT_CHUNK = int(os.environ.get("MEGACPT_FLCE_CHUNK", "1024"))  # tokens per [chunk, V] fp32 buffer
+# GPU: bigger chunks keep the backward's three matmuls per chunk large (measured on an H100, bf16,
+# Pythia-6.9B output layer: fwd+bwd 76 ms at 1024 vs 58 ms at 4096); [4096, 50k] fp32 is 0.8 GB
+DEFAULT_GPU_CHUNK = int(os.environ.get("MEGACPT_FLCE_GPU_CHUNK", "4096"))
+
+
+def _resolve_chunk(chunk_size: Optional[int], device: torch.device) -> int:
+    if chunk_size is None:
+        return DEFAULT_GPU_CHUNK if device.type == "cuda" else DEFAULT_CHUNK
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    return chunk_size
 
 
 def _as_fp32(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if x is None else x.float()  # no copy for fp32 tensors
 
 
-def _chunk_logits(h: torch.Tensor, w32: torch.Tensor, b32: Optional[torch.Tensor],
+def _gpu16(x: torch.Tensor) -> bool:
+    """16-bit inputs on a GPU: matmuls keep them (tensor cores) and write fp32 (``out_dtype``)."""
+    return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+
+
+_MM_OUT_DTYPE: list = []  # [True/False] once probed: does torch.mm take out_dtype=float32 here?
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """fp32 ``a @ b`` of 16-bit CUDA inputs: fp32 accumulation AND fp32 output (no bf16 rounding of the
+    logits) where torch.mm has ``out_dtype`` (torch >= 2.8), else the 16-bit product upcast."""
+    if _MM_OUT_DTYPE != [False]:
+        try:
+            out = torch.mm(a, b, out_dtype=torch.float32)
+            if not _MM_OUT_DTYPE:
+                _MM_OUT_DTYPE.append(True)
+            return out
+        except (TypeError, RuntimeError, NotImplementedError):
+            _MM_OUT_DTYPE[:] = [False]
+    return torch.mm(a, b).float()
+
+
+def _chunk_logits(h: torch.Tensor, w: torch.Tensor, b32: Optional[torch.Tensor],
                   out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """fp32 logits [c, Vv] of one token chunk, written into ``out`` when given (no fresh allocation)."""
+    """fp32 logits [c, Vv] of one token chunk. ``w`` is fp32 (then ``h`` is upcast and the result is
+    written into ``out`` when given: no fresh allocation) or 16-bit (GPU tensor cores; the backward's
+    ``compute_dtype``)."""
+    if w.dtype != torch.float32:  # 16-bit W: 16-bit inputs, fp32 accumulation
+        hc = h.to(w.dtype)
+        logits = _mm_fp32(hc, w.t()) if w.is_cuda else torch.mm(hc, w.t()).float()
+        return logits if b32 is None else logits.add_(b32)
     h32 = h.float()
     if b32 is None:
-        return torch.mm(h32, w32.t(), out=out) if out is not None else torch.mm(h32, w32.t())
+        return torch.mm(h32, w.t(), out=out) if out is not None else torch.mm(h32, w.t())
     if out is not None:
-        return torch.addmm(b32, h32, w32.t(), out=out)
-    return torch.addmm(b32, h32, w32.t())
+        return torch.addmm(b32, h32, w.t(), out=out)
+    return torch.addmm(b32, h32, w.t())
 
 
 def _row_lse_inplace(x: torch.Tensor) -> torch.Tensor:
@@ -227,15 +272,22 @@ def _torch_lse_target(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor
     tgt = torch.zeros(n, dtype=torch.float32, device=h.device)
     if n == 0 or v_valid <= 0:
         return lse, tgt
-    w32, b32 = _as_fp32(w[:v_valid]), _as_fp32(None if b is None else b[:v_valid])
+    # every row of W, padded ones masked to -inf below: a GEMM over an odd row count (50,277) falls on
+    # slow unaligned cuBLAS kernels (3x slower on an H100); 16-bit W on a GPU, fp32 logits
+    wc = w if _gpu16(w) else _as_fp32(w)
+    b32 = _as_fp32(b)
+    v_rows = w.shape[0]
     local = t - v_offset
     on_shard = (t != ignore_index) & (local >= 0) & (local < v_valid)
     local = torch.where(on_shard, local, torch.zeros_like(local))
     c = max(1, min(chunk_size, n))
-    buf = torch.empty(c, v_valid, dtype=torch.float32, device=h.device)  # reused by every chunk
+    # one fp32 [chunk, V] buffer reused by every chunk (CPU); the GPU caching allocator does the same
+    buf = None if _gpu16(wc) else torch.empty(c, v_rows, dtype=torch.float32, device=h.device)
     for s in range(0, n, c):
         e = min(s + c, n)
-        logits = _chunk_logits(h[s:e], w32, b32, out=buf[: e - s])        # [c, Vv] fp32
+        logits = _chunk_logits(h[s:e], wc, b32, out=None if buf is None else buf[: e - s])  # [c, V] fp32
+        if v_valid < v_rows:
+            logits[:, v_valid:] = float("-inf")                            # padded rows: no probability
         tgt[s:e] = logits.gather(1, local[s:e, None]).squeeze(1)
         lse[s:e] = _chunk_lse(logits, compile_lse)
     tgt.masked_fill_(~on_shard, 0.0)
@@ -279,39 +331,37 @@ def _torch_backward(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor],
     db = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device) if need_db else None
     if n == 0 or v_valid <= 0:
         return dh, dw, db
-    wc = w[:v_valid].to(cdt)                                       # [Vv, H] (no copy when dtypes agree)
-    b32 = _as_fp32(None if b is None else b[:v_valid])
+    wc = w.to(cdt)  # [V, H] all rows (aligned GEMMs, see _torch_lse_target); padded columns masked
+    b32 = _as_fp32(b)
+    v_rows = w.shape[0]
     local = t - v_offset
     on_shard = (t != ignore_index) & (local >= 0) & (local < v_valid)
     g = torch.where(t == ignore_index, torch.zeros_like(grad_nll), grad_nll).float()  # [N]
     c = max(1, min(chunk_size, n))
-    buf = torch.empty(c, v_valid, dtype=torch.float32, device=h.device) if cdt == torch.float32 else None
+    buf = torch.empty(c, v_rows, dtype=torch.float32, device=h.device) if cdt == torch.float32 else None
     for s in range(0, n, c):
         e = min(s + c, n)
         hc = h[s:e].to(cdt)                                                     # [c, H]
-        if cdt == torch.float32:
-            p = _chunk_logits(hc, wc, b32, out=buf[: e - s])                    # [c, Vv] fp32
-        else:
-            p = (hc @ wc.t()).float()
-            if b32 is not None:
-                p += b32
-        p.sub_(lse[s:e, None]).exp_()                                          # softmax [c, Vv]
+        p = _chunk_logits(hc, wc, b32, out=None if buf is None else buf[: e - s])  # [c, V] fp32
+        if v_valid < v_rows:
+            p[:, v_valid:] = float("-inf")                                     # padded: softmax 0
+        p.sub_(lse[s:e, None]).exp_()                                          # softmax [c, V]
         rows = torch.nonzero(on_shard[s:e]).squeeze(1)
         p[rows, local[s:e][rows]] -= 1.0
         p.mul_(g[s:e, None])                                                    # dlogits [c, Vv] fp32
         if db is not None:
-            db[:v_valid] += p.sum(0)
+            db += p.sum(0)
         if cdt == torch.float32:
             if dh is not None:
                 dh[s:e] = p @ wc
             if dw is not None:
-                dw[:v_valid].addmm_(p.t(), hc)
+                dw.addmm_(p.t(), hc)
         else:
             p16 = p.to(cdt)
             if dh is not None:
                 dh[s:e] = p16 @ wc
             if dw is not None:
-                dw[:v_valid] += p16.t() @ hc
+                dw += p16.t() @ hc
     return dh, dw, db
 
 
@@ -358,8 +408,9 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         ignore_index, v_offset, v_valid, group, chunk_size = ctx.cfg
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_db = bias is not None and ctx.needs_input_grad[2]
-        dh, dw, db = _torch_backward(hidden, weight, bias, targets, lse, grad_nll, v_valid, v_offset,
-                                     ignore_index, need_dh, need_dw, need_db, chunk_size)
+        with torch.autocast(hidden.device.type, enabled=False):
+            dh, dw, db = _torch_backward(hidden, weight, bias, targets, lse, grad_nll, v_valid, v_offset,
+                                         ignore_index, need_dh, need_dw, need_db, chunk_size)
         if dh is not None and group is not None and dist.get_world_size(group) > 1:
             dist.all_reduce(dh, op=dist.ReduceOp.SUM, group=group)  # h is replicated over the TP group
         return (None if dh is None else dh.to(hidden.dtype), None if dw is None else dw.to(weight.dtype),
@@ -382,7 +433,7 @@ def _pick_impl(impl: str, device: torch.device) -> str:
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                                bias: Optional[torch.Tensor] = None, ignore_index: int = -100,
                                reduction: str = "none", impl: str = "auto", vocab_size: Optional[int] = None,
-                               process_group=None, chunk_size: int = DEFAULT_CHUNK,
+                               process_group=None, chunk_size: Optional[int] = None,
                                return_lse: bool = False, compile_lse: bool = False):
     """Per-token NLL of ``targets`` under ``softmax(hidden @ weight.T + bias)[:, :vocab_size]``.
 
@@ -392,7 +443,12 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     there are none, like ``F.cross_entropy``). With ``return_lse`` also the fp32 log-partition [N].
     ``impl``: "auto" (Triton on CUDA, chunked torch elsewhere), "triton" (also under TRITON_INTERPRET=1
     on CPU, for tests) or "torch". Differentiable wrt hidden, weight and bias. Torch path knobs:
-    ``chunk_size`` tokens per fp32 [chunk, V] buffer; ``compile_lse`` compiles its log-sum-exp.
+    ``chunk_size`` tokens per fp32 [chunk, V] buffer (default 1024 on CPU, 4096 on GPU; the backward
+    uses it on both paths); ``compile_lse`` compiles its log-sum-exp.
+
+    Under ``torch.autocast`` the op behaves like ``F.linear`` there: hidden, weight and bias are cast to
+    the autocast dtype (gradients flow back to fp32 master weights in their own dtype). Outside autocast,
+    inputs of different dtypes are promoted to the wider one.
     """
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
@@ -415,8 +471,11 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
             raise ValueError(f"target {int(targets[i])} at position {i} is outside [0, {limit}) and is not "
                              f"ignore_index={ignore_index}")
     impl = _pick_impl(impl, hidden.device)
-    nll, lse = FusedLinearCrossEntropyFunction.apply(hidden, weight, bias, targets.long(), ignore_index,
-                                                     vocab_size, impl, group, chunk_size, compile_lse)
+    hidden, weight, bias = _common_dtype(hidden, weight, bias)
+    with torch.autocast(hidden.device.type, enabled=False):  # the op picks its own precisions
+        nll, lse = FusedLinearCrossEntropyFunction.apply(hidden, weight, bias, targets.long(), ignore_index,
+                                                         vocab_size, impl, group,
+                                                         _resolve_chunk(chunk_size, hidden.device), compile_lse)
     if reduction == "sum":
         nll = nll.sum()
     elif reduction == "mean":
@@ -424,11 +483,24 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     return (nll, lse) if return_lse else nll
 
 
+def _common_dtype(hidden, weight, bias):
+    """The dtype the matmul runs in: the autocast dtype inside autocast (as F.linear), else the promoted
+    dtype of the inputs. The casts are differentiable, so fp32 master weights get fp32 gradients."""
+    dev = hidden.device.type
+    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+    else:
+        dt = torch.promote_types(hidden.dtype, weight.dtype)
+        if bias is not None:
+            dt = torch.promote_types(dt, bias.dtype)
+    return hidden.to(dt), weight.to(dt), None if bias is None else bias.to(dt)
+
+
 class FusedLinearCrossEntropy(torch.nn.Module):
     """Module form: ``loss = FusedLinearCrossEntropy()(hidden, lm_head_weight, targets)``."""
 
     def __init__(self, ignore_index: int = -100, reduction: str = "mean", impl: str = "auto",
-                 vocab_size: Optional[int] = None, process_group=None, chunk_size: int = DEFAULT_CHUNK):
+                 vocab_size: Optional[int] = None, process_group=None, chunk_size: Optional[int] = None):
         super().__init__()
         self.ignore_index, self.reduction, self.impl = ignore_index, reduction, impl
         self.vocab_size, self.process_group, self.chunk_size = vocab_size, process_group, chunk_size

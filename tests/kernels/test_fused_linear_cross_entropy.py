@@ -137,6 +137,50 @@ def test_triton_kernel_cuda(dtype):
     torch.testing.assert_close(out, ref, **TOL[dtype])
 
 
+@requires_gpu
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_gpu_bf16_forward_and_backward(impl):
+    """bf16 on a GPU: 16-bit matmuls with fp32 logits (torch path) or the Triton forward, and the
+    chunked 16-bit backward, against fp32 F.cross_entropy on the same values."""
+    if impl == "triton":
+        pytest.importorskip("triton")
+    hid, w, b, t = (x.cuda() for x in _inputs(torch.bfloat16, n=1031, h=256, v=50304, v_real=50277))
+    leaves = [x.clone().requires_grad_() for x in (hid, w, b)]
+    out = fused_linear_cross_entropy(leaves[0], leaves[1], t, leaves[2], impl=impl, vocab_size=50277,
+                                     chunk_size=256)
+    ref_leaves = [x.float().clone().requires_grad_() for x in (hid, w, b)]
+    ref = reference_cross_entropy(ref_leaves[0], ref_leaves[1], t, ref_leaves[2], vocab_size=50277)
+    torch.testing.assert_close(out, ref, atol=2e-3, rtol=2e-3)  # fp32 logits: only bf16 products differ
+    weights = torch.linspace(0.5, 1.5, out.numel(), device="cuda")
+    (out * weights).sum().backward()
+    (ref * weights).sum().backward()
+    for g, rg in zip(leaves, ref_leaves):
+        assert g.grad.dtype == torch.bfloat16
+        torch.testing.assert_close(g.grad.float(), rg.grad, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_gpu)])
+def test_autocast_and_mixed_dtypes(device):
+    """Under autocast the op computes like F.linear there (16-bit inputs) and fp32 master weights get
+    fp32 gradients; outside autocast, mixed dtypes are promoted (bf16 hidden + fp32 weight -> fp32)."""
+    hid, w, b, t = (x.to(device) for x in _inputs(torch.float32, n=67, v=1003, v_real=V_REAL))
+    w_master = w.clone().requires_grad_()
+    with torch.autocast(device, dtype=torch.bfloat16):
+        out = fused_linear_cross_entropy(hid, w_master, t, b, vocab_size=V_REAL, reduction="sum")
+    out.backward()
+    assert w_master.grad.dtype == torch.float32
+    w16 = w.to(torch.bfloat16).requires_grad_()
+    ref = fused_linear_cross_entropy(hid.to(torch.bfloat16), w16, t, b.to(torch.bfloat16), vocab_size=V_REAL,
+                                     reduction="sum")
+    ref.backward()
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(w_master.grad, w16.grad.float())
+    # no autocast: promotion to fp32 equals the fp32 computation
+    mixed = fused_linear_cross_entropy(hid.to(torch.bfloat16), w, t, b, vocab_size=V_REAL)
+    exact = reference_cross_entropy(hid.to(torch.bfloat16).float(), w, t, b, vocab_size=V_REAL)
+    torch.testing.assert_close(mixed, exact, **TOL[torch.float32])
+
+
 # -- vocab parallel on 2 gloo ranks -------------------------------------------------------------------
 def _vocab_parallel_worker(rank, world, dtype_name):
     import torch.distributed as dist
