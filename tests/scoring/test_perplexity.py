@@ -82,7 +82,9 @@ def _read(path):
 def _cli(*args):
     from megacpt.cli import main
 
-    return main(["score", "perplexity", *map(str, args), "--no-progress"])
+    # --device cpu: exact fp32 comparisons with the HF reference also on a machine with a GPU
+    args = [*map(str, args)] + ([] if "--device" in map(str, args) else ["--device", "cpu"])
+    return main(["score", "perplexity", *args, "--no-progress"])
 
 
 def test_cli_matches_hf_reference(setup, tmp_path):
@@ -195,7 +197,7 @@ def test_kill_and_resume_equals_uninterrupted(setup, tmp_path):
     d, hf, prefix = setup
     full, killed = tmp_path / "full.parquet", tmp_path / "killed.parquet"
     common = ["--model", d / "hf", "--data", prefix, "--seq-length", L, "--tokens-per-batch", 40,
-              "--shard-docs", 3]
+              "--shard-docs", 3, "--device", "cpu"]
     assert _cli(*common, "--out", full) == 0
     args = [sys.executable, "-c", _KILL_AFTER_2, "score", "perplexity", *map(str, common), "--out", str(killed),
             "--no-progress"]
@@ -264,7 +266,7 @@ def test_bad_inputs_messages(setup, tmp_path, capsys):
 def test_resume_of_complete_output_is_a_no_op(setup, tmp_path):
     d, hf, prefix = setup
     out = tmp_path / "s.parquet"
-    common = ["--model", d / "hf", "--data", prefix, "--seq-length", L, "--out", out]
+    common = ["--model", d / "hf", "--data", prefix, "--seq-length", L, "--out", out, "--device", "cpu"]
     assert _cli(*common) == 0
     before = out.read_bytes()
     assert _cli(*common, "--resume") == 0
