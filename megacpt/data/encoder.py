@@ -51,9 +51,10 @@ class DocumentEncoder:
         return out
 
 
-def build_encoder(path: str, tokenizer_type: str = "auto", fast: bool = True) -> DocumentEncoder:
+def build_encoder(path: str | None, tokenizer_type: str = "auto", fast: bool = True, *,
+                  vocab_file: str | None = None, merge_file: str | None = None) -> DocumentEncoder:
     """The document encoder; with ``fast`` the exact tiktoken path when it can be established."""
-    tok = load_tokenizer(path, tokenizer_type)
+    tok = load_tokenizer(path, tokenizer_type, vocab_file=vocab_file, merge_file=merge_file)
     if not fast:
         return DocumentEncoder(tok, None, "disabled (--no-fast-tokenizer)")
     from megacpt.data.fast_bpe import FastBPE

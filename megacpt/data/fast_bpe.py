@@ -110,8 +110,10 @@ class FastBPE:
                 text_of[t] = a + b
         except KeyError:
             return None, "a vocab entry that is not byte-level text"
-        if len(ranks) != 256 or len(merge_rank) + 256 != len(vocab):
-            return None, f"vocab is not 256 bytes + one token per merge ({len(ranks)} + {len(merge_rank)} != {len(vocab)})"
+        if len(ranks) != 256:
+            return None, f"vocab has {len(ranks)} single-byte tokens, not 256"
+        # other multi-character vocab entries (GPT-2's <|endoftext|> when it is not an added token) are no
+        # merge's result, so neither BPE can produce them: they stay out of tiktoken's ranks
         ids = np.array([vocab[text_of[t]] for t in merge_rank], dtype=np.int64)
         order = np.array(list(merge_rank.values()))
         if np.all(np.diff(ids[np.argsort(order)]) > 0) and min(ids) > max(ranks.values()):

@@ -32,11 +32,11 @@ def summarize(prefix: str, n_docs: int = 3, tokenizer_path: str | None = None, m
         out["histogram"] = [(f"[{a},{b})", int(h)) for a, b, h in zip(edges[:-1], edges[1:], hist) if h]
     if meta:
         out["sidecar"] = {k: meta[k] for k in ("tokenizer", "skipped_lines", "inputs", "append_eod") if k in meta}
-    path = tokenizer_path or (meta.get("tokenizer") or {}).get("path")
-    if n_docs and path:
-        from megacpt.data.tokenizer import load_tokenizer
+    ident = meta.get("tokenizer") or {}
+    if n_docs and (tokenizer_path or ident.get("path")):
+        from megacpt.data.tokenizer import load_tokenizer, tokenizer_from_identity
 
-        tok = load_tokenizer(path, (meta.get("tokenizer") or {}).get("type", "auto") if not tokenizer_path else "auto")
+        tok = load_tokenizer(tokenizer_path) if tokenizer_path else tokenizer_from_identity(ident)
         out["first_documents"] = [tok.decode(ds.document(d).tolist())[:max_chars]
                                   for d in range(min(n_docs, ds.num_documents))]
     return out

@@ -42,8 +42,10 @@ MAX_REPORTED_SKIPS = 100
 class PreprocessConfig:
     inputs: list[str]
     output_prefix: str
-    tokenizer_model: str
+    tokenizer_model: str | None = None
     tokenizer_type: str = "auto"
+    vocab_file: str | None = None     # GPT2BPETokenizer: GPT-2-format vocab.json
+    merge_file: str | None = None     # GPT2BPETokenizer: GPT-2-format merges.txt
     json_keys: list[str] = field(default_factory=lambda: ["text"])
     append_eod: bool = False
     workers: int = 1                  # tokenizing processes; 0 = in this process
@@ -58,8 +60,19 @@ class PreprocessConfig:
     fast: bool = True                 # exact fast BPE path where available (falls back per document)
     log_interval: float = 1.0         # seconds between progress refreshes
     progress: bool = True
+    split_sentences: bool = False     # Megatron's NLTK punkt splitting: refused, see validate
+    keep_newlines: bool = False
+    lang: str = "english"
 
     def validate(self) -> None:
+        if self.split_sentences:
+            raise UserError(
+                "--split-sentences is not supported: Megatron splits with NLTK's punkt model, which it downloads "
+                "at run time (nltk.download('punkt')); no PyPI package ships that data offline-cleanly, so "
+                "megacpt cannot reproduce Megatron's sentence boundaries. Split sentences upstream and store each "
+                "document's sentences as a JSON list: every list item becomes one sequence of the document")
+        if self.keep_newlines or self.lang != "english":
+            raise UserError("--keep-newlines and --lang only apply to --split-sentences")
         if not self.json_keys or len(set(self.json_keys)) != len(self.json_keys):
             raise UserError(f"--json-keys must be non-empty and distinct, got {self.json_keys}")
         if self.workers < 0:
@@ -99,7 +112,8 @@ def _init_worker(cfg: PreprocessConfig, dtype: type, partition_of: tuple[str, in
     from megacpt.data.encoder import build_encoder
 
     _W["cfg"], _W["dtype"], _W["partition_of"] = cfg, dtype, partition_of
-    _W["encoder"] = encoder or build_encoder(cfg.tokenizer_model, cfg.tokenizer_type, fast=cfg.fast)
+    _W["encoder"] = encoder or build_encoder(cfg.tokenizer_model, cfg.tokenizer_type, fast=cfg.fast,
+                                             vocab_file=cfg.vocab_file, merge_file=cfg.merge_file)
 
 
 def _partition(g: int, spec: tuple[str, int, int]) -> int:
@@ -160,8 +174,11 @@ def preprocess(cfg: PreprocessConfig) -> dict[str, dict[str, Any]]:
 
     cfg.validate()
     # everything that can fail before the work fails here
-    encoder = build_encoder(cfg.tokenizer_model, cfg.tokenizer_type, fast=cfg.fast)
+    encoder = build_encoder(cfg.tokenizer_model, cfg.tokenizer_type, fast=cfg.fast,
+                            vocab_file=cfg.vocab_file, merge_file=cfg.merge_file)
     tokenizer = encoder.tokenizer
+    if cfg.append_eod:
+        tokenizer.require_eod()
     dtype = choose_dtype(tokenizer.vocab_size, cfg.dtype)
     sources = expand_inputs(cfg.inputs, cfg.split)
     check_writable_dir(cfg.output_prefix)
@@ -305,14 +322,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    "instead of stopping at the first one")
     g = parser.add_argument_group("tokenizer")
     g.add_argument("--tokenizer-type", default="auto",
-                   choices=["HuggingFaceTokenizer", "SentencePieceTokenizer", "auto"],
-                   help="auto: SentencePieceTokenizer for a .model file, else HuggingFaceTokenizer")
-    g.add_argument("--tokenizer-model", required=True, help="HF tokenizer dir / tokenizer.json / .model")
+                   choices=["HuggingFaceTokenizer", "SentencePieceTokenizer", "GPT2BPETokenizer", "auto"],
+                   help="auto: SentencePieceTokenizer for a .model file, GPT2BPETokenizer for --vocab-file/"
+                   "--merge-file or a GPT-2 vocab.json, else HuggingFaceTokenizer")
+    g.add_argument("--tokenizer-model", default=None, help="HF tokenizer dir / tokenizer.json / .model")
+    g.add_argument("--vocab-file", default=None, help="GPT2BPETokenizer: GPT-2-format vocab.json")
+    g.add_argument("--merge-file", default=None, help="GPT2BPETokenizer: GPT-2-format merges.txt")
     g.add_argument("--append-eod", action="store_true", help="append the EOD token to each non-empty document")
     g.add_argument("--dtype", default="auto", choices=["auto", "uint16", "int32"],
                    help="token dtype (auto: Megatron's rule, uint16 when vocab < 65,500)")
     g.add_argument("--no-fast-tokenizer", dest="fast", action="store_false",
                    help="always use HF tokenizers (no exact fast BPE path)")
+    g.add_argument("--split-sentences", action="store_true",
+                   help="Megatron's NLTK sentence splitting: not supported (an error says why)")
+    g.add_argument("--keep-newlines", action="store_true", help="with --split-sentences only")
+    g.add_argument("--lang", default="english", help="with --split-sentences only")
     g = parser.add_argument_group("output data")
     g.add_argument("--output-prefix", required=True, help="writes PREFIX_{key}_document.{bin,idx,meta.json}")
     g = parser.add_argument_group("runtime")
@@ -330,11 +354,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> PreprocessConfig:
     return PreprocessConfig(
         inputs=list(args.input), output_prefix=args.output_prefix, tokenizer_model=args.tokenizer_model,
-        tokenizer_type=args.tokenizer_type, json_keys=list(args.json_keys), append_eod=args.append_eod,
+        tokenizer_type=args.tokenizer_type, vocab_file=args.vocab_file, merge_file=args.merge_file,
+        json_keys=list(args.json_keys), append_eod=args.append_eod,
         workers=args.workers, partitions=args.partitions, partition_index=args.partition_index,
         keep_sequential_samples=args.keep_sequential_samples, skip_bad_lines=args.skip_bad_lines,
         hf_dataset=args.hf_dataset, split=args.split, dtype=args.dtype, chunk_bytes=args.chunk_bytes,
         fast=args.fast, log_interval=args.log_interval, progress=not args.quiet,
+        split_sentences=args.split_sentences, keep_newlines=args.keep_newlines, lang=args.lang,
     )
 
 

@@ -9,12 +9,21 @@ sentencepiece ``.model``. Semantics follow what Megatron-LM's preprocessing call
   tokens (= ``len(AutoTokenizer)``); ``eod`` is the ``eos_token`` of tokenizer_config.json, else the id of
   ``<|endoftext|>``.
 - SentencePieceTokenizer: Megatron's ``GPTSentencePieceTokenizer``: ``encode_as_ids``, eod = eos id.
+- GPT2BPETokenizer: Megatron's classic ``_GPT2BPETokenizer`` (``--vocab-file V --merge-file M``): the
+  original GPT-2 algorithm (GPT-2 regex, byte-level BPE by merge rank, no normaliser). Text is never parsed
+  for special tokens: a literal ``<|endoftext|>`` in a document is encoded as ordinary text, as
+  ``gpt2_tokenization.GPT2Tokenizer.encode`` does. ``vocab_size`` = entries of vocab.json (no padding),
+  ``eod`` = the id of ``<|endoftext|>`` (None when the vocab has none; preprocessing then refuses
+  ``--append-eod``). Megatron-LM after Feb 2026 (#2946) routes this type through HF
+  ``AutoTokenizer("gpt2", vocab_file=..., merges_file=...)`` instead, which differs only on documents
+  containing the literal ``<|endoftext|>`` (it becomes the EOD id there).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -23,17 +32,21 @@ from megacpt.io import atomic_path, sha256_file, write_json_atomic
 
 EOD_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|padding|>"
-TOKENIZER_TYPES = ("auto", "HuggingFaceTokenizer", "SentencePieceTokenizer")
+TOKENIZER_TYPES = ("auto", "HuggingFaceTokenizer", "SentencePieceTokenizer", "GPT2BPETokenizer")
 
 
 class Tokenizer:
-    """Common interface; subclasses set ``type``, ``path``, ``files``, ``vocab_size``, ``eod``."""
+    """Common interface; subclasses set ``type``, ``path``, ``files``, ``vocab_size``, ``eod``.
+
+    ``path`` reloads the tokenizer with ``load_tokenizer(path)`` (auto type); ``eod`` is None only for a
+    GPT-2 vocab without ``<|endoftext|>``.
+    """
 
     type: str
     path: str
     files: list[Path]
     vocab_size: int
-    eod: int
+    eod: int | None
 
     def encode(self, text: str) -> list[int]:
         raise NotImplementedError
@@ -56,6 +69,11 @@ class Tokenizer:
             "vocab_size": self.vocab_size,
             "eod": self.eod,
         }
+
+    def require_eod(self, why: str = "--append-eod") -> int:
+        if self.eod is None:
+            raise UserError(f"{why} needs an end-of-document token, but tokenizer {self.path} has no {EOD_TOKEN}")
+        return self.eod
 
     def __len__(self) -> int:
         return self.vocab_size
@@ -148,20 +166,222 @@ class SentencePieceTokenizer(Tokenizer):
         return self._sp.decode([int(i) for i in ids])
 
 
-def load_tokenizer(path: str | os.PathLike, tokenizer_type: str = "auto") -> Tokenizer:
-    """HF dir / tokenizer.json -> HFTokenizer; ``.model`` -> SentencePieceTokenizer (or as ``tokenizer_type`` says)."""
+class GPT2BPETokenizer(HFTokenizer):
+    """Megatron's ``GPT2BPETokenizer`` from a GPT-2-format ``vocab.json`` + ``merges.txt``.
+
+    Runs on HF ``tokenizers`` (a BPE model with exactly these merges, the GPT-2 byte-level pre-tokenizer,
+    no normaliser, no added tokens) so the tiktoken fast path applies. This equals the original
+    pure-Python algorithm because `read_gpt2_merges` only accepts merges whose parts are bytes or
+    results of earlier merges: then every pair a merge creates ranks after it, and "lowest rank first,
+    leftmost first" (HF) and "lowest rank, all occurrences left to right" (GPT-2) make the same merges.
+    """
+
+    type = "GPT2BPETokenizer"
+
+    def __init__(self, vocab_file: str | os.PathLike, merge_file: str | os.PathLike):
+        from tokenizers import Tokenizer as _RustTokenizer, decoders, models, pre_tokenizers
+
+        vf, mf = Path(vocab_file), Path(merge_file)
+        vocab = read_gpt2_vocab(vf)
+        merges = read_gpt2_merges(mf, vocab, vf)
+        tok = _RustTokenizer(models.BPE(vocab=vocab, merges=merges, dropout=None, fuse_unk=False))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        tok.decoder = decoders.ByteLevel()
+        self._tok = tok
+        self._inv = {i: t for t, i in vocab.items()}
+        self.vocab_file, self.merge_file = str(vf.resolve()), str(mf.resolve())
+        self.path, self.files = self.vocab_file, [vf, mf]
+        self.vocab_size = len(vocab)          # Megatron: len(encoder), padding happens in the model
+        self.eod = vocab.get(EOD_TOKEN)
+
+    def identity(self) -> dict[str, Any]:
+        return {**super().identity(), "vocab_file": self.vocab_file, "merge_file": self.merge_file}
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """GPT-2's decode: token strings -> bytes -> UTF-8 with errors='replace'."""
+        from megacpt.data.fast_bpe import _byte_decoder
+
+        dec = _byte_decoder()
+        try:
+            text = "".join(self._inv[int(i)] for i in ids)
+        except KeyError as e:
+            raise UserError(f"token id {e.args[0]} is not in {self.vocab_file} (vocab size {self.vocab_size})") from None
+        # vocab entries outside the byte alphabet (none in GPT-2's) decode as their UTF-8 text
+        return b"".join(bytes([dec[c]]) if c in dec else c.encode() for c in text).decode("utf-8", "replace")
+
+
+def _byte_chars() -> dict[str, int]:
+    from megacpt.data.fast_bpe import _byte_decoder
+
+    return _byte_decoder()
+
+
+def read_gpt2_vocab(path: Path) -> dict[str, int]:
+    """A GPT-2 ``vocab.json``: a JSON object token -> id, ids 0..N-1, all 256 byte-level tokens present."""
+    if not path.is_file():
+        raise UserError(f"--vocab-file {path}: no such file")
+    try:
+        vocab = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise UserError(f"--vocab-file {path}: not UTF-8 text ({e})") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"--vocab-file {path}:{e.lineno}:{e.colno}: invalid JSON ({e.msg}); expected a GPT-2 "
+                        "vocab.json object {token: id}") from None
+    if not isinstance(vocab, dict) or not vocab:
+        raise UserError(f"--vocab-file {path}: expected a non-empty JSON object {{token: id}}, got "
+                        f"{type(vocab).__name__}")
+    if isinstance(vocab.get("model"), dict):
+        raise UserError(f"--vocab-file {path}: this is an HF tokenizer.json, not a GPT-2 vocab.json; use "
+                        "--tokenizer-type HuggingFaceTokenizer --tokenizer-model PATH")
+    seen: dict[int, str] = {}
+    for t, i in vocab.items():
+        if type(i) is not int or not 0 <= i < len(vocab):
+            raise UserError(f"--vocab-file {path}: token {t!r} has id {i!r}; expected an integer in "
+                            f"[0, {len(vocab)}) (ids must be 0..N-1: Megatron's vocab_size is the entry count)")
+        if i in seen:
+            raise UserError(f"--vocab-file {path}: tokens {seen[i]!r} and {t!r} share id {i}")
+        seen[i] = t
+    missing = [c for c in _byte_chars() if c not in vocab]
+    if missing:
+        raise UserError(f"--vocab-file {path}: {len(missing)} of the 256 byte-level tokens are missing (first: "
+                        f"{missing[0]!r} = byte 0x{_byte_chars()[missing[0]]:02x}); not a byte-level BPE vocab")
+    return vocab
+
+
+def read_gpt2_merges(path: Path, vocab: dict[str, int], vocab_path: Path | str = "vocab") -> list[tuple[str, str]]:
+    """A GPT-2 ``merges.txt``: a ``#version`` line, then one ``A B`` merge per line, newline-terminated.
+
+    Megatron's reader keeps ``text.split("\n")[1:-1]``: line 1 and whatever follows the last newline are
+    dropped unread, so a file without the header or the final newline would silently lose a merge; we
+    refuse both. Blank lines are skipped (Megatron's empty tuple never matches); lines with 1 or 3+ fields,
+    repeated merges, parts not yet made and results missing from the vocab are errors.
+    """
+    if not path.is_file():
+        raise UserError(f"--merge-file {path}: no such file")
+    try:
+        lines = path.read_bytes().decode("utf-8").split("\n")
+    except UnicodeDecodeError as e:
+        raise UserError(f"--merge-file {path}: not UTF-8 text ({e})") from None
+    if not lines[0].startswith("#version"):
+        raise UserError(f"--merge-file {path}:1: expected a '#version: 0.2' header, got {lines[0][:40]!r} "
+                        "(Megatron skips line 1 unread, so a merge there would be lost)")
+    if lines[-1].strip():
+        raise UserError(f"--merge-file {path}:{len(lines)}: no newline at the end of the file (Megatron drops the "
+                        "last line unread, so this merge would be lost); add a final newline")
+    made = set(_byte_chars())
+    seen: dict[tuple[str, str], int] = {}
+    merges: list[tuple[str, str]] = []
+    for n, line in enumerate(lines[1:-1], start=2):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) != 2:
+            raise UserError(f"--merge-file {path}:{n}: expected two space-separated tokens, got {line[:80]!r}")
+        pair = (parts[0], parts[1])
+        if pair in seen:
+            raise UserError(f"--merge-file {path}:{n}: merge {line.strip()!r} repeats line {seen[pair]}")
+        for part in pair:
+            if part not in made:
+                raise UserError(f"--merge-file {path}:{n}: {part!r} is neither a byte-level character nor made by "
+                                "an earlier merge")
+        if pair[0] + pair[1] not in vocab:
+            raise UserError(f"--merge-file {path}:{n}: the merged token {pair[0] + pair[1]!r} is not in "
+                            f"--vocab-file {vocab_path}")
+        seen[pair] = n
+        made.add(pair[0] + pair[1])
+        merges.append(pair)
+    return merges
+
+
+GPT2_FILE_PAIRS = (("vocab.json", "merges.txt"), ("gpt2-vocab.json", "gpt2-merges.txt"))
+
+
+def _merges_beside(vocab_file: Path) -> Path | None:
+    """``X-vocab.json`` -> ``X-merges.txt`` (Megatron's names), else ``merges.txt`` in the same folder."""
+    name = vocab_file.name.replace("vocab", "merges")
+    for cand in (vocab_file.with_name(Path(name).stem + ".txt"), vocab_file.with_name("merges.txt")):
+        if cand != vocab_file and cand.is_file():
+            return cand
+    return None
+
+
+def _gpt2_files(path: Path) -> tuple[Path, Path]:
+    if path.is_dir():
+        for v, m in GPT2_FILE_PAIRS:
+            if (path / v).is_file() and (path / m).is_file():
+                return path / v, path / m
+        raise UserError(f"tokenizer {path}: no {' or '.join(f'{v} + {m}' for v, m in GPT2_FILE_PAIRS)} in this "
+                        "folder; pass --vocab-file and --merge-file")
+    merges = _merges_beside(path)
+    if merges is None:
+        raise UserError(f"GPT-2 vocab {path}: no merges file beside it (looked for "
+                        f"{Path(path.name.replace('vocab', 'merges')).stem}.txt and merges.txt); pass --merge-file")
+    return path, merges
+
+
+def _is_gpt2_vocab_json(p: Path) -> bool:
+    """A .json file that is a flat {token: id} map rather than an HF tokenizer.json."""
+    if p.suffix != ".json" or p.name == "tokenizer.json" or not p.is_file():
+        return False
+    try:
+        with open(p, encoding="utf-8") as f:
+            head = f.read(4096)
+    except (OSError, UnicodeDecodeError):
+        return False
+    # a vocab.json's first value is an id; a tokenizer.json opens with "version": "1.0" or similar
+    return re.match(r'\s*\{\s*"(?:[^"\\]|\\.)*"\s*:\s*-?\d', head) is not None
+
+
+def load_tokenizer(path: str | os.PathLike | None, tokenizer_type: str = "auto", *,
+                   vocab_file: str | os.PathLike | None = None,
+                   merge_file: str | os.PathLike | None = None) -> Tokenizer:
+    """Megatron's tokenizer flags -> a `Tokenizer`; every inconsistent combination is a `UserError`.
+
+    ``path`` (``--tokenizer-model``): HF dir / tokenizer.json -> HFTokenizer; ``.model`` ->
+    SentencePieceTokenizer; a GPT-2 ``*vocab.json`` with its merges file beside it (or a folder holding
+    vocab.json + merges.txt with type GPT2BPETokenizer) -> GPT2BPETokenizer. ``vocab_file`` + ``merge_file``
+    (``--vocab-file``/``--merge-file``) -> GPT2BPETokenizer, as Megatron's ``--tokenizer-type GPT2BPETokenizer``.
+    """
     if tokenizer_type not in TOKENIZER_TYPES:
         raise UserError(f"unknown tokenizer type {tokenizer_type!r}; expected one of {', '.join(TOKENIZER_TYPES)}")
+    if vocab_file is not None or merge_file is not None:
+        if tokenizer_type not in ("auto", "GPT2BPETokenizer"):
+            raise UserError(f"--vocab-file/--merge-file belong to --tokenizer-type GPT2BPETokenizer; "
+                            f"{tokenizer_type} reads --tokenizer-model only")
+        if path is not None:
+            raise UserError("give either --tokenizer-model or --vocab-file + --merge-file, not both")
+        if vocab_file is None or merge_file is None:
+            raise UserError("GPT2BPETokenizer needs both --vocab-file and --merge-file (missing: "
+                            f"{'--vocab-file' if vocab_file is None else '--merge-file'})")
+        return GPT2BPETokenizer(vocab_file, merge_file)
+    if path is None:
+        if tokenizer_type == "GPT2BPETokenizer":
+            raise UserError("--tokenizer-type GPT2BPETokenizer needs --vocab-file and --merge-file")
+        raise UserError("no tokenizer given: pass --tokenizer-model PATH (or --tokenizer-type GPT2BPETokenizer "
+                        "--vocab-file F --merge-file F)")
     p = Path(path)
     if not p.exists():
         raise UserError(f"tokenizer {p}: no such file or directory")
     if tokenizer_type == "auto":
         sp_model = p.suffix == ".model" or (p.is_dir() and not (p / "tokenizer.json").exists()
                                             and (p / "tokenizer.model").exists())
-        tokenizer_type = "SentencePieceTokenizer" if sp_model else "HuggingFaceTokenizer"
+        tokenizer_type = "SentencePieceTokenizer" if sp_model else \
+            "GPT2BPETokenizer" if _is_gpt2_vocab_json(p) else "HuggingFaceTokenizer"
     if tokenizer_type == "SentencePieceTokenizer":
         return SentencePieceTokenizer(p / "tokenizer.model" if p.is_dir() else p)
+    if tokenizer_type == "GPT2BPETokenizer":
+        return GPT2BPETokenizer(*_gpt2_files(p))
     return HFTokenizer(p)
+
+
+def tokenizer_from_identity(ident: dict[str, Any]) -> Tokenizer:
+    """Reload the tokenizer a dataset sidecar's ``tokenizer`` entry describes."""
+    if ident.get("type") == "GPT2BPETokenizer" and ident.get("merge_file"):
+        return load_tokenizer(None, "GPT2BPETokenizer", vocab_file=ident.get("vocab_file") or ident.get("path"),
+                              merge_file=ident["merge_file"])
+    if not ident.get("path"):
+        raise UserError("the sidecar's tokenizer entry has no path")
+    return load_tokenizer(ident["path"], ident.get("type", "auto"))
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -38,6 +38,8 @@ def test_errors(tmp_path):
     with pytest.raises(UserError, match="no such file"):
         load_tokenizer(tmp_path / "nope")
     with pytest.raises(UserError, match="unknown tokenizer type"):
+        load_tokenizer(tmp_path, "GPT2Tokenizer")
+    with pytest.raises(UserError, match="no vocab.json \\+ merges.txt"):
         load_tokenizer(tmp_path, "GPT2BPETokenizer")
     bad = tmp_path / "tokenizer.json"
     bad.write_text("{not json")
