@@ -315,7 +315,8 @@ def _gpt2_files(path: Path) -> tuple[Path, Path]:
     merges = _merges_beside(path)
     if merges is None:
         raise UserError(f"GPT-2 vocab {path}: no merges file beside it (looked for "
-                        f"{Path(path.name.replace('vocab', 'merges')).stem}.txt and merges.txt); pass --merge-file")
+                        f"{Path(path.name.replace('vocab', 'merges')).stem}.txt and merges.txt); put it there "
+                        "or pass --vocab-file and --merge-file")
     return path, merges
 
 
@@ -365,8 +366,10 @@ def load_tokenizer(path: str | os.PathLike | None, tokenizer_type: str = "auto",
     if tokenizer_type == "auto":
         sp_model = p.suffix == ".model" or (p.is_dir() and not (p / "tokenizer.json").exists()
                                             and (p / "tokenizer.model").exists())
+        megatron_gpt2_dir = p.is_dir() and not (p / "tokenizer.json").exists() and \
+            (p / "gpt2-vocab.json").is_file() and (p / "gpt2-merges.txt").is_file()
         tokenizer_type = "SentencePieceTokenizer" if sp_model else \
-            "GPT2BPETokenizer" if _is_gpt2_vocab_json(p) else "HuggingFaceTokenizer"
+            "GPT2BPETokenizer" if megatron_gpt2_dir or _is_gpt2_vocab_json(p) else "HuggingFaceTokenizer"
     if tokenizer_type == "SentencePieceTokenizer":
         return SentencePieceTokenizer(p / "tokenizer.model" if p.is_dir() else p)
     if tokenizer_type == "GPT2BPETokenizer":

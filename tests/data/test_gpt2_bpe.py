@@ -165,6 +165,7 @@ def test_decode_and_identity(gpt2_files, gpt2_tok):
     # the single path other commands store/take: the vocab file, merges found beside it; or the folder
     assert load_tokenizer(ident["path"]).identity() == ident
     assert load_tokenizer(gpt2_files[0].parent, "GPT2BPETokenizer").identity() == ident
+    assert load_tokenizer(gpt2_files[0].parent).identity() == ident  # Megatron's gpt2-*.{json,txt} names
 
 
 def test_matches_transformers_gpt2_tokenizer(gpt2_files, gpt2_tok):
@@ -176,18 +177,25 @@ def test_matches_transformers_gpt2_tokenizer(gpt2_files, gpt2_tok):
     assert [gpt2_tok.encode(t) for t in texts] == [hf(t).input_ids for t in texts]
 
 
-def megatron_gpt2_module(tmp_path):
-    """Megatron-LM's legacy gpt2_tokenization.py from a local git mirror (removed upstream in #2946)."""
-    git_dir = Path(os.environ.get("MEGATRON_LM_GIT", "/work/.mirror/NVIDIA+Megatron-LM/repo"))
-    commit = "4ff7686c144fcd3f6ac130e5a97f86a0b8aa4dd5"  # parent of "fully remove legacy tokenizer system"
+# Megatron-LM's last commit with the legacy tokenizers (the parent of #2946 "fully remove legacy tokenizer
+# system"); its preprocess_data.py takes --legacy-tokenizer. Read from a local git mirror when present.
+MEGATRON_GIT = Path(os.environ.get("MEGATRON_LM_GIT", "/work/.mirror/NVIDIA+Megatron-LM/repo"))
+MEGATRON_COMMIT = "4ff7686c144fcd3f6ac130e5a97f86a0b8aa4dd5"
+
+
+def megatron_show(path: str) -> bytes:
     try:
-        src = subprocess.run(["git", "--git-dir", str(git_dir), "show",
-                              f"{commit}:megatron/training/tokenizer/gpt2_tokenization.py"],
-                             capture_output=True, check=True, timeout=60).stdout
+        return subprocess.run(["git", "--git-dir", str(MEGATRON_GIT), "show", f"{MEGATRON_COMMIT}:{path}"],
+                              capture_output=True, check=True, timeout=60).stdout
     except (OSError, subprocess.SubprocessError):
-        pytest.skip(f"no Megatron-LM git mirror with commit {commit[:10]} at {git_dir} (set MEGATRON_LM_GIT)")
+        pytest.skip(f"no Megatron-LM git mirror with commit {MEGATRON_COMMIT[:10]} at {MEGATRON_GIT} "
+                    "(set MEGATRON_LM_GIT)")
+
+
+def megatron_gpt2_module(tmp_path):
+    """Megatron-LM's legacy gpt2_tokenization.py (removed upstream in #2946)."""
     path = tmp_path / "megatron_gpt2_tokenization.py"
-    path.write_bytes(src)
+    path.write_bytes(megatron_show("megatron/training/tokenizer/gpt2_tokenization.py"))
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("megatron_gpt2_tokenization", path)
@@ -382,3 +390,33 @@ def test_tools_script_megatron_invocation(tmp_path, gpt2_files):
         ids = ref.encode(t)
         assert ds.document(d).tolist() == (ids + [eod] if ids else [])
     assert np.dtype(ds.dtype) == np.uint16
+
+
+@requires_megatron
+def test_side_by_side_with_megatron_preprocess_data(tmp_path, gpt2_files):
+    """Megatron-LM's own tools/preprocess_data.py (legacy GPT2BPETokenizer) and ours: identical bytes."""
+    megatron_show("tools/preprocess_data.py")  # skips without the mirror
+    tree = tmp_path / "megatron-lm"
+    tree.mkdir()
+    archive = subprocess.run(["git", "--git-dir", str(MEGATRON_GIT), "archive", MEGATRON_COMMIT,
+                              "tools/preprocess_data.py", "megatron"], capture_output=True, check=True, timeout=120)
+    import io
+    import tarfile
+
+    tarfile.open(fileobj=io.BytesIO(archive.stdout)).extractall(tree, filter="data")
+    texts = corpus_texts(300, 17) + random_unicode(100, 19)
+    texts[1] = ""
+    src = write_jsonl(tmp_path / "X.jsonl", [{"text": t} for t in texts])
+    flags = ["--input", src, "--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", str(gpt2_files[0]),
+             "--merge-file", str(gpt2_files[1]), "--append-eod", "--workers", "2"]
+    env = {**os.environ, "PYTHONPATH": str(tree), "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, str(tree / "tools" / "preprocess_data.py"), *flags, "--output-prefix",
+                        str(tmp_path / "meg"), "--legacy-tokenizer"], env=env, capture_output=True, text=True,
+                       timeout=600)
+    if r.returncode != 0 and "ModuleNotFoundError" in r.stderr:
+        pytest.skip(f"Megatron-LM's tools need a module not installed here: {r.stderr.strip().splitlines()[-1]}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert main(["preprocess", *flags, "--output-prefix", str(tmp_path / "ours"), "--quiet"]) == 0
+    for ext in (".bin", ".idx"):
+        meg = (tmp_path / f"meg_text_document{ext}").read_bytes()
+        assert (tmp_path / f"ours_text_document{ext}").read_bytes() == meg, ext
