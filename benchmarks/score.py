@@ -84,6 +84,8 @@ def _worker(args) -> dict:
         from megacpt.selection.perplexity import ScoringConfig, chunk_nll
 
         model, _ = load_model(args.model_dir, dtype=dtype)
+        if args.compile:
+            model.compile_layers()
         cfg = ScoringConfig(seq_length=args.seq_length, tokens_per_batch=args.batch * args.seq_length,
                             loss_chunk=args.loss_chunk, compile_loss=args.compile_loss)
 
@@ -110,6 +112,7 @@ def _run_path(path: str, args, model_dir: str) -> dict:
               "loss_chunk"):
         cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
     cmd += ["--compile-loss"] if args.compile_loss else []
+    cmd += ["--compile"] if args.compile else []
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode:
         raise SystemExit(f"{path} worker failed:\n{r.stderr}")
@@ -129,7 +132,8 @@ def cpu_main(args) -> None:
     diff = float(np.max(np.abs(np.array(b["row_mean_nll"]) - np.array(m["row_mean_nll"]))))
     print(f"shape {args.layers}L/{args.hidden}H/{args.heads}h vocab {args.vocab}, batch {args.batch} x "
           f"{args.seq_length}, {args.dtype}, {args.threads} threads, {args.iters} timed batches")
-    print(f"best of {args.repeats} alternating runs per path; ours with compile_loss={args.compile_loss}")
+    print(f"best of {args.repeats} alternating runs per path; ours with compile_loss={args.compile_loss}, "
+          f"compile={args.compile}")
     print(f"{'path':<10} {'tokens/s':>10} {'peak RSS GB':>12} {'working GB':>11}")
     for r in (b, m):
         print(f"{r['path']:<10} {r['tokens_per_s']:>10,.0f} {r['peak_rss_gb']:>12.2f} {r['working_gb']:>11.2f}")
@@ -261,6 +265,7 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=50304)
     p.add_argument("--loss-chunk", type=int, default=1024, help="tokens per fp32 [chunk, V] buffer (ours)")
     p.add_argument("--compile-loss", action="store_true", help="ours: torch.compile the log-sum-exp")
+    p.add_argument("--compile", action="store_true", help="ours: torch.compile each transformer layer")
     p.add_argument("--gpu-models", default="pythia-1b,pythia-6.9b")
     p.add_argument("--gpu-batches", type=int, default=8)
     p.add_argument("--worker", choices=["baseline", "megacpt"], help=argparse.SUPPRESS)

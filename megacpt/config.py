@@ -272,6 +272,7 @@ class TrainConfig:
     precision: str = "auto"           # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     device: str = "auto"              # auto | cpu | cuda
     fused_loss: bool = True           # fused linear + cross-entropy (never materialises [tokens, vocab])
+    compile: bool = False             # torch.compile each transformer layer (torchtitan-style, per block)
     # activation checkpointing is model.recompute_granularity (none | full | selective)
     max_consecutive_nan_skips: int = 5  # stop after K non-finite steps in a row
     peak_flops: float | None = None   # per-device peak FLOP/s for MFU; default: table by device name

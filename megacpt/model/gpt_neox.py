@@ -200,6 +200,18 @@ class GPTNeoX(nn.Module):
             layer.recompute = granularity == "full"
             layer.attention.recompute_core = granularity == "selective"
 
+    def compile_layers(self, dynamic: bool | None = None) -> None:
+        """``torch.compile`` each transformer layer's forward, in place (torchtitan's per-block compile).
+
+        Per layer, not the whole model: compile time stays that of one block, and anything applied to the
+        layer modules (FSDP2's hooks, TP's DTensor params, activation checkpointing, pipeline stages that
+        own a subset of layers) keeps working since only the forward is swapped; state-dict names do not
+        change. ``dynamic=None``: static shapes first, dynamic after the first shape change (scoring
+        batches of varying length do not recompile per length).
+        """
+        for layer in self.layers.values():
+            layer.forward = torch.compile(layer.forward, dynamic=dynamic)
+
     @property
     def vocab_size(self) -> int:
         return self.cfg.vocab_size

@@ -232,6 +232,9 @@ def build_model(job: JobConfig, rt: Runtime, cfg: ModelConfig, weights_from: str
             if cfg.tie_word_embeddings and part.embed_in is not None and part.embed_out is not None:
                 part.embed_out.weight = part.embed_in.weight
             part.init_weights()  # deterministic values for anything the load does not cover
+    if job.train.compile:  # after sharding and materialising: only each layer's forward is swapped
+        for part in parts:
+            part.compile_layers()
     return Model(parts, cfg, pipeline)
 
 

@@ -110,6 +110,19 @@ def test_cli_matches_hf_reference(setup, tmp_path):
     assert not os.path.exists(str(out) + ".shards")
 
 
+def test_cli_compile_matches_eager(setup, tmp_path):
+    """--compile (each layer through torch.compile) scores like the eager pass, over batches of several
+    padded lengths (static first, then dynamic shapes)."""
+    d, hf, prefix = setup
+    eager, compiled = tmp_path / "eager.parquet", tmp_path / "compiled.parquet"
+    common = ["--model", d / "hf", "--data", prefix, "--seq-length", L, "--tokens-per-batch", 40]
+    assert _cli(*common, "--out", eager) == 0
+    assert _cli(*common, "--out", compiled, "--compile") == 0
+    e, c = _read(eager), _read(compiled)
+    np.testing.assert_array_equal(c.columns["n_pred"], e.columns["n_pred"])
+    np.testing.assert_allclose(c.columns["nll_sum"], e.columns["nll_sum"], rtol=1e-5, atol=1e-4)
+
+
 def test_sequence_nll_batching_and_target_starts(setup):
     from megacpt.convert import load_model
     from megacpt.selection.perplexity import ScoringConfig, sequence_nll

@@ -35,6 +35,14 @@ def test_loss_goes_down_and_eval_runs(tiny_data, tmp_path):
     assert any(x["kind"] == "eval/valid" for x in recs)
 
 
+def test_compile_matches_eager(tiny_data):
+    """train.compile=true (each layer's forward compiled) trains like eager: same losses within fp noise."""
+    eager = trainer.train(job(tiny_data, "train.train_iters=3", "train.fused_loss=true"))
+    compiled = trainer.train(job(tiny_data, "train.train_iters=3", "train.fused_loss=true", "train.compile=true"))
+    for it in (1, 2, 3):
+        assert abs(compiled.losses[it] - eager.losses[it]) < 1e-4, (it, compiled.losses, eager.losses)
+
+
 def test_nan_steps_are_skipped_then_stop(tiny_data, monkeypatch):
     real = trainer.micro_loss
     bad = {2, 3}  # 0-based iterations whose loss is NaN
