@@ -218,9 +218,11 @@ def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _chunk_logits(h: torch.Tensor, w: torch.Tensor, b32: Optional[torch.Tensor],
                   out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """fp32 logits [c, Vv] of one token chunk. ``w`` is fp32 (then ``h`` is upcast and the result is
-    written into ``out`` when given: no fresh allocation) or 16-bit (GPU tensor cores; the backward's
-    ``compute_dtype``)."""
+    """fp32 logits [c, V] of one token chunk. ``w`` is fp32 (then ``h`` is upcast and the result is
+    written into ``out`` when given: no fresh allocation) or 16-bit: products accumulate in fp32; on a GPU
+    the logits stay fp32 (``out_dtype``); on CPU torch has no 16-bit GEMM with an fp32 output, so the
+    logits are rounded to 16 bits once (as in an HF bf16 forward) and the softmax runs in fp32. At bf16
+    that is 2x the fp32 GEMM speed with AVX512-BF16/AMX; fp32 inputs stay exact."""
     if w.dtype != torch.float32:  # 16-bit W: 16-bit inputs, fp32 accumulation
         hc = h.to(w.dtype)
         logits = _mm_fp32(hc, w.t()) if w.is_cuda else torch.mm(hc, w.t()).float()
@@ -273,8 +275,9 @@ def _torch_lse_target(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor
     if n == 0 or v_valid <= 0:
         return lse, tgt
     # every row of W, padded ones masked to -inf below: a GEMM over an odd row count (50,277) falls on
-    # slow unaligned cuBLAS kernels (3x slower on an H100); 16-bit W on a GPU, fp32 logits
-    wc = w if _gpu16(w) else _as_fp32(w)
+    # slow unaligned cuBLAS kernels (3x slower on an H100). 16-bit inputs stay 16-bit: tensor cores / AVX512-BF16
+    # with fp32 accumulation (see _chunk_logits for the logits' precision on GPU and CPU)
+    wc = w if w.dtype in (torch.bfloat16, torch.float16) else _as_fp32(w)
     b32 = _as_fp32(b)
     v_rows = w.shape[0]
     local = t - v_offset
@@ -282,7 +285,7 @@ def _torch_lse_target(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor
     local = torch.where(on_shard, local, torch.zeros_like(local))
     c = max(1, min(chunk_size, n))
     # one fp32 [chunk, V] buffer reused by every chunk (CPU); the GPU caching allocator does the same
-    buf = None if _gpu16(wc) else torch.empty(c, v_rows, dtype=torch.float32, device=h.device)
+    buf = None if wc.dtype != torch.float32 else torch.empty(c, v_rows, dtype=torch.float32, device=h.device)
     for s in range(0, n, c):
         e = min(s + c, n)
         logits = _chunk_logits(h[s:e], wc, b32, out=None if buf is None else buf[: e - s])  # [c, V] fp32
