@@ -52,9 +52,11 @@ class DocumentEncoder:
 
 
 def build_encoder(path: str | None, tokenizer_type: str = "auto", fast: bool = True, *,
-                  vocab_file: str | None = None, merge_file: str | None = None) -> DocumentEncoder:
+                  vocab_file: str | None = None, merge_file: str | None = None,
+                  gpt2_parse_special: bool = False) -> DocumentEncoder:
     """The document encoder; with ``fast`` the exact tiktoken path when it can be established."""
-    tok = load_tokenizer(path, tokenizer_type, vocab_file=vocab_file, merge_file=merge_file)
+    tok = load_tokenizer(path, tokenizer_type, vocab_file=vocab_file, merge_file=merge_file,
+                         gpt2_parse_special=gpt2_parse_special)
     if not fast:
         return DocumentEncoder(tok, None, "disabled (--no-fast-tokenizer)")
     from megacpt.data.fast_bpe import FastBPE

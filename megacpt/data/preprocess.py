@@ -46,6 +46,7 @@ class PreprocessConfig:
     tokenizer_type: str = "auto"
     vocab_file: str | None = None     # GPT2BPETokenizer: GPT-2-format vocab.json
     merge_file: str | None = None     # GPT2BPETokenizer: GPT-2-format merges.txt
+    gpt2_parse_special: bool = False  # GPT2BPETokenizer: literal <|endoftext|> -> EOD id (Megatron >= Sept 2025)
     json_keys: list[str] = field(default_factory=lambda: ["text"])
     append_eod: bool = False
     workers: int = 1                  # tokenizing processes; 0 = in this process
@@ -109,11 +110,15 @@ _W: dict[str, Any] = {}  # per-process state set by _init_worker
 
 def _init_worker(cfg: PreprocessConfig, dtype: type, partition_of: tuple[str, int, int], encoder=None) -> None:
     """``encoder`` is the parent's, inherited through fork (its fast path is verified once, there)."""
+    _W["cfg"], _W["dtype"], _W["partition_of"] = cfg, dtype, partition_of
+    _W["encoder"] = encoder or _build_encoder(cfg)
+
+
+def _build_encoder(cfg: PreprocessConfig):
     from megacpt.data.encoder import build_encoder
 
-    _W["cfg"], _W["dtype"], _W["partition_of"] = cfg, dtype, partition_of
-    _W["encoder"] = encoder or build_encoder(cfg.tokenizer_model, cfg.tokenizer_type, fast=cfg.fast,
-                                             vocab_file=cfg.vocab_file, merge_file=cfg.merge_file)
+    return build_encoder(cfg.tokenizer_model, cfg.tokenizer_type, fast=cfg.fast, vocab_file=cfg.vocab_file,
+                         merge_file=cfg.merge_file, gpt2_parse_special=cfg.gpt2_parse_special)
 
 
 def _partition(g: int, spec: tuple[str, int, int]) -> int:
@@ -170,12 +175,9 @@ def _hf(cfg: PreprocessConfig):
 
 def preprocess(cfg: PreprocessConfig) -> dict[str, dict[str, Any]]:
     """Run preprocessing; returns ``{output prefix: sidecar dict}`` of every dataset written."""
-    from megacpt.data.encoder import build_encoder
-
     cfg.validate()
     # everything that can fail before the work fails here
-    encoder = build_encoder(cfg.tokenizer_model, cfg.tokenizer_type, fast=cfg.fast,
-                            vocab_file=cfg.vocab_file, merge_file=cfg.merge_file)
+    encoder = _build_encoder(cfg)
     tokenizer = encoder.tokenizer
     if cfg.append_eod:
         tokenizer.require_eod()
@@ -328,6 +330,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tokenizer-model", default=None, help="HF tokenizer dir / tokenizer.json / .model")
     g.add_argument("--vocab-file", default=None, help="GPT2BPETokenizer: GPT-2-format vocab.json")
     g.add_argument("--merge-file", default=None, help="GPT2BPETokenizer: GPT-2-format merges.txt")
+    g.add_argument("--gpt2-parse-special-tokens", dest="gpt2_parse_special", action="store_true",
+                   help="GPT2BPETokenizer: encode a literal <|endoftext|> in text as the EOD id, as Megatron-LM's "
+                   "tokenizer system since Sept 2025 does (default: the classic _GPT2BPETokenizer, as text)")
     g.add_argument("--append-eod", action="store_true", help="append the EOD token to each non-empty document")
     g.add_argument("--dtype", default="auto", choices=["auto", "uint16", "int32"],
                    help="token dtype (auto: Megatron's rule, uint16 when vocab < 65,500)")
@@ -355,6 +360,7 @@ def config_from_args(args: argparse.Namespace) -> PreprocessConfig:
     return PreprocessConfig(
         inputs=list(args.input), output_prefix=args.output_prefix, tokenizer_model=args.tokenizer_model,
         tokenizer_type=args.tokenizer_type, vocab_file=args.vocab_file, merge_file=args.merge_file,
+        gpt2_parse_special=args.gpt2_parse_special,
         json_keys=list(args.json_keys), append_eod=args.append_eod,
         workers=args.workers, partitions=args.partitions, partition_index=args.partition_index,
         keep_sequential_samples=args.keep_sequential_samples, skip_bad_lines=args.skip_bad_lines,

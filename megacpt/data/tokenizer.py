@@ -14,9 +14,12 @@ sentencepiece ``.model``. Semantics follow what Megatron-LM's preprocessing call
   for special tokens: a literal ``<|endoftext|>`` in a document is encoded as ordinary text, as
   ``gpt2_tokenization.GPT2Tokenizer.encode`` does. ``vocab_size`` = entries of vocab.json (no padding),
   ``eod`` = the id of ``<|endoftext|>`` (None when the vocab has none; preprocessing then refuses
-  ``--append-eod``). Megatron-LM after Feb 2026 (#2946) routes this type through HF
-  ``AutoTokenizer("gpt2", vocab_file=..., merges_file=...)`` instead, which differs only on documents
-  containing the literal ``<|endoftext|>`` (it becomes the EOD id there).
+  ``--append-eod``). Megatron-LM's default tokenizer system since Sept 2025 (``--legacy-tokenizer`` until
+  #2946 removed it, Feb 2026) builds this type as HF ``AutoTokenizer("gpt2", vocab_file=..., merges_file=...)``,
+  which parses ``<|endoftext|>`` in text as the EOD id (``parse_special=True``,
+  ``--gpt2-parse-special-tokens``). With transformers 5 that call takes the vocabulary from the hub's
+  gpt2 tokenizer.json and ignores the two files; for GPT-2's own files the ids are ours with
+  ``parse_special=True``.
 """
 from __future__ import annotations
 
@@ -178,8 +181,8 @@ class GPT2BPETokenizer(HFTokenizer):
 
     type = "GPT2BPETokenizer"
 
-    def __init__(self, vocab_file: str | os.PathLike, merge_file: str | os.PathLike):
-        from tokenizers import Tokenizer as _RustTokenizer, decoders, models, pre_tokenizers
+    def __init__(self, vocab_file: str | os.PathLike, merge_file: str | os.PathLike, parse_special: bool = False):
+        from tokenizers import AddedToken, Tokenizer as _RustTokenizer, decoders, models, pre_tokenizers
 
         vf, mf = Path(vocab_file), Path(merge_file)
         vocab = read_gpt2_vocab(vf)
@@ -193,9 +196,14 @@ class GPT2BPETokenizer(HFTokenizer):
         self.path, self.files = self.vocab_file, [vf, mf]
         self.vocab_size = len(vocab)          # Megatron: len(encoder), padding happens in the model
         self.eod = vocab.get(EOD_TOKEN)
+        self.parse_special = parse_special
+        if parse_special:  # as HF's GPT-2 tokenizer: <|endoftext|> (its bos/eos/unk) is split out of the text
+            self.require_eod("--gpt2-parse-special-tokens")
+            tok.add_special_tokens([AddedToken(EOD_TOKEN, special=True, normalized=False)])
 
     def identity(self) -> dict[str, Any]:
-        return {**super().identity(), "vocab_file": self.vocab_file, "merge_file": self.merge_file}
+        return {**super().identity(), "vocab_file": self.vocab_file, "merge_file": self.merge_file,
+                "parse_special_tokens": self.parse_special}
 
     def decode(self, ids: Iterable[int]) -> str:
         """GPT-2's decode: token strings -> bytes -> UTF-8 with errors='replace'."""
@@ -335,7 +343,7 @@ def _is_gpt2_vocab_json(p: Path) -> bool:
 
 def load_tokenizer(path: str | os.PathLike | None, tokenizer_type: str = "auto", *,
                    vocab_file: str | os.PathLike | None = None,
-                   merge_file: str | os.PathLike | None = None) -> Tokenizer:
+                   merge_file: str | os.PathLike | None = None, gpt2_parse_special: bool = False) -> Tokenizer:
     """Megatron's tokenizer flags -> a `Tokenizer`; every inconsistent combination is a `UserError`.
 
     ``path`` (``--tokenizer-model``): HF dir / tokenizer.json -> HFTokenizer; ``.model`` ->
@@ -345,6 +353,14 @@ def load_tokenizer(path: str | os.PathLike | None, tokenizer_type: str = "auto",
     """
     if tokenizer_type not in TOKENIZER_TYPES:
         raise UserError(f"unknown tokenizer type {tokenizer_type!r}; expected one of {', '.join(TOKENIZER_TYPES)}")
+    tok = _load(path, tokenizer_type, vocab_file, merge_file, gpt2_parse_special)
+    if gpt2_parse_special and not isinstance(tok, GPT2BPETokenizer):
+        raise UserError(f"--gpt2-parse-special-tokens applies to GPT2BPETokenizer only ({tok.type} always parses "
+                        "its special tokens)")
+    return tok
+
+
+def _load(path, tokenizer_type: str, vocab_file, merge_file, parse_special: bool) -> Tokenizer:
     if vocab_file is not None or merge_file is not None:
         if tokenizer_type not in ("auto", "GPT2BPETokenizer"):
             raise UserError(f"--vocab-file/--merge-file belong to --tokenizer-type GPT2BPETokenizer; "
@@ -354,7 +370,7 @@ def load_tokenizer(path: str | os.PathLike | None, tokenizer_type: str = "auto",
         if vocab_file is None or merge_file is None:
             raise UserError("GPT2BPETokenizer needs both --vocab-file and --merge-file (missing: "
                             f"{'--vocab-file' if vocab_file is None else '--merge-file'})")
-        return GPT2BPETokenizer(vocab_file, merge_file)
+        return GPT2BPETokenizer(vocab_file, merge_file, parse_special)
     if path is None:
         if tokenizer_type == "GPT2BPETokenizer":
             raise UserError("--tokenizer-type GPT2BPETokenizer needs --vocab-file and --merge-file")
@@ -373,7 +389,7 @@ def load_tokenizer(path: str | os.PathLike | None, tokenizer_type: str = "auto",
     if tokenizer_type == "SentencePieceTokenizer":
         return SentencePieceTokenizer(p / "tokenizer.model" if p.is_dir() else p)
     if tokenizer_type == "GPT2BPETokenizer":
-        return GPT2BPETokenizer(*_gpt2_files(p))
+        return GPT2BPETokenizer(*_gpt2_files(p), parse_special)
     return HFTokenizer(p)
 
 
@@ -381,7 +397,8 @@ def tokenizer_from_identity(ident: dict[str, Any]) -> Tokenizer:
     """Reload the tokenizer a dataset sidecar's ``tokenizer`` entry describes."""
     if ident.get("type") == "GPT2BPETokenizer" and ident.get("merge_file"):
         return load_tokenizer(None, "GPT2BPETokenizer", vocab_file=ident.get("vocab_file") or ident.get("path"),
-                              merge_file=ident["merge_file"])
+                              merge_file=ident["merge_file"],
+                              gpt2_parse_special=bool(ident.get("parse_special_tokens")))
     if not ident.get("path"):
         raise UserError("the sidecar's tokenizer entry has no path")
     return load_tokenizer(ident["path"], ident.get("type", "auto"))

@@ -168,13 +168,25 @@ def test_decode_and_identity(gpt2_files, gpt2_tok):
     assert load_tokenizer(gpt2_files[0].parent).identity() == ident  # Megatron's gpt2-*.{json,txt} names
 
 
-def test_matches_transformers_gpt2_tokenizer(gpt2_files, gpt2_tok):
-    """transformers' GPT2Tokenizer from the same files (it parses <|endoftext|> as special: avoided here)."""
+def test_parse_special_matches_transformers_gpt2_tokenizer(gpt2_files, gpt2_tok):
+    """Megatron-LM's tokenizer system since Sept 2025 builds GPT2BPETokenizer as HF's GPT-2 tokenizer, which
+    splits <|endoftext|> out of the text: ``--gpt2-parse-special-tokens`` gives its ids (fast path included)."""
     from transformers import GPT2Tokenizer
 
+    from megacpt.data.encoder import build_encoder
+
     hf = GPT2Tokenizer(vocab=str(gpt2_files[0]), merges=str(gpt2_files[1]))
-    texts = [t for t in corpus_texts(60, 11) if EOD_TOKEN not in t]
-    assert [gpt2_tok.encode(t) for t in texts] == [hf(t).input_ids for t in texts]
+    texts = corpus_texts(60, 11) + ["<|endoftext|>", "a<|endoftext|>b", " <|endoftext|> <|endoftext|><|endoftext|>x"]
+    expected = [hf(t).input_ids for t in texts]
+    enc = build_encoder(None, vocab_file=str(gpt2_files[0]), merge_file=str(gpt2_files[1]), gpt2_parse_special=True)
+    assert enc.fast is not None, enc.fast_status
+    assert [a.tolist() for a in enc.encode_texts(texts)] == expected
+    assert enc.tokenizer.encode_batch(texts) == expected
+    assert enc.tokenizer.vocab_size == gpt2_tok.vocab_size and enc.tokenizer.identity()["parse_special_tokens"]
+    assert tokenizer_from_identity(enc.tokenizer.identity()).encode("a<|endoftext|>") == hf("a<|endoftext|>").input_ids
+    # texts without the literal token: both modes agree
+    plain = [t for t in texts if EOD_TOKEN not in t]
+    assert [gpt2_tok.encode(t) for t in plain] == [hf(t).input_ids for t in plain]
 
 
 # Megatron-LM's last commit with the legacy tokenizers (the parent of #2946 "fully remove legacy tokenizer
@@ -282,9 +294,10 @@ def run_cli(tmp_path, *flags) -> int:
     ([], "no tokenizer given"),
     (["--vocab-file", "{v}", "--merge-file", "{m}", "--split-sentences"], "punkt"),
     (["--vocab-file", "{v}", "--merge-file", "{m}", "--keep-newlines"], "only apply to --split-sentences"),
+    (["--tokenizer-model", "{d}", "--gpt2-parse-special-tokens"], "applies to GPT2BPETokenizer only"),
 ])
-def test_inconsistent_flags(tmp_path, gpt2_files, capsys, flags, msg):
-    flags = [f.format(v=gpt2_files[0], m=gpt2_files[1]) for f in flags]
+def test_inconsistent_flags(tmp_path, gpt2_files, tiny_tokenizer_dir, capsys, flags, msg):
+    flags = [f.format(v=gpt2_files[0], m=gpt2_files[1], d=tiny_tokenizer_dir) for f in flags]
     assert run_cli(tmp_path, *flags) == 2
     assert msg in capsys.readouterr().err
     assert not list(tmp_path.glob("o_*"))
@@ -300,6 +313,8 @@ def test_vocab_without_eod(tmp_path):
         preprocess(PreprocessConfig(inputs=[src], output_prefix=str(tmp_path / "e"), vocab_file=str(v),
                                     merge_file=str(m), append_eod=True, workers=0, progress=False))
     assert main(base + ["--output-prefix", str(tmp_path / "ok")]) == 0
+    with pytest.raises(UserError, match="--gpt2-parse-special-tokens needs an end-of-document token"):
+        GPT2BPETokenizer(v, m, parse_special=True)
 
 
 def _bad_vocab(tmp_path, gpt2_files, text: str) -> Path:
