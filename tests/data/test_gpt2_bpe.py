@@ -407,31 +407,57 @@ def test_tools_script_megatron_invocation(tmp_path, gpt2_files):
     assert np.dtype(ds.dtype) == np.uint16
 
 
-@requires_megatron
-def test_side_by_side_with_megatron_preprocess_data(tmp_path, gpt2_files):
-    """Megatron-LM's own tools/preprocess_data.py (legacy GPT2BPETokenizer) and ours: identical bytes."""
-    megatron_show("tools/preprocess_data.py")  # skips without the mirror
-    tree = tmp_path / "megatron-lm"
-    tree.mkdir()
-    archive = subprocess.run(["git", "--git-dir", str(MEGATRON_GIT), "archive", MEGATRON_COMMIT,
-                              "tools/preprocess_data.py", "megatron"], capture_output=True, check=True, timeout=120)
+@pytest.fixture(scope="module")
+def megatron_tree(tmp_path_factory):
+    """Megatron-LM's tools/preprocess_data.py + megatron/ at MEGATRON_COMMIT, extracted from the mirror."""
     import io
     import tarfile
 
+    megatron_show("tools/preprocess_data.py")  # skips without the mirror
+    tree = tmp_path_factory.mktemp("megatron-lm")
+    archive = subprocess.run(["git", "--git-dir", str(MEGATRON_GIT), "archive", MEGATRON_COMMIT,
+                              "tools/preprocess_data.py", "megatron"], capture_output=True, check=True, timeout=120)
     tarfile.open(fileobj=io.BytesIO(archive.stdout)).extractall(tree, filter="data")
+    return tree
+
+
+def fake_gpt2_hub_cache(root: Path, vocab: Path, merges: Path) -> Path:
+    """An offline HF cache whose "gpt2" repo is the tokenizer of these files (the hub's is GPT-2's own)."""
+    from transformers import GPT2Tokenizer
+
+    rev = "0" * 40
+    snap = root / "models--gpt2" / "snapshots" / rev
+    snap.mkdir(parents=True)
+    (root / "models--gpt2" / "refs").mkdir()
+    (root / "models--gpt2" / "refs" / "main").write_text(rev)
+    GPT2Tokenizer(vocab=str(vocab), merges=str(merges)).save_pretrained(str(snap))
+    (snap / "config.json").write_text('{"model_type": "gpt2"}')
+    return root
+
+
+@requires_megatron
+@pytest.mark.parametrize("system", ["legacy", "new"])
+def test_side_by_side_with_megatron_preprocess_data(tmp_path, gpt2_files, megatron_tree, system):
+    """Megatron-LM's own tools/preprocess_data.py and ours write identical bytes. ``legacy``:
+    ``--legacy-tokenizer`` (the classic _GPT2BPETokenizer) vs our default; ``new``: its default tokenizer
+    system (HF AutoTokenizer("gpt2", ...), served from an offline cache) vs ``--gpt2-parse-special-tokens``."""
     texts = corpus_texts(300, 17) + random_unicode(100, 19)
     texts[1] = ""
+    assert any(EOD_TOKEN in t for t in texts)  # the one place the two systems differ is exercised
     src = write_jsonl(tmp_path / "X.jsonl", [{"text": t} for t in texts])
     flags = ["--input", src, "--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", str(gpt2_files[0]),
              "--merge-file", str(gpt2_files[1]), "--append-eod", "--workers", "2"]
-    env = {**os.environ, "PYTHONPATH": str(tree), "HF_HUB_OFFLINE": "1"}
-    r = subprocess.run([sys.executable, str(tree / "tools" / "preprocess_data.py"), *flags, "--output-prefix",
-                        str(tmp_path / "meg"), "--legacy-tokenizer"], env=env, capture_output=True, text=True,
-                       timeout=600)
+    env = {**os.environ, "PYTHONPATH": str(megatron_tree), "HF_HUB_OFFLINE": "1"}
+    if system == "new":
+        env["HF_HUB_CACHE"] = str(fake_gpt2_hub_cache(tmp_path / "hf", *gpt2_files))
+    r = subprocess.run([sys.executable, str(megatron_tree / "tools" / "preprocess_data.py"), *flags,
+                        "--output-prefix", str(tmp_path / "meg")] + (["--legacy-tokenizer"] if system == "legacy" else []),
+                       env=env, capture_output=True, text=True, timeout=600)
     if r.returncode != 0 and "ModuleNotFoundError" in r.stderr:
         pytest.skip(f"Megatron-LM's tools need a module not installed here: {r.stderr.strip().splitlines()[-1]}")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert main(["preprocess", *flags, "--output-prefix", str(tmp_path / "ours"), "--quiet"]) == 0
+    ours = flags + (["--gpt2-parse-special-tokens"] if system == "new" else [])
+    assert main(["preprocess", *ours, "--output-prefix", str(tmp_path / "ours"), "--quiet"]) == 0
     for ext in (".bin", ".idx"):
         meg = (tmp_path / f"meg_text_document{ext}").read_bytes()
         assert (tmp_path / f"ours_text_document{ext}").read_bytes() == meg, ext
