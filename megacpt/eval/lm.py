@@ -135,28 +135,44 @@ class EvalLM:
     # -- generation -----------------------------------------------------------------------------------
     @torch.inference_mode()
     def greedy_generate(self, prompts: Sequence[str], max_new_tokens: int, stop: str = "\n") -> list[str]:
-        """Batched greedy decoding without a KV cache (each step re-runs the right-padded batch; rows grow
-        independently). A row ends at ``stop``, EOD or ``max_new_tokens``; the text before ``stop`` is
-        returned."""
+        """Batched greedy decoding with a KV cache. Prompts are length-sorted into batches of
+        ``batch_size``, left-padded, prefilled once, then decoded one token per row per step (padding is
+        never attended, positions count real tokens). A row ends at ``stop``, EOD or ``max_new_tokens``;
+        the text before ``stop`` is returned. Only real-vocabulary tokens are ever generated."""
+        from megacpt.model.gpt_neox import KVCache
+
         if max_new_tokens >= self.max_length:
             raise UserError(f"max_new_tokens {max_new_tokens} must be < the model's length {self.max_length}")
         seqs = [self._fit(self.tok.encode(p) or [self.tok.eod], self.max_length - max_new_tokens) for p in prompts]
-        gen: list[list[int]] = [[] for _ in prompts]
         texts = [""] * len(prompts)
-        active = list(range(len(prompts)))
-        for _ in range(max_new_tokens):
-            if not active:
-                break
-            nxt = self.next_token_logits([seqs[i] + gen[i] for i in active]).argmax(-1).tolist()
-            still = []
-            for i, t in zip(active, nxt):
-                if t == self.tok.eod:
-                    continue
-                gen[i].append(t)
-                texts[i] = self.tok.decode(gen[i])
-                if stop not in texts[i]:
-                    still.append(i)
-            active = still
+        w = self.model.embed_out.weight[: self.vocab_size].float()                       # [V, H]
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]), reverse=True)
+        for b in range(0, len(order), self.batch_size):
+            rows = order[b:b + self.batch_size]
+            width = max(len(seqs[i]) for i in rows)
+            ids = torch.full((len(rows), width), self.tok.eod, dtype=torch.long)
+            valid = torch.zeros(len(rows), width, dtype=torch.bool)
+            for r, i in enumerate(rows):
+                ids[r, width - len(seqs[i]):] = torch.tensor(seqs[i], dtype=torch.long)
+                valid[r, width - len(seqs[i]):] = True
+            cache = KVCache(self.model, len(rows), width + max_new_tokens)
+            h = self.model.forward_cached(ids.to(self.device), cache, valid.to(self.device))[:, -1]   # [n, H]
+            gen: list[list[int]] = [[] for _ in rows]
+            active = [True] * len(rows)
+            for step in range(max_new_tokens):
+                nxt = (h.float() @ w.T).argmax(-1)                                                # [n]
+                for r, t in enumerate(nxt.tolist()):
+                    if not active[r]:
+                        continue
+                    if t == self.tok.eod:
+                        active[r] = False
+                        continue
+                    gen[r].append(t)
+                    texts[rows[r]] = self.tok.decode(gen[r])
+                    active[r] = stop not in texts[rows[r]]
+                if not any(active) or step == max_new_tokens - 1:
+                    break
+                h = self.model.forward_cached(nxt[:, None], cache)[:, -1]  # finished rows idle along
         return [t.split(stop, 1)[0] for t in texts]
 
 

@@ -9,6 +9,7 @@ Shapes in comments: b batch, s sequence, H hidden, nh heads (local under TP), hd
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +77,35 @@ def position_ids_from_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:
     return idx - start_idx
 
 
+@dataclass
+class LayerCache:
+    """One layer's key/value buffers [b, nh, max_len, hd] and the column the next tokens are written at."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    start: int = 0
+
+
+class KVCache:
+    """Key/value cache for incremental decoding of a batch of left-padded sequences.
+
+    ``valid`` [b, max_len] marks the columns that hold real tokens (left padding is never attended) and
+    positions count real tokens only, so a left-padded row sees exactly what it would see unpadded.
+    Filled by ``GPTNeoX.forward_cached``; single-process models only (no TP / pipeline stages).
+    """
+
+    def __init__(self, model: "GPTNeoX", batch: int, max_len: int):
+        p = model.embed_out.weight
+        nh = model.cfg.num_heads
+        hd = model.cfg.head_dim
+        self.layers = [LayerCache(torch.empty(batch, nh, max_len, hd, device=p.device, dtype=p.dtype),
+                                  torch.empty(batch, nh, max_len, hd, device=p.device, dtype=p.dtype))
+                       for _ in model.layers]
+        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=p.device)
+        self.length = 0  # filled columns
+        self.max_len = max_len
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -89,12 +119,22 @@ class Attention(nn.Module):
         self.recompute_core = False  # selective activation checkpointing (Megatron "selective")
 
     def core(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-             mask: torch.Tensor | None) -> torch.Tensor:
-        """qkv [b, s, nh*3*hd] -> context [b, s, nh*hd]: rotary + softmax(QK^T/sqrt(hd)) V."""
+             mask: torch.Tensor | None, cache: "LayerCache | None" = None) -> torch.Tensor:
+        """qkv [b, s, nh*3*hd] -> context [b, s, nh*hd]: rotary + softmax(QK^T/sqrt(hd)) V.
+
+        With ``cache`` (generation) the new keys/values are written at columns [start, start + s) of the
+        layer's buffers and the queries attend over columns [0, start + s) under ``mask`` [b, 1, s, start+s].
+        """
         b, s, _ = qkv.shape
         qkv = qkv.view(b, s, -1, 3 * self.head_dim).transpose(1, 2)  # [b, nh, s, 3*hd]
         q, k, v = qkv.split(self.head_dim, dim=-1)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            end = cache.start + s
+            cache.k[:, :, cache.start:end] = k
+            cache.v[:, :, cache.start:end] = v
+            out = F.scaled_dot_product_attention(q, cache.k[:, :, :end], cache.v[:, :, :end], attn_mask=mask)
+            return out.transpose(1, 2).reshape(b, s, -1)
         out = None
         if self.attention_backend in ("auto", "flash") and mask is None:
             out = fast_paths.flash_attention(q, k, v, required=self.attention_backend == "flash")
@@ -105,12 +145,12 @@ class Attention(nn.Module):
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return out.transpose(1, 2).reshape(b, s, -1)  # [b, s, nh*hd]
 
-    def forward(self, x, cos, sin, mask):
+    def forward(self, x, cos, sin, mask, cache=None):
         qkv = self.query_key_value(x)  # [b, s, 3*H/tp]
         if self.recompute_core and self.training and torch.is_grad_enabled():
             ctx = torch.utils.checkpoint.checkpoint(self.core, qkv, cos, sin, mask, use_reentrant=False)
         else:
-            ctx = self.core(qkv, cos, sin, mask)
+            ctx = self.core(qkv, cos, sin, mask, cache)
         return self.dense(ctx)
 
 
@@ -138,17 +178,17 @@ class Layer(nn.Module):
         self.mlp = MLP(cfg)
         self.recompute = False  # full activation checkpointing of this layer
 
-    def _forward(self, x, cos, sin, mask):
-        attn = self.attention(self.input_layernorm(x), cos, sin, mask)
+    def _forward(self, x, cos, sin, mask, cache=None):
+        attn = self.attention(self.input_layernorm(x), cos, sin, mask, cache)
         if self.use_parallel_residual:  # x + attn(ln1(x)) + mlp(ln2(x))
             return x + attn + self.mlp(self.post_attention_layernorm(x))
         h = x + attn
         return h + self.mlp(self.post_attention_layernorm(h))
 
-    def forward(self, x, cos, sin, mask):
+    def forward(self, x, cos, sin, mask, cache=None):
         if self.recompute and self.training and torch.is_grad_enabled():
             return torch.utils.checkpoint.checkpoint(self._forward, x, cos, sin, mask, use_reentrant=False)
-        return self._forward(x, cos, sin, mask)
+        return self._forward(x, cos, sin, mask, cache)
 
 
 class GPTNeoX(nn.Module):
@@ -254,6 +294,38 @@ class GPTNeoX(nn.Module):
         if self.final_layer_norm is not None:
             h = self.final_layer_norm(h)
         return h
+
+    def forward_cached(self, input_ids: torch.Tensor, cache: KVCache,
+                       valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Final hidden states [b, t, H] of ``t`` new tokens per row, attending to everything in ``cache``
+        before them (then appended to it). ``valid`` [b, t] (default all True) marks left padding: padded
+        columns are never attended to and do not advance positions. Prefill = the whole prompt batch at
+        once; decoding = one token per row per call."""
+        if self.embed_in is None or self.final_layer_norm is None or self.sequence_parallel_size > 1:
+            raise UserError("forward_cached needs the whole model in one process (no pipeline stage / "
+                            "sequence parallelism)")
+        b, t = input_ids.shape
+        start, end = cache.length, cache.length + t
+        if end > cache.max_len:
+            raise UserError(f"KV cache holds {cache.max_len} positions; {end} needed")
+        valid = torch.ones(b, t, dtype=torch.bool, device=input_ids.device) if valid is None else valid
+        cache.valid[:, start:end] = valid
+        # position of a token = number of real tokens before it in its row
+        position_ids = cache.valid[:, :end].long().cumsum(1)[:, start:] - 1                 # [b, t]
+        position_ids = position_ids.clamp_min(0)
+        h = self.embed_in(input_ids)
+        cos, sin = rotary_cos_sin(position_ids, self.cfg.rotary_dim, self.cfg.rotary_base, h.dtype)
+        cols = torch.arange(end, device=h.device)
+        causal = cols[None, :] <= (start + torch.arange(t, device=h.device))[:, None]   # [t, end]
+        mask = causal[None] & cache.valid[:, None, :end]                                    # [b, t, end]
+        mask = mask | (cols[None, None, :] == (start + torch.arange(t, device=h.device))[None, :, None])
+        mask = mask[:, None]  # a padded query attends to itself only: finite, never read      [b, 1, t, end]
+        for i, layer in enumerate(self.layers.values()):
+            lc = cache.layers[i]
+            lc.start = start
+            h = layer(h, cos, sin, mask, lc)
+        cache.length = end
+        return self.final_layer_norm(h)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 doc_ids: torch.Tensor | None = None) -> torch.Tensor:

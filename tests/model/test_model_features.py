@@ -148,3 +148,30 @@ def test_cuda_bf16_matches_fp32(backend):
         ref = model(ids).float()
         out = model.to(torch.bfloat16)(ids).float()
     assert (out - ref).abs().max().item() < 0.05 * ref.abs().max().item()
+
+
+def test_kv_cache_decoding_equals_full_forward():
+    """forward_cached: a left-padded batch prefilled at once, then 3 tokens one at a time, gives the
+    hidden states of a plain full forward of each unpadded row (padding never attended, positions right)."""
+    from megacpt.model.gpt_neox import KVCache
+
+    model = _model().eval()
+    rows = [[5, 9, 11, 3, 7], [2, 8], [4, 4, 4, 1]]
+    extra = [[6, 1, 2], [3, 3, 9], [7, 8, 5]]
+    width = max(map(len, rows))
+    ids = torch.zeros(3, width, dtype=torch.long)
+    valid = torch.zeros(3, width, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r)
+        valid[i, width - len(r):] = True
+    with torch.no_grad():
+        cache = KVCache(model, 3, width + 3)
+        prefill = model.forward_cached(ids, cache, valid)
+        steps = [model.forward_cached(torch.tensor([[e[j]] for e in extra]), cache)[:, 0] for j in range(3)]
+        for i, r in enumerate(rows):
+            full = model.hidden_states(torch.tensor([r + extra[i]]))[0]
+            n = len(r)
+            torch.testing.assert_close(prefill[i, width - n:], full[:n], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(torch.stack([x[i] for x in steps]), full[n:n + 3], atol=1e-5, rtol=1e-5)
+        with pytest.raises(UserError, match="KV cache holds"):
+            model.forward_cached(torch.tensor([[1], [1], [1]]), cache)
