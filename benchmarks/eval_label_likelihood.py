@@ -19,7 +19,6 @@ size, in one process, rounds interleaved:
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 
 import numpy as np
@@ -39,19 +38,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    from _eval_models import IdTokenizer, hf_and_megacpt
 
-    from megacpt.convert import load_model
-    from megacpt.model.hf_config import hf_config_from_model_config
-    from megacpt.model.presets import PRESETS
     from megacpt.eval.lm import EvalLM
 
-    cfg = PRESETS[args.preset]
-    hf = GPTNeoXForCausalLM(GPTNeoXConfig(**hf_config_from_model_config(cfg))).eval()
-    with tempfile.TemporaryDirectory() as d:
-        hf.save_pretrained(d)
-        model, _ = load_model(d)
-    model.cfg.vocab_size = cfg.padded_vocab()  # no padding rows in this random HF model: same softmax as HF
+    cfg, hf, model = hf_and_megacpt(args.preset)
 
     rng = np.random.default_rng(0)
     seqs, starts = [], []
@@ -78,13 +69,7 @@ def main() -> None:
                 out[i] = float(logp[r, pos - 1, ids[r, pos]].double().sum())
         return out
 
-    class IdTokenizer:  # text is space-separated token ids
-        vocab_size, eod = cfg.padded_vocab(), 0
-
-        def encode(self, text):
-            return [int(x) for x in text.split()]
-
-    lm = EvalLM(model, IdTokenizer(), max_length=cfg.max_position_embeddings, batch_size=args.batch)
+    lm = EvalLM(model, IdTokenizer(cfg.padded_vocab()), max_length=cfg.max_position_embeddings, batch_size=args.batch)
     requests = [(" ".join(map(str, x[:st])), " " + " ".join(map(str, x[st:]))) for x, st in zip(seqs, starts)]
 
     def ours() -> list[float]:

@@ -8,7 +8,6 @@ prompts (token ids stand in for text), same batch size, greedy, rounds interleav
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 
 import numpy as np
@@ -29,34 +28,17 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    from _eval_models import IdTokenizer, hf_and_megacpt
 
-    from megacpt.convert import load_model
     from megacpt.eval.lm import EvalLM
-    from megacpt.model.hf_config import hf_config_from_model_config
-    from megacpt.model.presets import PRESETS
 
-    cfg = PRESETS[args.preset]
-    hf = GPTNeoXForCausalLM(GPTNeoXConfig(**hf_config_from_model_config(cfg))).eval()
-    with tempfile.TemporaryDirectory() as d:
-        hf.save_pretrained(d)
-        model, _ = load_model(d)
-    model.cfg.vocab_size = cfg.padded_vocab()  # no padding rows in this random HF model: same argmax as HF
-
-    class IdTokenizer:  # text is space-separated token ids; id 0 is EOD
-        vocab_size, eod = cfg.padded_vocab(), 0
-
-        def encode(self, text):
-            return [int(x) for x in text.split()]
-
-        def decode(self, ids):
-            return " ".join(map(str, ids))
+    cfg, hf, model = hf_and_megacpt(args.preset)
 
     rng = np.random.default_rng(0)
     prompts = [rng.integers(2, cfg.vocab_size, int(rng.integers(args.prompt_len // 2, args.prompt_len))).tolist()
                for _ in range(args.examples)]
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    lm = EvalLM(model, IdTokenizer(), max_length=cfg.max_position_embeddings, batch_size=args.batch)
+    lm = EvalLM(model, IdTokenizer(cfg.padded_vocab()), max_length=cfg.max_position_embeddings, batch_size=args.batch)
 
     def ours() -> list[str]:
         return lm.greedy_generate([" ".join(map(str, p)) for p in prompts], args.new_tokens)
