@@ -213,6 +213,9 @@ class GPTNeoX(nn.Module):
         self.set_recompute(cfg.recompute_granularity)
         # >1 when tensor-parallel applies sequence parallelism: activations arrive as [b, s/tp, H]
         self.sequence_parallel_size = 1
+        # forward() returns the final hidden states [b, s, H] instead of logits (the pipeline's last stage
+        # when its loss is the fused linear + cross-entropy, which reads embed_out.weight itself)
+        self.output_hidden_states = False
         self.init_weights()
 
     @torch.no_grad()
@@ -332,4 +335,6 @@ class GPTNeoX(nn.Module):
         h = self._trunk(input_ids, position_ids, doc_ids)
         if self.embed_out is None:  # a non-last pipeline stage
             return h
+        if self.output_hidden_states:  # last pipeline stage with the fused loss: it applies embed_out
+            return h.full_tensor() if hasattr(h, "full_tensor") else h
         return self.embed_out(h)  # [b, s, V_pad]; rows >= cfg.vocab_size are padding

@@ -109,11 +109,14 @@ class Pipeline:
 
 def build_pipeline(model: nn.Module, mesh: DeviceMesh, pcfg: ParallelConfig, n_microbatches: int,
                    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-                   vocab_size: int | None = None) -> Pipeline:
+                   vocab_size: int | None = None, fused_loss: bool = False) -> Pipeline:
     """Split ``model`` into this rank's stages, apply TP / data parallel to each, and build the schedule.
 
     ``loss_fn(output, target)`` (default: mean next-token cross-entropy, vocab-parallel under TP;
-    ``vocab_size`` masks padded vocab rows). ``model`` is consumed (its last stage reuses the object).
+    ``vocab_size`` masks padded vocab rows). ``fused_loss``: the last stage outputs its final hidden
+    states and the default loss is the fused linear + cross-entropy over ``embed_out.weight`` (its local
+    vocab shard under TP), so no stage ever holds [tokens, vocab] logits. ``model`` is consumed (its last
+    stage reuses the object).
     """
     from torch.distributed.pipelining import PipelineStage
     from torch.distributed.pipelining.schedules import (Schedule1F1B, ScheduleGPipe,
@@ -144,10 +147,24 @@ def build_pipeline(model: nn.Module, mesh: DeviceMesh, pcfg: ParallelConfig, n_m
         stages.append(PipelineStage(part, sid, num_stages, device, group=pp_mesh.get_group()))
 
     if loss_fn is None:
-        group = tp_group_of(parts[-1]) if stages[-1].is_last else None
+        last = parts[-1]
+        group = tp_group_of(last) if stages[-1].is_last else None
+        if fused_loss and stages[-1].is_last:
+            from megacpt.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
 
-        def loss_fn(logits, target):
-            return lm_loss(logits, target, group=group, vocab_size=vocab_size)
+            last.output_hidden_states = True
+
+            def loss_fn(hidden, target, ignore_index=-100):
+                w = last.embed_out.weight  # gathered over dp (the root stays unsharded in a pipeline)
+                w = w.to_local() if group is not None else w
+                t = target.flatten()
+                nll = fused_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), w, t, reduction="sum",
+                                                 ignore_index=ignore_index, vocab_size=vocab_size,
+                                                 process_group=group)
+                return nll / (t != ignore_index).sum().clamp(min=1)
+        else:
+            def loss_fn(logits, target):
+                return lm_loss(logits, target, group=group, vocab_size=vocab_size)
 
     if p.pipeline_schedule == "gpipe":
         schedule = ScheduleGPipe(stages[0], n_microbatches, loss_fn=loss_fn)

@@ -220,7 +220,8 @@ def build_model(job: JobConfig, rt: Runtime, cfg: ModelConfig, weights_from: str
         from megacpt.parallel.pipeline import build_pipeline
 
         n_micro = job.train.global_batch_size // (job.train.micro_batch_size * rt.dp_size)
-        pipeline = build_pipeline(model, rt.mesh, job.parallel, n_micro, vocab_size=cfg.vocab_size)
+        pipeline = build_pipeline(model, rt.mesh, job.parallel, n_micro, vocab_size=cfg.vocab_size,
+                                  fused_loss=_use_fused(job, rt))
         parts = list(pipeline.parts)
     else:
         from megacpt.parallel import parallelize
@@ -530,12 +531,10 @@ class MetricsLogger:
 
 def _use_fused(job: JobConfig, rt: Runtime) -> bool:
     """The fused loss runs on the final hidden states: single process, TP (vocab-parallel over the local
-    ``embed_out`` shard, reduced over the tp group inside the op) and FSDP (the root's ``embed_out`` stays
-    gathered after ``hidden_states``). Pipeline stages compute their loss in the schedule: vocab-parallel CE."""
+    ``embed_out`` shard, reduced over the tp group inside the op), FSDP (the root's ``embed_out`` stays
+    gathered after ``hidden_states``) and PP (the last stage outputs hidden states; the schedule's loss
+    function applies the fused op to its ``embed_out``)."""
     if not job.train.fused_loss:
-        return False
-    if rt.pp_size > 1:
-        log.info("train.fused_loss: pipeline stages use the vocab-parallel cross-entropy")
         return False
     try:
         import megacpt.kernels.fused_linear_cross_entropy  # noqa: F401

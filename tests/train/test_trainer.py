@@ -161,12 +161,12 @@ def test_dp_tp_pp_match_single_process_and_resume_across_layouts(tiny_data, tmp_
     # init from the exported HF dir at tp=2 (weights sharded on load); lr ~ 0 keeps them: eval == single's
     jobs.append(job_overrides(tiny_data, *layouts["tp"], f"checkpoint.init_from={tmp_path / 'hf'}",
                               "train.train_iters=1", "optimizer.lr=1e-12", "scheduler.warmup_iters=0"))
-    # the fused linear+CE loss under FSDP and under TP (vocab-parallel over the local embed_out shard)
-    fused_layouts = {"dp-fused": layouts["dp"], "tp-fused": layouts["tp"]}
+    # the fused linear+CE loss under FSDP, TP (vocab-parallel over the local embed_out shard) and PP (last stage)
+    fused_layouts = {"dp-fused": layouts["dp"], "tp-fused": layouts["tp"], "pp-fused": layouts["pp"]}
     jobs += [job_overrides(tiny_data, *o, "train.fused_loss=true") for o in fused_layouts.values()]
     runs = run_distributed(_layouts_worker, 2, jobs, timeout=500)
     assert runs[1] == runs[0]  # every rank reports the same global losses and eval
-    full, resumed = runs[0][:3] + runs[0][7:9], runs[0][3:6]
+    full, resumed = runs[0][:3] + runs[0][7:], runs[0][3:6]
     layouts.update(fused_layouts)
     assert runs[0][6][1]["valid"]["loss"] == pytest.approx(single.eval["valid"]["loss"], rel=1e-5)
     for name, (losses, ev) in zip(layouts, full):
