@@ -30,8 +30,10 @@ python3 -c "import sys, torch, triton, transformers; print(sys.version.split()[0
 step cuda_tests 120 python3 -m pytest -q -p no:cacheprovider tests/kernels tests/model/test_model_features.py -k "cuda or gpu"
 step kernel_tune 100 python3 benchmarks/kernel_tune.py
 step score 130 python3 benchmarks/score.py --device cuda
+step score_compile 150 python3 benchmarks/score.py --device cuda --compile
 step model_step 80 python3 benchmarks/model_step.py --device cuda
 step train 100 python3 benchmarks/train_throughput.py --device cuda --repeats 1
 step fused_loss_step 60 python3 benchmarks/fused_loss_step.py
+step train_compile 150 python3 benchmarks/train_throughput.py --device cuda --repeats 1 --compile
 step train_unfused 100 python3 benchmarks/train_throughput.py --device cuda --repeats 1 --no-fused-loss
 step scoring_tests 60 python3 -m pytest -q -p no:cacheprovider -x tests/scoring

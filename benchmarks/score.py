@@ -232,6 +232,8 @@ def cuda_main(args) -> None:
         cfg = get_preset(name)
         with torch.device(dev):
             model = GPTNeoX(cfg).to(torch.bfloat16).eval()
+        if args.compile:
+            model.compile_layers()
         rng = np.random.default_rng(0)
         chunks = list(rng.integers(0, cfg.vocab_size, (8 * args.gpu_batches, 2048)))
         sc = ScoringConfig(seq_length=2048, tokens_per_batch=8 * 2048)
@@ -244,7 +246,7 @@ def cuda_main(args) -> None:
         params = sum(p.numel() for n_, p in model.named_parameters() if n_ != "embed_in.weight")
         attn = 2 * cfg.num_layers * 2048 * cfg.hidden_size  # causal QK^T + AV per token (half of 4*L*s*H)
         mfu = tps * (2 * params + attn) / H100_BF16_DENSE_FLOPS
-        print(f"\nwhole pass {name} bf16: {tps:,.0f} tokens/s/GPU, MFU {mfu:.1%} (vs H100 dense bf16 989 TFLOP/s)")
+        print(f"\nwhole pass {name} bf16{' compiled' if args.compile else ''}: {tps:,.0f} tokens/s/GPU, MFU {mfu:.1%} (vs H100 dense bf16 989 TFLOP/s)")
         del model
         torch.cuda.empty_cache()
 

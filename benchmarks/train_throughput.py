@@ -143,6 +143,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--peak-flops", type=float, default=None, help="per-device peak FLOP/s for MFU")
     p.add_argument("--recompute", default=None, choices=[None, "selective", "full"])
+    p.add_argument("--compile", action="store_true", help="megacpt: train.compile=true (HF loop stays eager)")
     p.add_argument("--no-fused-loss", action="store_true")
     p.add_argument("--repeats", type=int, default=2,
                    help="alternate HF, megacpt, HF, megacpt, ... and keep each side's best (load noise)")
@@ -173,6 +174,8 @@ def main() -> int:
                      "scheduler.warmup_iters=1", f"logging.log_interval={iters}", "train.exit_signal_save=false"]
         if args.recompute:
             overrides.append(f"model.recompute_granularity={args.recompute}")
+        if args.compile:
+            overrides.append("train.compile=true")
         hf_runs, mc_runs = [], []
         for _ in range(args.repeats):
             hf_runs.append(run_hf(overrides, warmup, device, bf16=gpu))
