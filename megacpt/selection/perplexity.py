@@ -107,7 +107,8 @@ def chunk_nll(model, chunks: Sequence[np.ndarray | Sequence[int]], cfg: ScoringC
     tokens < j of the same chunk. Returns (n_pred int64 [k], nll_sum float64 [k]).
 
     ``model`` is a ``megacpt.model.gpt_neox.GPTNeoX`` (``hidden_states`` + ``embed_out``), in the dtype
-    to score in, on its device.
+    to score in, on its device, or a ``PipelineStageScorer``: every stage runs the same batches; only the
+    last one returns scores (zeros elsewhere).
     """
     k = len(chunks)
     n_pred = np.zeros(k, np.int64)
@@ -116,8 +117,9 @@ def chunk_nll(model, chunks: Sequence[np.ndarray | Sequence[int]], cfg: ScoringC
     if lengths.size and lengths.max() > cfg.seq_length:
         raise ValueError(f"a chunk has {int(lengths.max())} tokens > seq_length {cfg.seq_length}")
     starts = np.ones(k, np.int64) if target_starts is None else np.maximum(np.asarray(target_starts), 1)
-    weight, vocab, group = _output_layer(model)
-    device = weight.device
+    last = getattr(model, "is_last_stage", True)  # a PipelineStageScorer that is not last only forwards
+    weight, vocab, group = _output_layer(model) if last else (None, int(model.cfg.vocab_size), None)
+    device = weight.device if last else model.device
     from megacpt.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
 
     live = np.nonzero(lengths >= 2)[0]  # 0/1-token chunks predict nothing
@@ -132,6 +134,8 @@ def chunk_nll(model, chunks: Sequence[np.ndarray | Sequence[int]], cfg: ScoringC
             raise UserError(f"token id {bad} is outside the model's vocabulary [0, {vocab})")
         ids_t = torch.from_numpy(ids).to(device)
         hidden = model.hidden_states(ids_t)                                   # [b, s, H]
+        if not last:  # sent on to the next stage; the last stage scores this batch
+            continue
         pos = torch.arange(1, s, device=device)
         # predicted positions j (targets ids[:, j], context ids[:, :j]): start_i <= j < len_i
         scored = (pos[None, :] < torch.from_numpy(lengths[idx]).to(device)[:, None]) & \
@@ -283,8 +287,12 @@ def score_dataset(model, dataset_prefix: str, seq_length: int, out: str, cfg: Sc
     # data parallel ranks: with a vocab-parallel (tp) group the ranks of one group score the same shards
     # and only its first rank writes (mesh layout: tp innermost, so the group is rank // tp)
     group = getattr(model, "vocab_parallel_group", None)
-    tp = dist.get_world_size(group) if (dist and group is not None) else 1
-    dp_rank, dp_size, writes = rank // tp, world // tp, rank % tp == 0
+    tp = getattr(model, "tp_size", None) or (dist.get_world_size(group) if (dist and group is not None) else 1)
+    # pipeline stages (mesh (pp, dp, tp), pp outermost): the stages of one replica run the same shards,
+    # and the last stage's first tp rank writes
+    pp, pp_rank = getattr(model, "pp_size", 1), getattr(model, "pp_rank", 0)
+    dp_size = world // (tp * pp)
+    dp_rank, writes = (rank // tp) % dp_size, rank % tp == 0 and pp_rank == pp - 1
     ds = IndexedDataset(dataset_prefix)
     if ds.num_documents == 0:
         raise UserError(f"{dataset_prefix}: the dataset has no documents")
@@ -321,7 +329,7 @@ def score_dataset(model, dataset_prefix: str, seq_length: int, out: str, cfg: Sc
     if rank == 0 and done_before:
         print(f"score perplexity: resuming, {done_before}/{writer.num_shards} shards already committed",
               file=sys.stderr)
-    device = _output_layer(model)[0].device
+    device = model.device if hasattr(model, "is_last_stage") else _output_layer(model)[0].device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     stats: dict = {}
@@ -345,6 +353,8 @@ def score_dataset(model, dataset_prefix: str, seq_length: int, out: str, cfg: Sc
             el = max(time.perf_counter() - t0, 1e-9)
             bar.set_postfix(docs_s=f"{docs / el:,.1f}", shard=f"{k + 1}/{writer.num_shards}")
             bar.update(int(doc_lens[a:b].sum()))
+    if hasattr(model, "finish"):
+        model.finish()  # a pipeline stage's last activations have been received downstream
     elapsed = time.perf_counter() - t0
     if bar is not None:
         bar.close()
@@ -382,7 +392,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tokens-per-batch", type=int, default=d.tokens_per_batch,
                    help="rows x padded length per forward pass (default %(default)s)")
     p.add_argument("--tensor-model-parallel-size", type=int, default=1,
-                   help="tensor parallel size (needs megacpt.parallel); dp = world size / tp")
+                   help="tensor parallel size (needs megacpt.parallel); dp = world size / (tp * pp)")
+    p.add_argument("--pipeline-model-parallel-size", type=int, default=1,
+                   help="pipeline stages (layers split evenly); activations stream stage to stage, the last "
+                        "stage scores")
     p.add_argument("--dtype", choices=["auto", *_DTYPES], default="auto",
                    help="compute dtype (auto: bf16 on GPU, fp32 on CPU); recorded in the output metadata")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -415,9 +428,10 @@ def run(args: argparse.Namespace) -> int:
     if Path(args.out).exists() and not args.resume:
         raise UserError(f"{args.out} exists; pass --resume to finish an interrupted run, or remove it")
     tp, world_env = args.tensor_model_parallel_size, int(os.environ.get("WORLD_SIZE", "1"))
-    if tp < 1 or world_env % tp:
-        raise UserError(f"--tensor-model-parallel-size {tp} must be >= 1 and divide the world size {world_env} "
-                        "(launch with torchrun --nproc-per-node)")
+    pp = args.pipeline_model_parallel_size
+    if tp < 1 or pp < 1 or world_env % (tp * pp):
+        raise UserError(f"--tensor-model-parallel-size {tp} x --pipeline-model-parallel-size {pp} must be >= 1 "
+                        f"and divide the world size {world_env} (launch with torchrun --nproc-per-node)")
     mcfg = load_config(args.model)
     for w in check_vocab(mcfg.vocab_size, args.data, read_sidecar(args.data), find_tokenizer(args.model)):
         print(f"megacpt score perplexity: warning: {w}", file=sys.stderr)
@@ -425,9 +439,13 @@ def run(args: argparse.Namespace) -> int:
     rank, world, dist = _init_distributed(args.device)
     device = _pick_device(args.device)
     dtype_name = args.dtype if args.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    model, mcfg = load_model(args.model, dtype=_DTYPES[dtype_name], device=device)
-    if args.tensor_model_parallel_size > 1:
-        model = _tensor_parallel(model, mcfg, args.tensor_model_parallel_size, world, device)
+    if pp > 1:  # load on CPU, keep this rank's stage, then move it
+        model, mcfg = load_model(args.model, dtype=_DTYPES[dtype_name], device="cpu")
+        model = _pipeline_stage(model, mcfg, tp, pp, world, device)
+    else:
+        model, mcfg = load_model(args.model, dtype=_DTYPES[dtype_name], device=device)
+        if tp > 1:
+            model = _tensor_parallel(model, mcfg, tp, world, device)
     if args.compile:
         model.compile_layers()
     summary = score_dataset(model, args.data, args.seq_length, args.out, cfg, shard_docs=args.shard_docs,
@@ -480,5 +498,72 @@ def _tensor_parallel(model, mcfg, tp: int, world: int, device: torch.device):
     return model
 
 
+class PipelineStageScorer:
+    """This rank's pipeline stage for the forward-only scoring pass.
+
+    Every stage walks the same batches (they are built from the dataset, so no shapes travel): stage 0
+    embeds the tokens, a later stage receives the previous stage's activations [b, s, H], runs its layers
+    and sends them on asynchronously (so the stages work on consecutive batches at once); the last stage
+    applies the final LayerNorm and returns the hidden states that ``chunk_nll`` scores.
+    """
+
+    def __init__(self, part, pp_group, pp_rank: int, pp: int, device: torch.device, tp_size: int = 1,
+                 max_in_flight: int = 2):
+        import torch.distributed as dist
+
+        self.part, self.cfg, self.device = part, part.cfg, device
+        self.pp_group, self.pp_rank, self.pp_size, self.tp_size = pp_group, pp_rank, pp, tp_size
+        self.is_last_stage = pp_rank == pp - 1
+        self.embed_out = part.embed_out
+        self.vocab_parallel_group = getattr(part, "vocab_parallel_group", None)
+        self.dtype = next(part.parameters()).dtype
+        self._prev = dist.get_global_rank(pp_group, pp_rank - 1) if pp_rank > 0 else None
+        self._next = dist.get_global_rank(pp_group, pp_rank + 1) if not self.is_last_stage else None
+        self._sends: list = []
+        self._max_in_flight = max_in_flight
+
+    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor | None:
+        import torch.distributed as dist
+
+        b, s = input_ids.shape
+        if self._prev is None:
+            x = input_ids
+        else:
+            x = torch.empty(b, s, self.cfg.hidden_size, dtype=self.dtype, device=self.device)
+            dist.recv(x, src=self._prev, group=self.pp_group)
+        h = self.part.hidden_states(x)
+        if self.is_last_stage:
+            return h
+        self._sends.append((dist.isend(h.contiguous(), dst=self._next, group=self.pp_group), h))
+        while len(self._sends) > self._max_in_flight:  # bound the activations kept alive for sends
+            self._sends.pop(0)[0].wait()
+        return None
+
+    def compile_layers(self, dynamic: bool | None = None) -> None:
+        self.part.compile_layers(dynamic)
+
+    def finish(self) -> None:
+        for work, _ in self._sends:
+            work.wait()
+        self._sends.clear()
+
+
+def _pipeline_stage(model, mcfg, tp: int, pp: int, world: int, device: torch.device) -> PipelineStageScorer:
+    """Keep this rank's stage of ``model`` (mesh (pp, dp, tp)), tensor-parallel inside it when tp > 1."""
+    from megacpt.config import ParallelConfig
+    from megacpt.parallel import build_mesh, tp_group_of
+    from megacpt.parallel.pipeline import split_stage
+    from megacpt.parallel.tensor_parallel import apply_tp
+
+    mesh = build_mesh(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp), world,
+                      mcfg, device_type=device.type)
+    pp_rank = mesh["pp"].get_local_rank()
+    part = split_stage(model, pp_rank, pp, copy_model=False).to(device)
+    if tp > 1:
+        apply_tp(part, mesh["tp"])
+        part.vocab_parallel_group = tp_group_of(part) if part.embed_out is not None else None
+    return PipelineStageScorer(part, mesh["pp"].get_group(), pp_rank, pp, device, tp_size=tp)
+
+
 __all__ = ["ScoringConfig", "chunk_nll", "sequence_nll", "score_documents", "score_dataset", "chunk_spans",
-           "check_vocab", "add_arguments", "run"]
+           "check_vocab", "add_arguments", "run", "PipelineStageScorer"]

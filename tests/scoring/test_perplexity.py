@@ -190,6 +190,32 @@ def test_tensor_parallel_two_ranks_equals_one_rank(setup, tmp_path):
     np.testing.assert_allclose(a.columns["nll_sum"], b.columns["nll_sum"], rtol=1e-5, atol=1e-5)
 
 
+def _pp_cli_worker(rank, world, model_dir, prefix, out):
+    from megacpt.cli import main
+
+    return main(["score", "perplexity", "--model", model_dir, "--data", prefix, "--seq-length", str(L),
+                 "--out", out, "--tokens-per-batch", "40", "--shard-docs", "2", "--device", "cpu",
+                 "--pipeline-model-parallel-size", "2", "--no-progress"])
+
+
+@pytest.mark.distributed
+def test_pipeline_two_stages_equal_one_rank(setup, tmp_path):
+    """`score perplexity --pipeline-model-parallel-size 2`: layer 0 on rank 0, layer 1 + output layer on rank
+    1, activations streamed stage to stage; the file equals a single-process run's."""
+    d, hf, prefix = setup
+    one, two = tmp_path / "one.parquet", tmp_path / "pp2.parquet"
+    assert _cli("--model", d / "hf", "--data", prefix, "--seq-length", L, "--out", one,
+                "--tokens-per-batch", 40, "--shard-docs", 2) == 0
+    assert run_distributed(_pp_cli_worker, 2, str(d / "hf"), prefix, str(two), timeout=180) == [0, 0]
+    a, b = _read(one), _read(two)
+    np.testing.assert_array_equal(a.columns["doc_id"], b.columns["doc_id"])
+    np.testing.assert_array_equal(a.columns["n_pred"], b.columns["n_pred"])
+    np.testing.assert_allclose(a.columns["nll_sum"], b.columns["nll_sum"], rtol=1e-6, atol=1e-6)
+    # a pipeline larger than the world is refused before any work
+    assert _cli("--model", d / "hf", "--data", prefix, "--seq-length", L, "--out", tmp_path / "x.parquet",
+                "--pipeline-model-parallel-size", 2) == 2
+
+
 _KILL_AFTER_2 = """
 import os, signal, sys
 from megacpt.selection import scores
@@ -294,7 +320,8 @@ def test_cli_flags_are_frozen():
     a = parser.parse_args(["perplexity", "--model", "m", "--data", "p", "--seq-length", "8", "--out", "o"])
     flags = {o for act in sub.choices["perplexity"]._actions for o in act.option_strings}
     assert {"--model", "--data", "--seq-length", "--out", "--micro-batch-size", "--tokens-per-batch",
-            "--tensor-model-parallel-size", "--dtype", "--resume", "--shard-docs", "--device"} <= flags
+            "--tensor-model-parallel-size", "--pipeline-model-parallel-size", "--dtype", "--resume", "--shard-docs",
+            "--device", "--compile"} <= flags
     assert a.dtype == "auto" and a.micro_batch_size is None and not a.resume
     with pytest.raises(SystemExit):  # one batch-size flag at a time
         parser.parse_args(["perplexity", "--model", "m", "--data", "p", "--seq-length", "8", "--out", "o",
