@@ -48,6 +48,8 @@ class EvalLM:
         model.cfg.vocab_size = tokenizer.vocab_size  # rows past the tokenizer's vocab are padding
         self.model = model.eval()
         self.tok = tokenizer
+        # right/left padding id: never attended, so any id works; EOD where the tokenizer has one
+        self.pad_id = tokenizer.eod if tokenizer.eod is not None else 0
         self.vocab_size = tokenizer.vocab_size
         self.max_length = max_length
         self.batch_size = max(1, batch_size)
@@ -67,7 +69,14 @@ class EvalLM:
             cont = whole[len(ctx):]
         if not cont:
             raise UserError(f"continuation {continuation!r} encodes to no token")
-        return (ctx or [self.tok.eod]), cont
+        return (ctx or [self._start_token()]), cont
+
+    def _start_token(self) -> int:
+        """What an empty context is conditioned on: EOD (lm-eval's convention for the prefix token)."""
+        if self.tok.eod is None:
+            raise UserError("an empty context needs an end-of-document token to condition on, and the tokenizer "
+                            "has none")
+        return self.tok.eod
 
     def _fit(self, ids: list[int], keep_last: int) -> list[int]:
         """Left-truncate to the model's length (keeping the scored tail); counted in ``n_truncated``."""
@@ -79,7 +88,7 @@ class EvalLM:
     def _forward_hidden(self, seqs: Sequence[list[int]]) -> torch.Tensor:
         """Right-padded batch -> hidden [b, s, H]; causal attention makes trailing pad harmless."""
         s = max(len(x) for x in seqs)
-        ids = torch.full((len(seqs), s), self.tok.eod, dtype=torch.long)
+        ids = torch.full((len(seqs), s), self.pad_id, dtype=torch.long)
         for i, x in enumerate(seqs):
             ids[i, : len(x)] = torch.tensor(x, dtype=torch.long)
         return self.model.hidden_states(ids.to(self.device))
@@ -143,14 +152,15 @@ class EvalLM:
 
         if max_new_tokens >= self.max_length:
             raise UserError(f"max_new_tokens {max_new_tokens} must be < the model's length {self.max_length}")
-        seqs = [self._fit(self.tok.encode(p) or [self.tok.eod], self.max_length - max_new_tokens) for p in prompts]
+        seqs = [self._fit(self.tok.encode(p) or [self._start_token()], self.max_length - max_new_tokens)
+                for p in prompts]
         texts = [""] * len(prompts)
         w = self.model.embed_out.weight[: self.vocab_size].float()                       # [V, H]
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]), reverse=True)
         for b in range(0, len(order), self.batch_size):
             rows = order[b:b + self.batch_size]
             width = max(len(seqs[i]) for i in rows)
-            ids = torch.full((len(rows), width), self.tok.eod, dtype=torch.long)
+            ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
             valid = torch.zeros(len(rows), width, dtype=torch.bool)
             for r, i in enumerate(rows):
                 ids[r, width - len(seqs[i]):] = torch.tensor(seqs[i], dtype=torch.long)

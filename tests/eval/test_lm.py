@@ -98,3 +98,32 @@ def test_long_prompts_are_cut_on_the_left_and_counted(lm, model_dir):
             logp = torch.log_softmax(hf(torch.tensor([ids])).logits[0, :, : lm.vocab_size].double(), -1)
         ref = sum(float(logp[len(ids) - len(tids) - 1 + j, tok]) for j, tok in enumerate(tids))
         assert n == len(tids) and ll == pytest.approx(ref, abs=1e-4)
+
+
+def test_tokenizer_without_eod(lm):
+    """A GPT-2 vocab without <|endoftext|> (tokenizer eod None): padding still works, generation never
+    stops on EOD, and only an empty context (nothing to condition on) is refused."""
+    from megacpt.errors import UserError
+    from megacpt.eval.lm import EvalLM
+
+    class NoEod:
+        def __init__(self, tok):
+            self.tok, self.vocab_size, self.eod = tok, tok.vocab_size, None
+
+        def encode(self, text):
+            return self.tok.encode(text)
+
+        def decode(self, ids):
+            return self.tok.decode(ids)
+
+    other = EvalLM(lm.model, NoEod(lm.tok), max_length=lm.max_length, batch_size=3)
+    prompts = ["Gold prices", "The agreement between Acme", "Shares"]
+    # left padding with id 0 instead of EOD changes nothing; without EOD a row only runs longer
+    for mine, ref in zip(other.greedy_generate(prompts, max_new_tokens=4), lm.greedy_generate(prompts, max_new_tokens=4)):
+        assert mine.startswith(ref)
+    got = other.loglikelihood([("Profits rose sharply", " positive"), ("Shares fell.", " negative result")])
+    ref = lm.loglikelihood([("Profits rose sharply", " positive"), ("Shares fell.", " negative result")])
+    for (a, n), (b, m) in zip(got, ref):
+        assert n == m and a == pytest.approx(b, abs=1e-5)  # padding never attended: the id does not matter
+    with pytest.raises(UserError, match="empty context"):
+        other.loglikelihood([("", " positive")])
