@@ -118,8 +118,8 @@ def _triton_config(device: torch.device, dtype: torch.dtype) -> tuple[int, int, 
     """(BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages, target #programs). The interpreter gets tiny tiles.
 
     Each row block streams all of W once, so W traffic is (N / BLOCK_N) * V * H; programs of one vocab
-    split run side by side and share W tiles through L2. fp32 (IEEE
-    dot, no tensor-core TF32) uses smaller tiles for register pressure. ``MEGACPT_FLCE_TRITON_CONFIG``
+    split run side by side and share W tiles through L2. fp32 (IEEE dot, no tensor-core TF32) uses
+    smaller tiles for register pressure. ``MEGACPT_FLCE_TRITON_CONFIG``
     ("BN,BV,BH,warps,stages,programs_per_sm") overrides it; ``benchmarks/kernel_tune.py`` sweeps it.
     """
     if device.type != "cuda":  # TRITON_INTERPRET=1 on CPU: correctness only, keep tiles small
@@ -192,11 +192,6 @@ def _resolve_chunk(chunk_size: Optional[int], device: torch.device) -> int:
 
 def _as_fp32(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if x is None else x.float()  # no copy for fp32 tensors
-
-
-def _gpu16(x: torch.Tensor) -> bool:
-    """16-bit inputs on a GPU: matmuls keep them (tensor cores) and write fp32 (``out_dtype``)."""
-    return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
 
 
 _MM_OUT_DTYPE: list = []  # [True/False] once probed: does torch.mm take out_dtype=float32 here?
@@ -284,7 +279,7 @@ def _torch_lse_target(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor
     on_shard = (t != ignore_index) & (local >= 0) & (local < v_valid)
     local = torch.where(on_shard, local, torch.zeros_like(local))
     c = max(1, min(chunk_size, n))
-    # one fp32 [chunk, V] buffer reused by every chunk (CPU); the GPU caching allocator does the same
+    # fp32 weights: one fp32 [chunk, V] buffer reused by every chunk (16-bit: a fresh fp32 result per chunk)
     buf = None if wc.dtype != torch.float32 else torch.empty(c, v_rows, dtype=torch.float32, device=h.device)
     for s in range(0, n, c):
         e = min(s + c, n)
@@ -351,7 +346,7 @@ def _torch_backward(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor],
         p.sub_(lse[s:e, None]).exp_()                                          # softmax [c, V]
         rows = torch.nonzero(on_shard[s:e]).squeeze(1)
         p[rows, local[s:e][rows]] -= 1.0
-        p.mul_(g[s:e, None])                                                    # dlogits [c, Vv] fp32
+        p.mul_(g[s:e, None])                                                    # dlogits [c, V] fp32
         if db is not None:
             db += p.sum(0)
         if cdt == torch.float32:
