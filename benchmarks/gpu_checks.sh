@@ -4,7 +4,11 @@
 # benchmark (ours vs chunked torch vs Liger vs cut-cross-entropy; whole-pass tokens/s and MFU), the model
 # step vs HF and the trainer's tokens/s + MFU. Logs go to $OUT (default /tmp/megacpt-gpu). Wheels for
 # packages the machine lacks (liger-kernel, cut-cross-entropy, megatron-core, zstandard) are taken from
-# .whl/ when present. Usage: bash benchmarks/gpu_checks.sh       (all steps)
+# .whl/ when present (the device has Python 3.12 and no network; fetch them here first with
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
+#     liger-kernel cut-cross-entropy megatron-core==0.16.1 zstandard
+# and carry .whl). Usage: bash benchmarks/gpu_checks.sh       (all steps)
 #                              STEPS="score train" bash benchmarks/gpu_checks.sh   (some steps)
 set -u
 OUT=${OUT:-/tmp/megacpt-gpu}
