@@ -439,9 +439,8 @@ def run(args: argparse.Namespace) -> int:
     rank, world, dist = _init_distributed(args.device)
     device = _pick_device(args.device)
     dtype_name = args.dtype if args.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    if pp > 1:  # load on CPU, keep this rank's stage, then move it
-        model, mcfg = load_model(args.model, dtype=_DTYPES[dtype_name], device="cpu")
-        model = _pipeline_stage(model, mcfg, tp, pp, world, device)
+    if pp > 1:  # this rank's stage only: built on meta, materialised, then only its tensors are read
+        model = _pipeline_stage(args.model, mcfg, tp, pp, world, device, _DTYPES[dtype_name])
     else:
         model, mcfg = load_model(args.model, dtype=_DTYPES[dtype_name], device=device)
         if tp > 1:
@@ -548,21 +547,32 @@ class PipelineStageScorer:
         self._sends.clear()
 
 
-def _pipeline_stage(model, mcfg, tp: int, pp: int, world: int, device: torch.device) -> PipelineStageScorer:
-    """Keep this rank's stage of ``model`` (mesh (pp, dp, tp)), tensor-parallel inside it when tp > 1."""
+def _pipeline_stage(model_path: str, mcfg, tp: int, pp: int, world: int, device: torch.device,
+                    dtype: torch.dtype) -> PipelineStageScorer:
+    """This rank's stage (mesh (pp, dp, tp)) of the model at ``model_path``, tensor-parallel inside it when
+    tp > 1. Built on the meta device and split before any memory is used; ``load_weights`` then reads only
+    the stage's tensors (its TP shards), so no rank ever holds the whole model."""
     from megacpt.config import ParallelConfig
+    from megacpt.convert import load_weights
+    from megacpt.model.gpt_neox import GPTNeoX
     from megacpt.parallel import build_mesh, tp_group_of
     from megacpt.parallel.pipeline import split_stage
     from megacpt.parallel.tensor_parallel import apply_tp
 
+    if mcfg.tie_word_embeddings:
+        raise UserError("--pipeline-model-parallel-size: tied input/output embeddings would live on two stages; "
+                        "score this model with tensor/data parallelism instead")
     mesh = build_mesh(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp), world,
                       mcfg, device_type=device.type)
     pp_rank = mesh["pp"].get_local_rank()
-    part = split_stage(model, pp_rank, pp, copy_model=False).to(device)
+    with torch.device("meta"):
+        model = GPTNeoX(mcfg)
+    part = split_stage(model, pp_rank, pp, copy_model=False).to(dtype).to_empty(device=device)
     if tp > 1:
         apply_tp(part, mesh["tp"])
         part.vocab_parallel_group = tp_group_of(part) if part.embed_out is not None else None
-    return PipelineStageScorer(part, mesh["pp"].get_group(), pp_rank, pp, device, tp_size=tp)
+    load_weights(part, model_path)
+    return PipelineStageScorer(part.eval(), mesh["pp"].get_group(), pp_rank, pp, device, tp_size=tp)
 
 
 __all__ = ["ScoringConfig", "chunk_nll", "sequence_nll", "score_documents", "score_dataset", "chunk_spans",
