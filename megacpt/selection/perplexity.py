@@ -439,12 +439,10 @@ def run(args: argparse.Namespace) -> int:
     rank, world, dist = _init_distributed(args.device)
     device = _pick_device(args.device)
     dtype_name = args.dtype if args.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    if pp > 1:  # this rank's stage only: built on meta, materialised, then only its tensors are read
-        model = _pipeline_stage(args.model, mcfg, tp, pp, world, device, _DTYPES[dtype_name])
+    if tp * pp > 1:  # this rank's part only: built on meta, materialised, then only its tensors are read
+        model = parallel_scoring_model(args.model, mcfg, tp, pp, world, device, _DTYPES[dtype_name])
     else:
         model, mcfg = load_model(args.model, dtype=_DTYPES[dtype_name], device=device)
-        if tp > 1:
-            model = _tensor_parallel(model, mcfg, tp, world, device)
     if args.compile:
         model.compile_layers()
     summary = score_dataset(model, args.data, args.seq_length, args.out, cfg, shard_docs=args.shard_docs,
@@ -480,21 +478,6 @@ def _init_distributed(device: str):
         # a long timeout: ranks meet only at the end, after possibly uneven shards
         dist.init_process_group("nccl" if gpu else "gloo", timeout=datetime.timedelta(hours=6))
     return _dist_info()
-
-
-def _tensor_parallel(model, mcfg, tp: int, world: int, device: torch.device):
-    """Shard the model over tp ranks (DTensor plan of ``megacpt.parallel``: vocab-parallel ``embed_out``,
-    replicated hidden states); the fused output layer then runs over the tp group."""
-    from megacpt.config import ParallelConfig
-    from megacpt.parallel import build_mesh, tp_group_of
-    from megacpt.parallel.tensor_parallel import apply_tp
-
-    if world % tp:
-        raise UserError(f"world size {world} is not divisible by --tensor-model-parallel-size {tp}")
-    mesh = build_mesh(ParallelConfig(tensor_model_parallel_size=tp), world, mcfg, device_type=device.type)
-    apply_tp(model, mesh["tp"])  # no FSDP/DDP: inference only, dp ranks hold full tp-sharded replicas
-    model.vocab_parallel_group = tp_group_of(model)
-    return model
 
 
 class PipelineStageScorer:
@@ -547,11 +530,13 @@ class PipelineStageScorer:
         self._sends.clear()
 
 
-def _pipeline_stage(model_path: str, mcfg, tp: int, pp: int, world: int, device: torch.device,
-                    dtype: torch.dtype) -> PipelineStageScorer:
-    """This rank's stage (mesh (pp, dp, tp)) of the model at ``model_path``, tensor-parallel inside it when
-    tp > 1. Built on the meta device and split before any memory is used; ``load_weights`` then reads only
-    the stage's tensors (its TP shards), so no rank ever holds the whole model."""
+def parallel_scoring_model(model_path: str, mcfg, tp: int, pp: int, world: int, device: torch.device,
+                           dtype: torch.dtype = torch.float32):
+    """This rank's part of the model at ``model_path`` on the mesh (pp, dp, tp), without FSDP/DDP (inference:
+    dp ranks hold whole replicas). TP: the DTensor plan of ``megacpt.parallel`` (vocab-parallel
+    ``embed_out``, replicated hidden states; the fused output layer runs over the tp group). PP > 1: a
+    ``PipelineStageScorer`` for the rank's stage. Built on the meta device (and split) before any memory
+    is used; ``load_weights`` then reads only this rank's tensors, so no rank ever holds the whole model."""
     from megacpt.config import ParallelConfig
     from megacpt.convert import load_weights
     from megacpt.model.gpt_neox import GPTNeoX
@@ -559,7 +544,7 @@ def _pipeline_stage(model_path: str, mcfg, tp: int, pp: int, world: int, device:
     from megacpt.parallel.pipeline import split_stage
     from megacpt.parallel.tensor_parallel import apply_tp
 
-    if mcfg.tie_word_embeddings:
+    if mcfg.tie_word_embeddings and pp > 1:
         raise UserError("--pipeline-model-parallel-size: tied input/output embeddings would live on two stages; "
                         "score this model with tensor/data parallelism instead")
     mesh = build_mesh(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp), world,
@@ -567,13 +552,18 @@ def _pipeline_stage(model_path: str, mcfg, tp: int, pp: int, world: int, device:
     pp_rank = mesh["pp"].get_local_rank()
     with torch.device("meta"):
         model = GPTNeoX(mcfg)
-    part = split_stage(model, pp_rank, pp, copy_model=False).to(dtype).to_empty(device=device)
+    part = split_stage(model, pp_rank, pp, copy_model=False) if pp > 1 else model
+    part = part.to(dtype).to_empty(device=device)
+    if mcfg.tie_word_embeddings:  # to_empty materialises each parameter on its own: tie again
+        part.embed_out.weight = part.embed_in.weight
     if tp > 1:
         apply_tp(part, mesh["tp"])
         part.vocab_parallel_group = tp_group_of(part) if part.embed_out is not None else None
     load_weights(part, model_path)
+    if pp == 1:
+        return part.eval()
     return PipelineStageScorer(part.eval(), mesh["pp"].get_group(), pp_rank, pp, device, tp_size=tp)
 
 
 __all__ = ["ScoringConfig", "chunk_nll", "sequence_nll", "score_documents", "score_dataset", "chunk_spans",
-           "check_vocab", "add_arguments", "run", "PipelineStageScorer"]
+           "check_vocab", "add_arguments", "run", "PipelineStageScorer", "parallel_scoring_model"]

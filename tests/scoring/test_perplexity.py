@@ -168,11 +168,10 @@ def test_two_ranks_equal_one_rank(setup, tmp_path):
 
 
 def _tp_worker(rank, world, model_dir, prefix, out):
-    from megacpt.convert import load_model
-    from megacpt.selection.perplexity import ScoringConfig, _tensor_parallel, score_dataset
+    from megacpt.convert import load_config
+    from megacpt.selection.perplexity import ScoringConfig, parallel_scoring_model, score_dataset
 
-    model, cfg = load_model(model_dir)
-    model = _tensor_parallel(model, cfg, 2, world, torch.device("cpu"))
+    model = parallel_scoring_model(model_dir, load_config(model_dir), 2, 1, world, torch.device("cpu"))
     assert model.embed_out.weight.to_local().shape[0] == VOCAB // 2  # really vocab-parallel
     return score_dataset(model, prefix, L, out, ScoringConfig(seq_length=L, tokens_per_batch=40),
                          shard_docs=2, progress=False)["documents_scored"]
