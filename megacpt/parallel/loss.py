@@ -87,6 +87,19 @@ def vocab_parallel_cross_entropy(local_logits: torch.Tensor, targets: torch.Tens
     return _VocabParallelCE.apply(local_logits, targets, vocab_start, group, ignore_index, vocab_size)
 
 
+def fused_lm_nll_sum(hidden: torch.Tensor, embed_out_weight: torch.Tensor, targets: torch.Tensor, group=None,
+                     ignore_index: int = -100, vocab_size: int | None = None) -> torch.Tensor:
+    """Sum of next-token NLL from final hidden states [..., H] through the fused linear + cross-entropy
+    (never [tokens, V] logits). Under TP ``embed_out_weight`` is the vocab-sharded DTensor: its local
+    shard is used and the op reduces over ``group``."""
+    from megacpt.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
+
+    w = embed_out_weight.to_local() if group is not None else embed_out_weight  # [V_pad/tp, H] under TP
+    return fused_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), w, targets.reshape(-1),
+                                      reduction="sum", ignore_index=ignore_index, vocab_size=vocab_size,
+                                      process_group=group)
+
+
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, group=None, ignore_index: int = -100,
             vocab_size: int | None = None) -> torch.Tensor:
     """Mean next-token loss over non-ignored positions. logits [b, s, V or V/tp], targets [b, s]."""

@@ -23,7 +23,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from megacpt.config import ParallelConfig
 from megacpt.errors import UserError
-from megacpt.parallel.loss import lm_loss, tp_group_of
+from megacpt.parallel.loss import fused_lm_nll_sum, lm_loss, tp_group_of
 
 
 def stage_ids(pp_rank: int, pp: int, vpp: int = 1) -> list[int]:
@@ -150,18 +150,13 @@ def build_pipeline(model: nn.Module, mesh: DeviceMesh, pcfg: ParallelConfig, n_m
         last = parts[-1]
         group = tp_group_of(last) if stages[-1].is_last else None
         if fused_loss and stages[-1].is_last:
-            from megacpt.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
-
             last.output_hidden_states = True
 
             def loss_fn(hidden, target, ignore_index=-100):
-                w = last.embed_out.weight  # gathered over dp (the root stays unsharded in a pipeline)
-                w = w.to_local() if group is not None else w
-                t = target.flatten()
-                nll = fused_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), w, t, reduction="sum",
-                                                 ignore_index=ignore_index, vocab_size=vocab_size,
-                                                 process_group=group)
-                return nll / (t != ignore_index).sum().clamp(min=1)
+                # embed_out.weight is gathered over dp here: the root stays unsharded in a pipeline
+                nll = fused_lm_nll_sum(hidden, last.embed_out.weight, target, group=group,
+                                       ignore_index=ignore_index, vocab_size=vocab_size)
+                return nll / (target != ignore_index).sum().clamp(min=1)
         else:
             def loss_fn(logits, target):
                 return lm_loss(logits, target, group=group, vocab_size=vocab_size)

@@ -339,18 +339,13 @@ def loss_sum(module: torch.nn.Module, tokens: torch.Tensor, cfg: ModelConfig, fu
     ``fused``: the fused linear + cross-entropy on the final hidden states (no [tokens, V] logits). Else
     the (vocab-parallel under TP) cross-entropy on the model's logits.
     """
-    from megacpt.parallel.loss import vocab_parallel_cross_entropy
+    from megacpt.parallel.loss import fused_lm_nll_sum, vocab_parallel_cross_entropy
 
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     if fused:
-        from megacpt.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
-
         h = module.hidden_states(inputs, doc_ids=doc_ids)  # [b, s, H] (full H under TP)
-        group = _tp_group(module)
-        w = module.embed_out.weight
-        w = w.to_local() if group is not None else w  # [V_pad/tp, H] shard under TP
-        return fused_linear_cross_entropy(h.reshape(-1, h.shape[-1]), w, targets.reshape(-1), reduction="sum",
-                                          vocab_size=cfg.vocab_size, process_group=group)
+        return fused_lm_nll_sum(h, module.embed_out.weight, targets, group=_tp_group(module),
+                                vocab_size=cfg.vocab_size)
     logits = module(inputs, doc_ids=doc_ids)  # [b, s, V_pad] or local [b, s, V_pad/tp]
     return vocab_parallel_cross_entropy(logits.flatten(0, -2), targets.flatten(), group=_tp_group(module),
                                         vocab_size=cfg.vocab_size).sum()

@@ -146,11 +146,16 @@ def test_sequence_nll_batching_and_target_starts(setup):
     assert n == 3 and math.isclose(s, ref, rel_tol=1e-5)
 
 
-def _dp_worker(rank, world, model_dir, prefix, out):
-    from megacpt.convert import load_model
-    from megacpt.selection.perplexity import ScoringConfig, score_dataset
+def _dp_worker(rank, world, model_dir, prefix, out, tp=1):
+    """Score with the library: a whole replica per rank, or (tp > 1) TP-sharded replicas."""
+    from megacpt.convert import load_config, load_model
+    from megacpt.selection.perplexity import ScoringConfig, parallel_scoring_model, score_dataset
 
-    model, _ = load_model(model_dir)
+    if tp == 1:
+        model, _ = load_model(model_dir)
+    else:
+        model = parallel_scoring_model(model_dir, load_config(model_dir), tp, 1, world, torch.device("cpu"))
+        assert model.embed_out.weight.to_local().shape[0] == VOCAB // tp  # really vocab-parallel
     return score_dataset(model, prefix, L, out, ScoringConfig(seq_length=L, tokens_per_batch=40),
                          shard_docs=2, progress=False)["documents_scored"]
 
@@ -167,22 +172,12 @@ def test_two_ranks_equal_one_rank(setup, tmp_path):
     assert a.meta == b.meta
 
 
-def _tp_worker(rank, world, model_dir, prefix, out):
-    from megacpt.convert import load_config
-    from megacpt.selection.perplexity import ScoringConfig, parallel_scoring_model, score_dataset
-
-    model = parallel_scoring_model(model_dir, load_config(model_dir), 2, 1, world, torch.device("cpu"))
-    assert model.embed_out.weight.to_local().shape[0] == VOCAB // 2  # really vocab-parallel
-    return score_dataset(model, prefix, L, out, ScoringConfig(seq_length=L, tokens_per_batch=40),
-                         shard_docs=2, progress=False)["documents_scored"]
-
-
 @pytest.mark.distributed
 def test_tensor_parallel_two_ranks_equals_one_rank(setup, tmp_path):
     d, hf, prefix = setup
     one, two = tmp_path / "one.parquet", tmp_path / "tp2.parquet"
     assert _dp_worker(0, 1, str(d / "hf"), prefix, str(one)) == len(DOC_SEQS)
-    assert run_distributed(_tp_worker, 2, str(d / "hf"), prefix, str(two), timeout=180) == [len(DOC_SEQS)] * 2
+    assert run_distributed(_dp_worker, 2, str(d / "hf"), prefix, str(two), 2, timeout=180) == [len(DOC_SEQS)] * 2
     a, b = _read(one), _read(two)
     np.testing.assert_array_equal(a.columns["n_pred"], b.columns["n_pred"])
     # row-parallel all-reduces sum in another order: equal up to fp32 rounding
