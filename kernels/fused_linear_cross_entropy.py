@@ -10,7 +10,9 @@ Layout of this file (Liger-Kernel structure, one op per file):
                              split are merged in torch (a [N, splits] tensor: tiny).
   3. ``_torch_lse_target``  pure-torch chunked reference / CPU path: token chunks of ``chunk_size`` rows,
                              fp32 matmul into one reused [chunk, V] buffer, in-place max/exp/sum
-                             (or a ``torch.compile``d two-pass log-sum-exp with ``compile_lse``).
+                             (or a ``torch.compile``d two-pass log-sum-exp with ``compile_lse``);
+                             16-bit weights on CPU: ``_cpu16_lse_target``, vocab blocks of a chunk in
+                             reused cache-sized buffers folded into an online log-sum-exp.
   4. ``FusedLinearCrossEntropyFunction`` autograd: forward = (2) or (3); backward is CHUNKED (not fused):
                              it recomputes one token chunk of logits at a time from the saved lse,
                              ``dlogits = (softmax - onehot) * grad``, then ``dh = dlogits @ W``,
@@ -214,13 +216,10 @@ def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def _chunk_logits(h: torch.Tensor, w: torch.Tensor, b32: Optional[torch.Tensor],
                   out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """fp32 logits [c, V] of one token chunk. ``w`` is fp32 (then ``h`` is upcast and the result is
-    written into ``out`` when given: no fresh allocation) or 16-bit: products accumulate in fp32; on a GPU
-    the logits stay fp32 (``out_dtype``); on CPU torch has no 16-bit GEMM with an fp32 output, so the
-    logits are rounded to 16 bits once (as in an HF bf16 forward) and the softmax runs in fp32. At bf16
-    that is 2x the fp32 GEMM speed with AVX512-BF16/AMX; fp32 inputs stay exact."""
+    written into ``out`` when given: no fresh allocation) or 16-bit on a GPU: 16-bit inputs, fp32
+    accumulation and fp32 logits (``out_dtype``). 16-bit weights on CPU take ``_cpu16_lse_target``."""
     if w.dtype != torch.float32:  # 16-bit W: 16-bit inputs, fp32 accumulation
-        hc = h.to(w.dtype)
-        logits = _mm_fp32(hc, w.t()) if w.is_cuda else torch.mm(hc, w.t()).float()
+        logits = _mm_fp32(h.to(w.dtype), w.t())
         return logits if b32 is None else logits.add_(b32)
     h32 = h.float()
     if b32 is None:
@@ -279,6 +278,10 @@ def _torch_lse_target(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor
     on_shard = (t != ignore_index) & (local >= 0) & (local < v_valid)
     local = torch.where(on_shard, local, torch.zeros_like(local))
     c = max(1, min(chunk_size, n))
+    if wc.dtype != torch.float32 and not wc.is_cuda:
+        _cpu16_lse_target(h, wc, b32, local, v_valid, c, compile_lse, lse, tgt)
+        tgt.masked_fill_(~on_shard, 0.0)
+        return lse, tgt
     # fp32 weights: one fp32 [chunk, V] buffer reused by every chunk (16-bit: a fresh fp32 result per chunk)
     buf = None if wc.dtype != torch.float32 else torch.empty(c, v_rows, dtype=torch.float32, device=h.device)
     for s in range(0, n, c):
@@ -290,6 +293,95 @@ def _torch_lse_target(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor
         lse[s:e] = _chunk_lse(logits, compile_lse)
     tgt.masked_fill_(~on_shard, 0.0)
     return lse, tgt
+
+
+CPU16_VOCAB_BLOCK = int(os.environ.get("MEGACPT_FLCE_CPU16_VOCAB_BLOCK", "8192"))
+
+
+def _block_max_sumexp(x: torch.Tensor, b32: Optional[torch.Tensor], x32: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """16-bit logits block [c, vb] (+ fp32 bias [vb]) -> fp32 (row max [c], row sum of exp(x - max) [c]).
+    Eager: upcast into the reused fp32 buffer ``x32``, then in-place sub/exp (it is overwritten)."""
+    x32.copy_(x)
+    if b32 is not None:
+        x32.add_(b32)
+    m = x32.amax(1)
+    return m, x32.sub_(m[:, None]).exp_().sum(1)
+
+
+def _block_max_sumexp_fused(x: torch.Tensor, b32: Optional[torch.Tensor], x32: torch.Tensor
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same for torch.compile: two read-only passes over the 16-bit block, fp32 math, no buffer."""
+    xf = x.float() if b32 is None else x.float() + b32
+    m = xf.amax(1)
+    return m, (xf - m[:, None]).exp().sum(1)
+
+
+_COMPILED_BLOCK: list = []  # [compiled fn] once built; [None] if compiling failed here
+
+
+def _block_fn(compile_lse: bool):
+    if not compile_lse:
+        return _block_max_sumexp
+    if not _COMPILED_BLOCK:
+        _COMPILED_BLOCK.append(torch.compile(_block_max_sumexp_fused, dynamic=True))
+    return _COMPILED_BLOCK[0] or _block_max_sumexp
+
+
+def _cpu16_lse_target(h: torch.Tensor, w16: torch.Tensor, b32: Optional[torch.Tensor], local: torch.Tensor,
+                      v_valid: int, c: int, compile_lse: bool, lse: torch.Tensor, tgt: torch.Tensor) -> None:
+    """16-bit weights on CPU: fills ``lse`` / ``tgt`` (off-shard rows are masked by the caller).
+
+    Each [c, V] chunk of logits is computed CPU16_VOCAB_BLOCK columns at a time into one reused 16-bit
+    buffer (16-bit GEMM, fp32 accumulation: AVX512-BF16/AMX; the logits are rounded to 16 bits once, as
+    in an HF bf16 forward), upcast into one reused fp32 buffer and folded into an online log-sum-exp
+    (running row max and rescaled sum, all fp32). Block buffers of a few MB stay in the last-level cache,
+    so the softmax passes never stream [c, V] arrays through memory: measured 0.80 s vs 1.13 s for the
+    whole-row version (4,096 tokens, H 512, V 50,304, bf16, 2-core AVX512-BF16 EPYC).
+    """
+    n = h.shape[0]
+    vb = max(1, min(CPU16_VOCAB_BLOCK, w16.shape[0]))
+    x16 = torch.empty(c, vb, dtype=w16.dtype)
+    x32 = torch.empty(c, vb, dtype=torch.float32)
+    fn = _block_fn(compile_lse)
+    for s in range(0, n, c):
+        e = min(s + c, n)
+        hc = h[s:e].to(w16.dtype)
+        lc = local[s:e]
+        m = torch.full((e - s,), float("-inf"))
+        acc = torch.zeros(e - s)
+        tg = torch.zeros(e - s)
+        for a in range(0, v_valid, vb):  # blocks past the valid rows are all padding: skipped
+            b = min(a + vb, w16.shape[0])
+            x = x16[: e - s, : b - a]
+            torch.mm(hc, w16[a:b].t(), out=x)
+            if b > v_valid:
+                x[:, v_valid - a:] = float("-inf")                         # padded rows: no probability
+            bb = None if b32 is None else b32[a:b]
+            inb = (lc >= a) & (lc < b)
+            j = (lc - a).clamp_(0, b - a - 1)
+            g = x.gather(1, j[:, None]).squeeze(1).float()                  # the target's 16-bit logit
+            tg = torch.where(inb, g if bb is None else g + bb[j], tg)
+            mb, sb = _block_call(fn, x, bb, x32[: e - s, : b - a])
+            mn = torch.maximum(m, mb)
+            acc = acc * (m - mn).exp() + sb * (mb - mn).exp()
+            m = mn
+        lse[s:e] = acc.log() + m
+        tgt[s:e] = tg
+
+
+def _block_call(fn, x, bb, x32):
+    if fn is _block_max_sumexp:
+        return fn(x, bb, x32)
+    try:
+        return fn(x, bb, x32)
+    except Exception as e:  # noqa: BLE001 - any Inductor/compiler failure: eager is always correct
+        import warnings
+
+        warnings.warn(f"fused_linear_cross_entropy: torch.compile of the log-sum-exp failed ({e}); "
+                      "using the eager path", RuntimeWarning)
+        _COMPILED_BLOCK[:] = [None]
+        return _block_max_sumexp(x, bb, x32)
 
 
 def _chunk_lse(logits: torch.Tensor, compile_lse: bool) -> torch.Tensor:

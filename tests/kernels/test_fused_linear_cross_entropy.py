@@ -57,6 +57,24 @@ def test_torch_path_matches_cross_entropy(dtype, bias, reduction):
     assert grads[1][V_REAL:].abs().max() == 0  # padded rows get no gradient
 
 
+@pytest.mark.parametrize("vocab_block", [64, 200, 4096])  # many blocks / ragged last block / one block
+@pytest.mark.parametrize("bias", [True, False])
+def test_cpu_16bit_vocab_blocks_exact(monkeypatch, vocab_block, bias):
+    """16-bit weights on CPU: logits in vocab blocks + online log-sum-exp equal the one-shot math on the
+    same 16-bit logits (rounded once, softmax in fp32), padded rows excluded, on every block layout."""
+    from megacpt.kernels import fused_linear_cross_entropy as K
+
+    monkeypatch.setattr(K, "CPU16_VOCAB_BLOCK", vocab_block)
+    hid, w, b, t = _inputs(torch.bfloat16, bias)
+    w[V_REAL:] = 30.0  # padded rows with huge logits must not count, even inside a block with real rows
+    out = fused_linear_cross_entropy(hid, w, t, b, impl="torch", vocab_size=V_REAL, chunk_size=8)
+    logits = torch.mm(hid, w.t()).float()[:, :V_REAL] + (0 if b is None else b[:V_REAL].float())
+    keep = t != -100
+    ref = torch.zeros(N)
+    ref[keep] = logits[keep].logsumexp(1) - logits[keep].gather(1, t[keep, None]).squeeze(1)
+    torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-6)
+
+
 def test_ignore_index_and_padded_rows():
     hid, w, b, t = _inputs()
     t[:] = -100
@@ -225,6 +243,10 @@ def test_backward_in_bf16_compute():
 @pytest.mark.slow  # one torch.compile (~10-20 s); the eager path of the same math is tested above
 def test_compiled_lse_matches_eager():
     hid, w, b, t = _inputs()
+    eager = fused_linear_cross_entropy(hid, w, t, b, vocab_size=V_REAL, chunk_size=8)
+    comp = fused_linear_cross_entropy(hid, w, t, b, vocab_size=V_REAL, chunk_size=8, compile_lse=True)
+    torch.testing.assert_close(comp, eager, atol=1e-5, rtol=1e-5)
+    hid, w, b, t = _inputs(torch.bfloat16)  # the 16-bit CPU path's compiled block function
     eager = fused_linear_cross_entropy(hid, w, t, b, vocab_size=V_REAL, chunk_size=8)
     comp = fused_linear_cross_entropy(hid, w, t, b, vocab_size=V_REAL, chunk_size=8, compile_lse=True)
     torch.testing.assert_close(comp, eager, atol=1e-5, rtol=1e-5)
