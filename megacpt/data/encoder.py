@@ -53,13 +53,16 @@ class DocumentEncoder:
 
 def build_encoder(path: str | None, tokenizer_type: str = "auto", fast: bool = True, *,
                   vocab_file: str | None = None, merge_file: str | None = None,
-                  gpt2_parse_special: bool = False) -> DocumentEncoder:
+                  gpt2_parse_special: bool = False, vocab_size: int | None = None,
+                  null_eod_id: int | None = None) -> DocumentEncoder:
     """The document encoder; with ``fast`` the exact tiktoken path when it can be established."""
     tok = load_tokenizer(path, tokenizer_type, vocab_file=vocab_file, merge_file=merge_file,
-                         gpt2_parse_special=gpt2_parse_special)
+                         gpt2_parse_special=gpt2_parse_special, vocab_size=vocab_size, null_eod_id=null_eod_id)
     if not fast:
         return DocumentEncoder(tok, None, "disabled (--no-fast-tokenizer)")
     from megacpt.data.fast_bpe import FastBPE
 
     fast_bpe, why = FastBPE.build(tok)
-    return DocumentEncoder(tok, fast_bpe, f"HF tokenizers ({why})")
+    from megacpt.data.tokenizer import HFTokenizer
+
+    return DocumentEncoder(tok, fast_bpe, f"HF tokenizers ({why})" if isinstance(tok, HFTokenizer) else tok.type)

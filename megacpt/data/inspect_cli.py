@@ -33,7 +33,7 @@ def summarize(prefix: str, n_docs: int = 3, tokenizer_path: str | None = None, m
     if meta:
         out["sidecar"] = {k: meta[k] for k in ("tokenizer", "skipped_lines", "inputs", "append_eod") if k in meta}
     ident = meta.get("tokenizer") or {}
-    if n_docs and (tokenizer_path or ident.get("path")):
+    if n_docs and (tokenizer_path or ident.get("path") or ident.get("type") == "NullTokenizer"):
         from megacpt.data.tokenizer import load_tokenizer, tokenizer_from_identity
 
         tok = load_tokenizer(tokenizer_path) if tokenizer_path else tokenizer_from_identity(ident)

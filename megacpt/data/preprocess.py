@@ -47,6 +47,8 @@ class PreprocessConfig:
     vocab_file: str | None = None     # GPT2BPETokenizer: GPT-2-format vocab.json
     merge_file: str | None = None     # GPT2BPETokenizer: GPT-2-format merges.txt
     gpt2_parse_special: bool = False  # GPT2BPETokenizer: literal <|endoftext|> -> EOD id (Megatron >= Sept 2025)
+    vocab_size: int | None = None     # NullTokenizer: ids 0..N-1 in the text, EOD N (megatron-core 0.16)
+    null_eod_id: int | None = None    # NullTokenizer: Megatron-LM main's convention, vocabulary N with this EOD
     json_keys: list[str] = field(default_factory=lambda: ["text"])
     append_eod: bool = False
     workers: int = 1                  # tokenizing processes; 0 = in this process
@@ -118,7 +120,8 @@ def _build_encoder(cfg: PreprocessConfig):
     from megacpt.data.encoder import build_encoder
 
     return build_encoder(cfg.tokenizer_model, cfg.tokenizer_type, fast=cfg.fast, vocab_file=cfg.vocab_file,
-                         merge_file=cfg.merge_file, gpt2_parse_special=cfg.gpt2_parse_special)
+                         merge_file=cfg.merge_file, gpt2_parse_special=cfg.gpt2_parse_special,
+                         vocab_size=cfg.vocab_size, null_eod_id=cfg.null_eod_id)
 
 
 def _partition(g: int, spec: tuple[str, int, int]) -> int:
@@ -134,7 +137,8 @@ def encode_chunk(chunk: Chunk) -> dict[str, Any]:
     keep = None
     if cfg.partition_index is not None:
         keep = lambda g: _partition(g, spec) == cfg.partition_index  # noqa: E731
-    parsed = parse_chunk(chunk, cfg.json_keys, cfg.skip_bad_lines, keep)
+    parsed = parse_chunk(chunk, cfg.json_keys, cfg.skip_bad_lines, keep,
+                         getattr(_W["encoder"].tokenizer, "check_text", None))
     result: dict[str, Any] = {"error": parsed.error, "skipped": parsed.skipped, "nbytes": chunk.nbytes,
                               "n_records": len(parsed.line_numbers), "out": {}, "fallbacks": 0}
     if parsed.error is not None:
@@ -324,15 +328,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    "instead of stopping at the first one")
     g = parser.add_argument_group("tokenizer")
     g.add_argument("--tokenizer-type", default="auto",
-                   choices=["HuggingFaceTokenizer", "SentencePieceTokenizer", "GPT2BPETokenizer", "auto"],
+                   choices=["HuggingFaceTokenizer", "SentencePieceTokenizer", "GPT2BPETokenizer", "NullTokenizer",
+                            "auto"],
                    help="auto: SentencePieceTokenizer for a .model file, GPT2BPETokenizer for --vocab-file/"
-                   "--merge-file or a GPT-2 vocab.json, else HuggingFaceTokenizer")
+                   "--merge-file or a GPT-2 vocab.json, else HuggingFaceTokenizer. NullTokenizer: the text is "
+                   "whitespace-separated token ids (needs --vocab-size)")
     g.add_argument("--tokenizer-model", default=None, help="HF tokenizer dir / tokenizer.json / .model")
     g.add_argument("--vocab-file", default=None, help="GPT2BPETokenizer: GPT-2-format vocab.json")
     g.add_argument("--merge-file", default=None, help="GPT2BPETokenizer: GPT-2-format merges.txt")
     g.add_argument("--gpt2-parse-special-tokens", dest="gpt2_parse_special", action="store_true",
                    help="GPT2BPETokenizer: encode a literal <|endoftext|> in text as the EOD id, as Megatron-LM's "
                    "tokenizer system since Sept 2025 does (default: the classic _GPT2BPETokenizer, as text)")
+    g.add_argument("--vocab-size", type=int, default=None,
+                   help="NullTokenizer: token ids 0..N-1 in the text, EOD id N (megatron-core 0.16/0.17)")
+    g.add_argument("--null-tokenizer-eod-id", dest="null_eod_id", type=int, default=None,
+                   help="NullTokenizer, Megatron-LM main's convention: vocabulary N including this EOD id "
+                   "(main's default is N-1)")
     g.add_argument("--append-eod", action="store_true", help="append the EOD token to each non-empty document")
     g.add_argument("--dtype", default="auto", choices=["auto", "uint16", "int32"],
                    help="token dtype (auto: Megatron's rule, uint16 when vocab < 65,500)")
@@ -360,7 +371,7 @@ def config_from_args(args: argparse.Namespace) -> PreprocessConfig:
     return PreprocessConfig(
         inputs=list(args.input), output_prefix=args.output_prefix, tokenizer_model=args.tokenizer_model,
         tokenizer_type=args.tokenizer_type, vocab_file=args.vocab_file, merge_file=args.merge_file,
-        gpt2_parse_special=args.gpt2_parse_special,
+        gpt2_parse_special=args.gpt2_parse_special, vocab_size=args.vocab_size, null_eod_id=args.null_eod_id,
         json_keys=list(args.json_keys), append_eod=args.append_eod,
         workers=args.workers, partitions=args.partitions, partition_index=args.partition_index,
         keep_sequential_samples=args.keep_sequential_samples, skip_bad_lines=args.skip_bad_lines,

@@ -265,8 +265,9 @@ def _has_lone_surrogate(v: Any) -> bool:
 
 
 def parse_chunk(chunk: Chunk, json_keys: Sequence[str], skip_bad_lines: bool,
-                keep=None) -> ParsedChunk:
+                keep=None, check_text=None) -> ParsedChunk:
     """Validate and extract texts. ``keep(global_index) -> bool`` selects records (partition jobs).
+    ``check_text(str) -> why | None`` is the tokenizer's own check of a text (NullTokenizer: integers).
     Without ``skip_bad_lines`` the first bad record sets ``error`` and parsing stops."""
     out = ParsedChunk({k: [] for k in json_keys}, [], [])
     n = len(chunk)
@@ -296,6 +297,14 @@ def parse_chunk(chunk: Chunk, json_keys: Sequence[str], skip_bad_lines: bool,
                     break
             if why is None and any(_has_lone_surrogate(values[k]) for k in json_keys):
                 why = "lone surrogate in a text value"
+        if why is None and check_text is not None:
+            for k in json_keys:
+                for text in [values[k]] if isinstance(values[k], str) else values[k]:
+                    if (why := check_text(text)) is not None:
+                        why = f"key {k!r}: {why}"
+                        break
+                if why is not None:
+                    break
         if why is not None:
             if not skip_bad_lines:
                 out.error = (chunk.path, lineno, why)

@@ -35,7 +35,7 @@ from megacpt.io import atomic_path, sha256_file, write_json_atomic
 
 EOD_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|padding|>"
-TOKENIZER_TYPES = ("auto", "HuggingFaceTokenizer", "SentencePieceTokenizer", "GPT2BPETokenizer")
+TOKENIZER_TYPES = ("auto", "HuggingFaceTokenizer", "SentencePieceTokenizer", "GPT2BPETokenizer", "NullTokenizer")
 
 
 class Tokenizer:
@@ -167,6 +167,59 @@ class SentencePieceTokenizer(Tokenizer):
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
+
+
+class NullTokenizer(Tokenizer):
+    """Megatron-LM's ``NullTokenizer`` for text that is already token ids: ``"12 7 3"`` -> [12, 7, 3].
+
+    Megatron has two conventions; the token dtype follows from the vocabulary size in both:
+    - megatron-core 0.16 / 0.17 (the releases; ours is pinned to 0.16): ``--vocab-size N`` means ids 0..N-1
+      plus the EOD id N, a vocabulary of N + 1. This is the default here.
+    - Megatron-LM main since April 2026 (#4057): a vocabulary of N, EOD N - 1 or ``--null-tokenizer-eod-id``.
+      Giving ``--null-tokenizer-eod-id E`` selects it (main's default output: ``--null-tokenizer-eod-id N-1``).
+    Megatron splits on single spaces and calls ``int``, so an empty text, a double or trailing space or
+    anything that is not an integer crashes it. Here ids are separated by any whitespace, an empty text is
+    an empty document, and a token that is not a plain decimal integer inside the vocabulary is a bad record
+    (``check_text``: an error naming file and line, or a counted skip with ``--skip-bad-lines``).
+    """
+
+    type = "NullTokenizer"
+
+    def __init__(self, vocab_size: int, eod_id: int | None = None):
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
+            raise UserError(f"NullTokenizer needs --vocab-size N >= 1, got {vocab_size!r}")
+        self.path = ""
+        self.files = []
+        self.arg_vocab_size, self.arg_eod_id = vocab_size, eod_id  # the flags, to rebuild it
+        if eod_id is None:  # megatron-core 0.16/0.17
+            self.vocab_size, self.eod = vocab_size + 1, vocab_size
+        else:               # Megatron-LM main (#4057)
+            if not 0 <= eod_id < vocab_size:
+                raise UserError(f"--null-tokenizer-eod-id {eod_id} is outside the vocabulary [0, {vocab_size})")
+            self.vocab_size, self.eod = vocab_size, eod_id
+
+    def check_text(self, text: str) -> str | None:
+        for tok in text.split():
+            if not (tok.isascii() and tok.isdigit()):
+                return f"NullTokenizer: {tok[:40]!r} is not a token id (a non-negative decimal integer)"
+            if int(tok) >= self.vocab_size:
+                return f"NullTokenizer: token id {tok} is outside the vocabulary [0, {self.vocab_size})"
+        return None
+
+    def encode(self, text: str) -> list[int]:
+        why = self.check_text(text)
+        if why is not None:
+            raise UserError(why)
+        return [int(t) for t in text.split()]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return " ".join(str(int(i)) for i in ids)
+
+    def identity(self) -> dict[str, Any]:
+        # no files: the hash is of the definition, so datasets compare equal exactly when (vocab, EOD) do
+        digest = hashlib.sha256(f"NullTokenizer vocab_size={self.vocab_size} eod={self.eod}".encode()).hexdigest()
+        return {"type": self.type, "path": "", "sha256": digest, "files": {}, "vocab_size": self.vocab_size,
+                "eod": self.eod, "args": {"vocab_size": self.arg_vocab_size, "eod_id": self.arg_eod_id}}
 
 
 class GPT2BPETokenizer(HFTokenizer):
@@ -343,16 +396,30 @@ def _is_gpt2_vocab_json(p: Path) -> bool:
 
 def load_tokenizer(path: str | os.PathLike | None, tokenizer_type: str = "auto", *,
                    vocab_file: str | os.PathLike | None = None,
-                   merge_file: str | os.PathLike | None = None, gpt2_parse_special: bool = False) -> Tokenizer:
+                   merge_file: str | os.PathLike | None = None, gpt2_parse_special: bool = False,
+                   vocab_size: int | None = None, null_eod_id: int | None = None) -> Tokenizer:
     """Megatron's tokenizer flags -> a `Tokenizer`; every inconsistent combination is a `UserError`.
 
     ``path`` (``--tokenizer-model``): HF dir / tokenizer.json -> HFTokenizer; ``.model`` ->
     SentencePieceTokenizer; a GPT-2 ``*vocab.json`` with its merges file beside it (or a folder holding
     vocab.json + merges.txt with type GPT2BPETokenizer) -> GPT2BPETokenizer. ``vocab_file`` + ``merge_file``
     (``--vocab-file``/``--merge-file``) -> GPT2BPETokenizer, as Megatron's ``--tokenizer-type GPT2BPETokenizer``.
+    ``NullTokenizer`` takes ``vocab_size`` (``--vocab-size``), optionally ``null_eod_id``, and no files.
     """
     if tokenizer_type not in TOKENIZER_TYPES:
         raise UserError(f"unknown tokenizer type {tokenizer_type!r}; expected one of {', '.join(TOKENIZER_TYPES)}")
+    if tokenizer_type == "NullTokenizer":
+        if path is not None or vocab_file is not None or merge_file is not None:
+            raise UserError("--tokenizer-type NullTokenizer reads token ids from the text: it takes --vocab-size, "
+                            "not --tokenizer-model/--vocab-file/--merge-file")
+        if vocab_size is None:
+            raise UserError("--tokenizer-type NullTokenizer needs --vocab-size N (token ids 0..N-1, EOD N)")
+        if gpt2_parse_special:
+            raise UserError("--gpt2-parse-special-tokens applies to GPT2BPETokenizer only")
+        return NullTokenizer(vocab_size, null_eod_id)
+    if vocab_size is not None or null_eod_id is not None:
+        raise UserError("--vocab-size and --null-tokenizer-eod-id apply to --tokenizer-type NullTokenizer only "
+                        "(other tokenizers define their vocabulary)")
     tok = _load(path, tokenizer_type, vocab_file, merge_file, gpt2_parse_special)
     if gpt2_parse_special and not isinstance(tok, GPT2BPETokenizer):
         raise UserError(f"--gpt2-parse-special-tokens applies to GPT2BPETokenizer only ({tok.type} always parses "
@@ -395,6 +462,9 @@ def _load(path, tokenizer_type: str, vocab_file, merge_file, parse_special: bool
 
 def tokenizer_from_identity(ident: dict[str, Any]) -> Tokenizer:
     """Reload the tokenizer a dataset sidecar's ``tokenizer`` entry describes."""
+    if ident.get("type") == "NullTokenizer":
+        args = ident.get("args") or {"vocab_size": int(ident["vocab_size"]), "eod_id": int(ident["eod"])}
+        return NullTokenizer(int(args["vocab_size"]), args.get("eod_id"))
     if ident.get("type") == "GPT2BPETokenizer" and ident.get("merge_file"):
         return load_tokenizer(None, "GPT2BPETokenizer", vocab_file=ident.get("vocab_file") or ident.get("path"),
                               merge_file=ident["merge_file"],

@@ -81,6 +81,9 @@ class DocumentTexts:
             meta = {"tokenizer": {}}
         ident = meta["tokenizer"] or {}
         path = tokenizer or ident.get("path")
+        if not path and ident.get("type") == "NullTokenizer":
+            raise UserError(f"{self.prefix}: made with NullTokenizer (token ids, no text); this scorer reads text: "
+                            "pass --tokenizer PATH of the tokenizer those ids come from")
         if not path:
             raise UserError(f"{self.prefix}.meta.json: tokenizer entry has no 'path'; pass --tokenizer PATH")
         if not Path(path).exists():
