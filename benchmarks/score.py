@@ -9,7 +9,8 @@ dir; each path runs in its own fresh process (so peak RSS is its own) on the sam
 Reported: tokens/s (input tokens), peak RSS, and the pass's working memory = peak RSS - RSS after the model
 is loaded (weights are identical in both; the working memory is what the fused output layer shrinks),
 plus the max |per-sequence mean NLL difference| between the two paths. Targets (issue 5): >= 1.5x
-tokens/s, <= 1/4 working memory.
+tokens/s, <= 1/4 working memory. Also printed: the ceiling any implementation has here, the pass's matmul
+FLOPs at this machine's best square-GEMM rate (measured in the same run) with every other cost zero.
 
     python benchmarks/score.py                       # CPU, 70M shape, 8 x 512 tokens per batch
     python benchmarks/score.py --dtype bf16          # bf16 trunk + output layer (fp32 accumulation)
@@ -61,10 +62,36 @@ def _make_hf_dir(path: str, args) -> None:
     GPTNeoXForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
 
 
+def _pass_flops_per_token(args) -> float:
+    """Matmul FLOPs per input token of the scoring pass: 12 H^2 per layer (QKV 3, dense 1, MLP 8), the
+    output layer V*H, causal attention QK^T + PV over (s+1)/2 keys on average; x2 for multiply-add."""
+    h, s = args.hidden, args.seq_length
+    return 2 * (args.layers * (12 * h * h + 2 * h * (s + 1) / 2) + args.vocab * h)
+
+
+def _gemm_peak(args) -> dict:
+    """This machine's best dense GEMM rate at the pass's dtype and thread count (square, no allocation)."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    best = 0.0
+    for n in (1024, 2048):
+        a, b, o = (torch.randn(n, n).to(dtype) for _ in range(3))
+        torch.mm(a, b, out=o)
+        for _ in range(5):
+            t0 = time.perf_counter()
+            torch.mm(a, b, out=o)
+            best = max(best, 2 * n ** 3 / (time.perf_counter() - t0))
+    return {"path": "peak", "gemm_flops": best}
+
+
 def _worker(args) -> dict:
     """One path in this process: load, warm up, time, report tokens/s, memory and per-row mean NLL."""
     import torch
 
+    if args.path == "peak":
+        return _gemm_peak(args)
     torch.set_num_threads(args.threads)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     batches = _batches(args)
@@ -126,6 +153,7 @@ def cpu_main(args) -> None:
         for _ in range(args.repeats):  # alternate fresh processes: load swings hit both paths alike
             for p in runs:
                 runs[p].append(_run_path(p, args, d))
+        peak = _run_path("peak", args, d)["gemm_flops"]
     for p, rs in runs.items():
         print(f"{p}: tokens/s per repeat " + ", ".join(f"{r['tokens_per_s']:,.0f}" for r in rs))
     b, m = (max(runs[p], key=lambda r: r["tokens_per_s"]) for p in ("baseline", "megacpt"))
@@ -141,6 +169,11 @@ def cpu_main(args) -> None:
     print("paired speed-ups (each repeat: the two paths back to back, so machine drift hits both): "
           + ", ".join(f"{x:.2f}x" for x in paired) + f"; median {float(np.median(paired)):.2f}x, "
           f"min {paired[0]:.2f}x")
+    ideal = peak / _pass_flops_per_token(args)
+    print(f"ceiling: {_pass_flops_per_token(args) / 1e6:.1f} MFLOP of matmuls per token at this machine's best "
+          f"{args.dtype} GEMM rate ({peak / 1e9:.0f} GFLOP/s, square GEMMs) and zero other cost = {ideal:,.0f} "
+          f"tokens/s = {ideal / b['tokens_per_s']:.2f}x the best baseline run; ours reaches "
+          f"{m['tokens_per_s'] / ideal:.0%} of it")
     print(f"speed-up {m['tokens_per_s'] / b['tokens_per_s']:.2f}x (target >= 1.5x); working memory ratio "
           f"{m['working_gb'] / max(b['working_gb'], 1e-9):.3f} (target <= 0.25); peak RSS ratio "
           f"{m['peak_rss_gb'] / b['peak_rss_gb']:.3f}; max |row mean NLL diff| {diff:.2e}")
@@ -274,7 +307,7 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="ours: torch.compile each transformer layer and the log-sum-exp (as the CLI's --compile)")
     p.add_argument("--gpu-models", default="pythia-1b,pythia-6.9b")
     p.add_argument("--gpu-batches", type=int, default=8)
-    p.add_argument("--worker", choices=["baseline", "megacpt"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["baseline", "megacpt", "peak"], help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
