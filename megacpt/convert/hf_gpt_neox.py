@@ -120,6 +120,51 @@ def read_hf_config(hf_dir: str | os.PathLike) -> tuple[dict, ModelConfig]:
     return d, model_config_from_hf(d, path=str(path))
 
 
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+_ST_HEADERS: dict = {}  # (path, mtime_ns, size) -> (data start, header dict)
+
+
+def _safetensors_header(f: Path) -> tuple[int, dict]:
+    st = f.stat()
+    key = (str(f), st.st_mtime_ns, st.st_size)
+    if key not in _ST_HEADERS:
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            _ST_HEADERS.clear()  # one file's header at a time is enough (shards are read in order)
+            _ST_HEADERS[key] = (8 + n, json.loads(fh.read(n)))
+    return _ST_HEADERS[key]
+
+
+def _read_safetensor(f: Path, name: str, handle) -> torch.Tensor:
+    """One tensor of a safetensors file read with plain file I/O into a fresh tensor: unlike the mmap that
+    ``safe_open.get_tensor`` copies from, the file's pages never enter this process's RSS, so loading a
+    model peaks at the model plus one tensor instead of the model plus the whole file (2.2x -> ~1.1x the
+    weights for ``load_model``; the pages stay in the kernel's page cache). Falls back to ``get_tensor`` for
+    dtypes not listed here (fp8 ...)."""
+    start, header = _safetensors_header(f)
+    e = header.get(name)
+    dtype = _ST_DTYPES.get(e.get("dtype")) if isinstance(e, dict) else None
+    if dtype is None:
+        return handle.get_tensor(name)
+    t = torch.empty(e["shape"], dtype=dtype)
+    a, b = e["data_offsets"]
+    buf = t.view(-1).view(torch.uint8).numpy() if t.numel() else None
+    if b - a != t.numel() * t.element_size():
+        raise InputError(f, None, f"tensor {name!r}: {b - a} bytes for shape {e['shape']} {e['dtype']}")
+    if buf is not None:
+        with open(f, "rb", buffering=0) as fh:
+            fh.seek(start + a)
+            view, got = memoryview(buf), 0
+            while got < len(view):
+                n = fh.readinto(view[got:])
+                if not n:
+                    raise InputError(f, None, f"truncated: tensor {name!r} needs bytes {start + a}..{start + b}")
+                got += n
+    return t
+
+
 class HFWeights:
     """Lazy access to the tensors of an HF dir: ``model.safetensors``, sharded with an index, or (only with
     ``allow_pickle``) ``pytorch_model*.bin`` read with ``torch.load(weights_only=True, mmap=True)``."""
@@ -190,7 +235,9 @@ class HFWeights:
 
     def get(self, name: str) -> torch.Tensor:
         h = self._open_for(name)
-        return h[name] if isinstance(h, dict) else h.get_tensor(name)
+        if isinstance(h, dict):
+            return h[name]
+        return _read_safetensor(self.files[name], name, h)
 
     def _open_for(self, name: str):
         f = self.files[name]

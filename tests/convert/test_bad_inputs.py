@@ -94,6 +94,29 @@ def test_corrupt_safetensors(hf, tmp_path):
         hf_to_megacpt(hf, tmp_path / "ck")
 
 
+def test_truncated_safetensors(hf, tmp_path):
+    """The tensor data read with plain file I/O (not mmap): a file cut short names the file and tensor."""
+    f = hf / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    with pytest.raises(UserError, match=r"model\.safetensors.*(truncated|not a readable)"):
+        load_model(hf)
+
+
+def test_safetensors_reader_all_dtypes(tmp_path):
+    from megacpt.convert.hf_gpt_neox import HFWeights
+
+    g = torch.Generator().manual_seed(0)
+    sd = {f"t_{d}".replace("torch.", ""): (torch.randn(3, 5, generator=g) * 50).to(d)
+          for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,
+                    torch.int16, torch.int8, torch.uint8, torch.bool)}
+    sd["scalar"], sd["empty"] = torch.tensor(2.5), torch.zeros(0, 4)
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    w = HFWeights(tmp_path)
+    for k, v in sd.items():
+        got = w.get(k)
+        assert got.dtype == v.dtype and got.shape == v.shape and torch.equal(got, v), k
+
+
 class _Evil:
     def __reduce__(self):
         return (os.system, ("touch PWNED",))
