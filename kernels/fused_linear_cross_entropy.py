@@ -201,7 +201,10 @@ _MM_OUT_DTYPE: list = []  # [True/False] once probed: does torch.mm take out_dty
 
 def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """fp32 ``a @ b`` of 16-bit CUDA inputs: fp32 accumulation AND fp32 output (no bf16 rounding of the
-    logits) where torch.mm has ``out_dtype`` (torch >= 2.8), else the 16-bit product upcast."""
+    logits) where torch.mm has ``out_dtype`` (torch >= 2.8), else the 16-bit product upcast. CPU torch has
+    no such mm (only the bf16-backward tests get here on CPU): upcast, and leave the CUDA probe alone."""
+    if not a.is_cuda:
+        return torch.mm(a, b).float()
     if _MM_OUT_DTYPE != [False]:
         try:
             out = torch.mm(a, b, out_dtype=torch.float32)
