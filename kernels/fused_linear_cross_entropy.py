@@ -245,15 +245,31 @@ def _row_lse_fused(x: torch.Tensor) -> torch.Tensor:
     return (x - m).exp().sum(1).log() + m.squeeze(1)
 
 
-_COMPILED_LSE: list = []  # [compiled fn] once built; [None] if compiling failed here (no C++ compiler...)
+class _CompiledOrEager:
+    """``fused`` through ``torch.compile`` when asked (built once per process), else ``eager``; if compiling
+    or running the compiled function fails here (no C++ compiler ...), one warning and eager from then on
+    (``fused`` never writes its inputs, so eager can always redo the call)."""
+
+    def __init__(self, fused, eager):
+        self.fused, self.eager, self.compiled = fused, eager, None  # compiled: None = not built, False = failed
+
+    def __call__(self, use_compiled: bool, *args):
+        if not use_compiled or self.compiled is False:
+            return self.eager(*args)
+        if self.compiled is None:
+            self.compiled = torch.compile(self.fused, dynamic=True)
+        try:
+            return self.compiled(*args)
+        except Exception as e:  # noqa: BLE001 - any Inductor/compiler failure: eager is always correct
+            import warnings
+
+            warnings.warn(f"fused_linear_cross_entropy: torch.compile of the log-sum-exp failed ({e}); "
+                          "using the eager path", RuntimeWarning)
+            self.compiled = False
+            return self.eager(*args)
 
 
-def _row_lse(compile_lse: bool):
-    if not compile_lse:
-        return _row_lse_inplace
-    if not _COMPILED_LSE:
-        _COMPILED_LSE.append(torch.compile(_row_lse_fused, dynamic=True))
-    return _COMPILED_LSE[0] or _row_lse_inplace
+_ROW_LSE = _CompiledOrEager(_row_lse_fused, _row_lse_inplace)
 
 
 def _torch_lse_target(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], t: torch.Tensor,
@@ -293,7 +309,7 @@ def _torch_lse_target(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor
         if v_valid < v_rows:
             logits[:, v_valid:] = float("-inf")                            # padded rows: no probability
         tgt[s:e] = logits.gather(1, local[s:e, None]).squeeze(1)
-        lse[s:e] = _chunk_lse(logits, compile_lse)
+        lse[s:e] = _ROW_LSE(compile_lse, logits)
     tgt.masked_fill_(~on_shard, 0.0)
     return lse, tgt
 
@@ -320,15 +336,7 @@ def _block_max_sumexp_fused(x: torch.Tensor, b32: Optional[torch.Tensor], x32: t
     return m, (xf - m[:, None]).exp().sum(1)
 
 
-_COMPILED_BLOCK: list = []  # [compiled fn] once built; [None] if compiling failed here
-
-
-def _block_fn(compile_lse: bool):
-    if not compile_lse:
-        return _block_max_sumexp
-    if not _COMPILED_BLOCK:
-        _COMPILED_BLOCK.append(torch.compile(_block_max_sumexp_fused, dynamic=True))
-    return _COMPILED_BLOCK[0] or _block_max_sumexp
+_BLOCK_MAX_SUMEXP = _CompiledOrEager(_block_max_sumexp_fused, _block_max_sumexp)
 
 
 def _cpu16_lse_target(h: torch.Tensor, w16: torch.Tensor, b32: Optional[torch.Tensor], local: torch.Tensor,
@@ -346,7 +354,6 @@ def _cpu16_lse_target(h: torch.Tensor, w16: torch.Tensor, b32: Optional[torch.Te
     vb = max(1, min(CPU16_VOCAB_BLOCK, w16.shape[0]))
     x16 = torch.empty(c, vb, dtype=w16.dtype)
     x32 = torch.empty(c, vb, dtype=torch.float32)
-    fn = _block_fn(compile_lse)
     for s in range(0, n, c):
         e = min(s + c, n)
         hc = h[s:e].to(w16.dtype)
@@ -365,41 +372,12 @@ def _cpu16_lse_target(h: torch.Tensor, w16: torch.Tensor, b32: Optional[torch.Te
             j = (lc - a).clamp_(0, b - a - 1)
             g = x.gather(1, j[:, None]).squeeze(1).float()                  # the target's 16-bit logit
             tg = torch.where(inb, g if bb is None else g + bb[j], tg)
-            mb, sb = _block_call(fn, x, bb, x32[: e - s, : b - a])
+            mb, sb = _BLOCK_MAX_SUMEXP(compile_lse, x, bb, x32[: e - s, : b - a])
             mn = torch.maximum(m, mb)
             acc = acc * (m - mn).exp() + sb * (mb - mn).exp()
             m = mn
         lse[s:e] = acc.log() + m
         tgt[s:e] = tg
-
-
-def _block_call(fn, x, bb, x32):
-    if fn is _block_max_sumexp:
-        return fn(x, bb, x32)
-    try:
-        return fn(x, bb, x32)
-    except Exception as e:  # noqa: BLE001 - any Inductor/compiler failure: eager is always correct
-        import warnings
-
-        warnings.warn(f"fused_linear_cross_entropy: torch.compile of the log-sum-exp failed ({e}); "
-                      "using the eager path", RuntimeWarning)
-        _COMPILED_BLOCK[:] = [None]
-        return _block_max_sumexp(x, bb, x32)
-
-
-def _chunk_lse(logits: torch.Tensor, compile_lse: bool) -> torch.Tensor:
-    fn = _row_lse(compile_lse)
-    if fn is _row_lse_inplace:
-        return fn(logits)
-    try:
-        return fn(logits)
-    except Exception as e:  # noqa: BLE001 - any Inductor/compiler failure: eager is always correct
-        import warnings
-
-        warnings.warn(f"fused_linear_cross_entropy: torch.compile of the log-sum-exp failed ({e}); "
-                      "using the eager path", RuntimeWarning)
-        _COMPILED_LSE[0] = None
-        return _row_lse_inplace(logits)
 
 
 def _backward_compute_dtype(w: torch.Tensor) -> torch.dtype:

@@ -250,3 +250,26 @@ def test_compiled_lse_matches_eager():
     eager = fused_linear_cross_entropy(hid, w, t, b, vocab_size=V_REAL, chunk_size=8)
     comp = fused_linear_cross_entropy(hid, w, t, b, vocab_size=V_REAL, chunk_size=8, compile_lse=True)
     torch.testing.assert_close(comp, eager, atol=1e-5, rtol=1e-5)
+
+
+def test_compile_failure_falls_back_to_eager_once(monkeypatch):
+    """No C++ compiler (or any Inductor failure): one warning, the eager result, eager from then on."""
+    from megacpt.kernels import fused_linear_cross_entropy as K
+
+    calls = []
+
+    def broken_compile(fn, **kw):
+        def run(*a):
+            calls.append(1)
+            raise RuntimeError("no compiler")
+        return run
+
+    monkeypatch.setattr(K.torch, "compile", broken_compile)
+    op = K._CompiledOrEager(K._block_max_sumexp_fused, K._block_max_sumexp)
+    x = torch.randn(5, 9).to(torch.bfloat16)
+    with pytest.warns(RuntimeWarning, match="compile of the log-sum-exp failed"):
+        m, s = op(True, x, None, torch.empty(5, 9))
+    ref = x.float().logsumexp(1)
+    torch.testing.assert_close(s.log() + m, ref)
+    m2, s2 = op(True, x, None, torch.empty(5, 9))  # no second attempt
+    assert len(calls) == 1 and torch.equal(m2, m) and torch.equal(s2, s)
