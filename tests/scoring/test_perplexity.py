@@ -123,6 +123,25 @@ def test_cli_compile_matches_eager(setup, tmp_path):
     np.testing.assert_allclose(c.columns["nll_sum"], e.columns["nll_sum"], rtol=1e-5, atol=1e-4)
 
 
+def test_cli_bf16_on_cpu_close_to_fp32_reference(setup, tmp_path, monkeypatch):
+    """--dtype bf16 on CPU (bf16 trunk, the output layer's vocab-blocked 16-bit path with several blocks):
+    same n_pred, NLL within bf16 rounding of the fp32 HF reference, metadata says bf16."""
+    from megacpt.kernels import fused_linear_cross_entropy as K
+
+    monkeypatch.setattr(K, "CPU16_VOCAB_BLOCK", 40)  # VOCAB 96 -> blocks of 40, 40, 16
+    d, hf, prefix = setup
+    out = tmp_path / "bf16.parquet"
+    assert _cli("--model", d / "hf", "--data", prefix, "--seq-length", L, "--out", out, "--dtype", "bf16",
+                "--tokens-per-batch", 40) == 0
+    f = _read(out)
+    ref = _hf_reference(hf, prefix)
+    np.testing.assert_array_equal(f.columns["n_pred"], [r[0] for r in ref])
+    ok = f.columns["n_pred"] > 0
+    np.testing.assert_allclose(f.columns["nll_mean"][ok], np.array([r[1] / max(r[0], 1) for r in ref])[ok],
+                               rtol=3e-2, atol=3e-2)
+    assert f.meta["config"]["dtype"] == "bf16"
+
+
 def test_sequence_nll_batching_and_target_starts(setup):
     from megacpt.convert import load_model
     from megacpt.selection.perplexity import ScoringConfig, sequence_nll
