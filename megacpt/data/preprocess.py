@@ -47,6 +47,7 @@ class PreprocessConfig:
     vocab_file: str | None = None     # GPT2BPETokenizer: GPT-2-format vocab.json
     merge_file: str | None = None     # GPT2BPETokenizer: GPT-2-format merges.txt
     gpt2_parse_special: bool = False  # GPT2BPETokenizer: literal <|endoftext|> -> EOD id (Megatron >= Sept 2025)
+    legacy_tokenizer: bool = False    # Megatron's --legacy-tokenizer: the classic tokenizers (our default ids)
     vocab_size: int | None = None     # NullTokenizer: ids 0..N-1 in the text, EOD N (megatron-core 0.16)
     null_eod_id: int | None = None    # NullTokenizer: Megatron-LM main's convention, vocabulary N with this EOD
     json_keys: list[str] = field(default_factory=lambda: ["text"])
@@ -68,6 +69,9 @@ class PreprocessConfig:
     lang: str = "english"
 
     def validate(self) -> None:
+        if self.legacy_tokenizer and (self.gpt2_parse_special or self.null_eod_id is not None):
+            raise UserError("--legacy-tokenizer selects Megatron's classic tokenizers, which have no "
+                            f"{'--gpt2-parse-special-tokens' if self.gpt2_parse_special else '--null-tokenizer-eod-id'}")
         if self.split_sentences:
             raise UserError(
                 "--split-sentences is not supported: Megatron splits with NLTK's punkt model, which it downloads "
@@ -336,6 +340,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tokenizer-model", default=None, help="HF tokenizer dir / tokenizer.json / .model")
     g.add_argument("--vocab-file", default=None, help="GPT2BPETokenizer: GPT-2-format vocab.json")
     g.add_argument("--merge-file", default=None, help="GPT2BPETokenizer: GPT-2-format merges.txt")
+    g.add_argument("--legacy-tokenizer", action="store_true",
+                   help="Megatron-LM's flag for its classic tokenizer system, accepted for drop-in scripts: the ids "
+                   "are our defaults (classic GPT2BPETokenizer, NullTokenizer with EOD N); refuses the flags the "
+                   "classic system lacks")
     g.add_argument("--gpt2-parse-special-tokens", dest="gpt2_parse_special", action="store_true",
                    help="GPT2BPETokenizer: encode a literal <|endoftext|> in text as the EOD id, as Megatron-LM's "
                    "tokenizer system since Sept 2025 does (default: the classic _GPT2BPETokenizer, as text)")
@@ -372,6 +380,7 @@ def config_from_args(args: argparse.Namespace) -> PreprocessConfig:
         inputs=list(args.input), output_prefix=args.output_prefix, tokenizer_model=args.tokenizer_model,
         tokenizer_type=args.tokenizer_type, vocab_file=args.vocab_file, merge_file=args.merge_file,
         gpt2_parse_special=args.gpt2_parse_special, vocab_size=args.vocab_size, null_eod_id=args.null_eod_id,
+        legacy_tokenizer=args.legacy_tokenizer,
         json_keys=list(args.json_keys), append_eod=args.append_eod,
         workers=args.workers, partitions=args.partitions, partition_index=args.partition_index,
         keep_sequential_samples=args.keep_sequential_samples, skip_bad_lines=args.skip_bad_lines,

@@ -161,3 +161,16 @@ def test_megatron_lm_tool_side_by_side(tmp_path):
     assert main(["preprocess", "--input", src, "--output-prefix", str(tmp_path / "o"), "--tokenizer-type",
                  "NullTokenizer", "--vocab-size", "1000", "--append-eod", "--workers", "2", "--quiet"]) == 0
     assert same_files(str(tmp_path / "o_text_document"), str(tmp_path / "m_text_document"))
+
+
+def test_legacy_tokenizer_flag(tmp_path):
+    """Megatron's --legacy-tokenizer is accepted (drop-in scripts): same ids as our defaults; it refuses the
+    flags of the newer system."""
+    src = write_jsonl(tmp_path / "in.jsonl", id_records(20, 50))
+    common = ["preprocess", "--input", src, "--tokenizer-type", "NullTokenizer", "--vocab-size", "50",
+              "--append-eod", "--workers", "0", "--quiet"]
+    assert main(common + ["--output-prefix", str(tmp_path / "a")]) == 0
+    assert main(common + ["--output-prefix", str(tmp_path / "b"), "--legacy-tokenizer"]) == 0
+    assert same_files(str(tmp_path / "a_text_document"), str(tmp_path / "b_text_document"))
+    assert main(common + ["--output-prefix", str(tmp_path / "c"), "--legacy-tokenizer",
+                          "--null-tokenizer-eod-id", "3"]) == 2
