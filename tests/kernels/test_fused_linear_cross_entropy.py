@@ -273,3 +273,15 @@ def test_compile_failure_falls_back_to_eager_once(monkeypatch):
     torch.testing.assert_close(s.log() + m, ref)
     m2, s2 = op(True, x, None, torch.empty(5, 9))  # no second attempt
     assert len(calls) == 1 and torch.equal(m2, m) and torch.equal(s2, s)
+
+
+def test_cpu_path_does_not_import_triton():
+    """Triton is imported on first use of the Triton path only (CPU processes skip ~75 MB / 0.2 s)."""
+    code = ("import sys, torch\n"
+            "from megacpt.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy\n"
+            "h, w, t = torch.randn(5, 8), torch.randn(11, 8), torch.randint(0, 11, (5,))\n"
+            "fused_linear_cross_entropy(h, w, t)\n"
+            "fused_linear_cross_entropy(h.bfloat16(), w.bfloat16(), t)\n"
+            "print('triton' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stdout + r.stderr
