@@ -40,8 +40,9 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-# Triton is optional (the torch path covers CPU and machines without it) and imported on first use of the
-# Triton path only: a CPU process never loads it (~0.2 s and ~75 MB of shared-library pages in its RSS)
+# Triton is optional (the torch path covers CPU and machines without it) and this module imports it on first
+# use of the Triton path only (~0.2 s and ~75 MB of shared-library pages; torch._dynamo, which some torch
+# paths import, may still load it)
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 triton = tl = None  # set by _triton_kernel()
 
