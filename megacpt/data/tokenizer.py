@@ -169,6 +169,10 @@ class SentencePieceTokenizer(Tokenizer):
         return self._sp.decode([int(i) for i in ids])
 
 
+# deleting these from an ASCII text leaves nothing iff it is ASCII digits separated by what str.split() splits on
+_NOT_ID_TEXT = str.maketrans("", "", "0123456789 \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f")
+
+
 class NullTokenizer(Tokenizer):
     """Megatron-LM's ``NullTokenizer`` for text that is already token ids: ``"12 7 3"`` -> [12, 7, 3].
 
@@ -198,19 +202,41 @@ class NullTokenizer(Tokenizer):
                 raise UserError(f"--null-tokenizer-eod-id {eod_id} is outside the vocabulary [0, {vocab_size})")
             self.vocab_size, self.eod = vocab_size, eod_id
 
-    def check_text(self, text: str) -> str | None:
-        for tok in text.split():
+    def _parse(self, text: str):
+        """-> (ids int64 array, None) or (None, why). One pass in C for the usual text (ASCII digits and
+        whitespace, ids in range); anything else is walked token by token for the exact message."""
+        import numpy as np
+
+        if text.isascii() and not text.translate(_NOT_ID_TEXT):
+            try:
+                ids = np.array(text.split(), dtype=np.int64)
+                if not ids.size or ids.max() < self.vocab_size:
+                    return ids, None
+            except OverflowError:  # more than 19 digits: outside the vocabulary, reported below
+                pass
+        ids = []
+        for tok in text.split():  # str.split's whitespace, non-ASCII separators included
             if not (tok.isascii() and tok.isdigit()):
-                return f"NullTokenizer: {tok[:40]!r} is not a token id (a non-negative decimal integer)"
+                return None, f"NullTokenizer: {tok[:40]!r} is not a token id (a non-negative decimal integer)"
             if int(tok) >= self.vocab_size:
-                return f"NullTokenizer: token id {tok} is outside the vocabulary [0, {self.vocab_size})"
-        return None
+                return None, f"NullTokenizer: token id {tok} is outside the vocabulary [0, {self.vocab_size})"
+            ids.append(int(tok))
+        return np.array(ids, dtype=np.int64), None
+
+    def check_text(self, text: str) -> str | None:
+        return self._parse(text)[1]
 
     def encode(self, text: str) -> list[int]:
-        why = self.check_text(text)
+        return self._encode(text).tolist()
+
+    def encode_batch(self, texts: Sequence[str]):
+        return [self._encode(t) for t in texts]  # int64 arrays: what DocumentEncoder turns lists into
+
+    def _encode(self, text: str):
+        ids, why = self._parse(text)
         if why is not None:
             raise UserError(why)
-        return [int(t) for t in text.split()]
+        return ids
 
     def decode(self, ids: Iterable[int]) -> str:
         return " ".join(str(int(i)) for i in ids)
