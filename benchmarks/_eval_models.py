@@ -1,5 +1,5 @@
 """Shared setup of the eval benchmarks: one random-weight GPT-NeoX as both an HF model and a megacpt
-model (same weights), and a tokenizer whose text is space-separated token ids (EOD = 0)."""
+model (same weights). Their tokenizer is ``id_tokenizer``: text is space-separated token ids (EOD = 0)."""
 from __future__ import annotations
 
 import tempfile
@@ -24,16 +24,8 @@ def hf_and_megacpt(preset: str):
     return cfg, hf, model
 
 
-class IdTokenizer:
-    """Text is space-separated token ids; id 0 is EOD."""
+def id_tokenizer(vocab_size: int):
+    """Text is space-separated token ids, id 0 is EOD: megacpt's NullTokenizer (Megatron-LM main's convention)."""
+    from megacpt.data.tokenizer import NullTokenizer
 
-    eod = 0
-
-    def __init__(self, vocab_size: int):
-        self.vocab_size = vocab_size
-
-    def encode(self, text: str) -> list[int]:
-        return [int(x) for x in text.split()]
-
-    def decode(self, ids) -> str:
-        return " ".join(map(str, ids))
+    return NullTokenizer(vocab_size, eod_id=0)

@@ -38,7 +38,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    from _eval_models import IdTokenizer, hf_and_megacpt
+    from _eval_models import hf_and_megacpt, id_tokenizer
 
     from megacpt.eval.lm import EvalLM
 
@@ -69,7 +69,7 @@ def main() -> None:
                 out[i] = float(logp[r, pos - 1, ids[r, pos]].double().sum())
         return out
 
-    lm = EvalLM(model, IdTokenizer(cfg.padded_vocab()), max_length=cfg.max_position_embeddings, batch_size=args.batch)
+    lm = EvalLM(model, id_tokenizer(cfg.padded_vocab()), max_length=cfg.max_position_embeddings, batch_size=args.batch)
     requests = [(" ".join(map(str, x[:st])), " " + " ".join(map(str, x[st:]))) for x, st in zip(seqs, starts)]
 
     def ours() -> list[float]:

@@ -28,7 +28,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    from _eval_models import IdTokenizer, hf_and_megacpt
+    from _eval_models import hf_and_megacpt, id_tokenizer
 
     from megacpt.eval.lm import EvalLM
 
@@ -38,7 +38,7 @@ def main() -> None:
     prompts = [rng.integers(2, cfg.vocab_size, int(rng.integers(args.prompt_len // 2, args.prompt_len))).tolist()
                for _ in range(args.examples)]
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    lm = EvalLM(model, IdTokenizer(cfg.padded_vocab()), max_length=cfg.max_position_embeddings, batch_size=args.batch)
+    lm = EvalLM(model, id_tokenizer(cfg.padded_vocab()), max_length=cfg.max_position_embeddings, batch_size=args.batch)
 
     def ours() -> list[str]:
         return lm.greedy_generate([" ".join(map(str, p)) for p in prompts], args.new_tokens)
