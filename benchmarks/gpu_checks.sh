@@ -17,7 +17,6 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
     .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
-[ -e megacpt/kernels ] || ln -s ../kernels megacpt/kernels  # what `pip install -e .` maps
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 STEPS=${STEPS:-all}
 step() {

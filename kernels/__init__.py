@@ -1,1 +1,0 @@
-"""Fused kernels, installed as ``megacpt.kernels`` (one fused op per file)."""
