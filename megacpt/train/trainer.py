@@ -32,6 +32,7 @@ import torch.distributed as dist
 
 from megacpt.config import JobConfig, ModelConfig
 from megacpt.errors import UserError
+from megacpt.optional import optional
 from megacpt.train.metrics import Throughput, flops_per_token, memory_stats, peak_flops
 from megacpt.train.optim import LRSchedule, build_optimizer
 
@@ -498,12 +499,11 @@ class MetricsLogger:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             self.jsonl = open(path, "a", buffering=1)
         if job.logging.tensorboard_dir:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(job.logging.tensorboard_dir)
-            except ImportError:
+            tb = optional("torch.utils.tensorboard", "logging.tensorboard_dir")
+            if tb is None:  # torch.utils.tensorboard raises ModuleNotFoundError naming 'tensorboard'
                 log.warning("logging.tensorboard_dir: tensorboard is not installed; JSONL only")
+            else:
+                self.tb = tb.SummaryWriter(job.logging.tensorboard_dir)
 
     def write(self, rec: dict, console: str | None = None) -> None:
         if not self.enabled:

@@ -18,7 +18,6 @@ from megacpt.train.checkpoint import latest_checkpoint
 
 from .helpers import assert_bit_exact, make_hf_dir, read_safetensors_dir
 
-pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="module")

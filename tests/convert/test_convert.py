@@ -14,7 +14,6 @@ from megacpt.train.checkpoint import checkpoint_tensors, latest_checkpoint
 
 from .helpers import HF_CONFIGS, assert_bit_exact, hf_logits, make_hf_dir, read_safetensors_dir
 
-pytest.importorskip("transformers")
 
 
 @pytest.mark.parametrize("idx", range(len(HF_CONFIGS)))

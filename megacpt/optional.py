@@ -1,0 +1,56 @@
+"""Optional dependencies: "not installed" is told apart from "installed but broken".
+
+An extra that is simply absent raises ``ModuleNotFoundError`` naming that module (or a parent package).
+Anything else -- a CUDA-mismatched build raising at import, a missing symbol, a dependency of the extra
+that is itself missing, a folder that shadows it -- is a broken installation, and the user must see the
+real exception, never a "not installed" that sends them to reinstall something that is there.
+
+- ``require(module, feature, hint)``: the module, or a ``UserError`` that says which of the two it is;
+- ``optional(module, feature)``: the module, or None when it is not installed. A broken installation
+  is still an error: the caller asked for the path whenever it is there, and a silent fallback would
+  hide why it is slow.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from types import ModuleType
+
+from megacpt.errors import UserError
+
+
+def is_absent(exc: BaseException, module: str) -> bool:
+    """True when ``exc`` (raised by ``import module``) only says that ``module`` is not installed."""
+    if type(exc) is not ModuleNotFoundError or not exc.name:
+        return False
+    return module == exc.name or module.startswith(exc.name + ".")
+
+
+def broken(module: str, feature: str, exc: BaseException) -> UserError:
+    """The error for an installed ``module`` that fails to import: its real exception, and where it lives."""
+    where = ""
+    try:
+        spec = importlib.util.find_spec(module.split(".")[0])
+        where = f" (found at {spec.origin or list(spec.submodule_search_locations or [])})" if spec else ""
+    except Exception:  # noqa: BLE001 - finding the origin is best-effort; the import error is the message
+        pass
+    return UserError(f"{feature}: {module} is installed{where} but fails to import: "
+                     f"{type(exc).__name__}: {exc}")
+
+
+def optional(module: str, feature: str) -> ModuleType | None:
+    """``import module``; None when it is not installed, ``UserError`` when it is installed but broken."""
+    try:
+        return importlib.import_module(module)
+    except Exception as e:  # noqa: BLE001 - CUDA-mismatched builds raise OSError/RuntimeError at import
+        if is_absent(e, module):
+            return None
+        raise broken(module, feature, e) from e
+
+
+def require(module: str, feature: str, hint: str) -> ModuleType:
+    """``import module`` for ``feature``; ``UserError`` saying "not installed (hint)" or the real failure."""
+    mod = optional(module, feature)
+    if mod is None:
+        raise UserError(f"{feature} needs {module.split('.')[0]}, which is not installed: {hint}")
+    return mod
