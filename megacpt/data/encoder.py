@@ -11,14 +11,16 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from megacpt.data.tokenizer import Tokenizer, load_tokenizer
+from megacpt.data.fast_bpe import FastBPE
+from megacpt.data.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
 
 
 class DocumentEncoder:
-    def __init__(self, tokenizer: Tokenizer, fast=None, fast_status: str = "disabled"):
+    def __init__(self, tokenizer: Tokenizer, fast=None, fast_status: str = "disabled", fast_reason: str = ""):
         self.tokenizer = tokenizer
         self.fast = fast  # an exact fast BPE (megacpt.data.fast_bpe) or None
         self.fast_status = "tiktoken (exact, verified)" if fast is not None else fast_status
+        self.fast_reason = fast_reason  # why there is no fast path
         self._fallbacks = 0
 
     def encode_texts(self, texts: list[str]) -> list[np.ndarray]:
@@ -60,9 +62,6 @@ def build_encoder(path: str | None, tokenizer_type: str = "auto", fast: bool = T
                          gpt2_parse_special=gpt2_parse_special, vocab_size=vocab_size, null_eod_id=null_eod_id)
     if not fast:
         return DocumentEncoder(tok, None, "disabled (--no-fast-tokenizer)")
-    from megacpt.data.fast_bpe import FastBPE
-
     fast_bpe, why = FastBPE.build(tok)
-    from megacpt.data.tokenizer import HFTokenizer
-
-    return DocumentEncoder(tok, fast_bpe, f"HF tokenizers ({why})" if isinstance(tok, HFTokenizer) else tok.type)
+    return DocumentEncoder(tok, fast_bpe, f"HF tokenizers ({why})" if isinstance(tok, HFTokenizer) else tok.type,
+                           why)

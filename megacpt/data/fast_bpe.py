@@ -25,6 +25,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from megacpt.optional import optional
+
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 SELF_TEST = [
@@ -71,10 +73,9 @@ class FastBPE:
     @classmethod
     def build(cls, tokenizer) -> tuple["FastBPE | None", str]:
         """(FastBPE or None, why not)."""
-        try:
-            import tiktoken
-        except ImportError:
-            return None, "tiktoken is not installed (pip install megacpt[fast-tokenize])"
+        tiktoken = optional("tiktoken", "the fast BPE path")
+        if tiktoken is None:
+            return None, "tiktoken is not installed (a core dependency: reinstall megacpt)"
         from megacpt.data.tokenizer import HFTokenizer
 
         if not isinstance(tokenizer, HFTokenizer):

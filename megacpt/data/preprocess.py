@@ -187,6 +187,9 @@ def preprocess(cfg: PreprocessConfig) -> dict[str, dict[str, Any]]:
     # everything that can fail before the work fails here
     encoder = _build_encoder(cfg)
     tokenizer = encoder.tokenizer
+    if cfg.fast and encoder.fast is None and encoder.fast_status.startswith("HF tokenizers"):
+        print(f"preprocess: the exact fast BPE path is not used for this tokenizer: {encoder.fast_reason}; "
+              "tokenizing with HF tokenizers (about 3x slower)", file=sys.stderr)
     if cfg.append_eod:
         tokenizer.require_eod()
     dtype = choose_dtype(tokenizer.vocab_size, cfg.dtype)

@@ -8,7 +8,6 @@ import sysconfig
 
 import pytest
 
-pytest.importorskip("tiktoken")
 
 from megacpt.data.fast_bpe import FastBPE  # noqa: E402
 from megacpt.data.tokenizer import load_tokenizer, train_bpe  # noqa: E402
@@ -83,3 +82,30 @@ def test_unsupported_pipelines_fall_back(real_tok):
     tok = load_tokenizer(real_tok.path)
     tok.backend.add_tokens([AddedToken("xyz", lstrip=True)])
     assert "lstrip" in FastBPE.build(tok)[1]
+
+
+def test_preprocess_says_once_why_the_fast_path_is_not_used(tmp_path, tiny_tokenizer_dir, capfd):
+    """A tokenizer the exact fast path cannot reproduce (here: a lowercasing normaliser) is tokenized by HF
+    tokenizers, and preprocess says so once, with the reason, instead of silently running ~3x slower."""
+    import json
+    import shutil
+
+    from megacpt.data.preprocess import PreprocessConfig, preprocess
+    from tests.data.conftest import make_texts, write_jsonl
+
+    tok = tmp_path / "tok"
+    shutil.copytree(tiny_tokenizer_dir, tok)
+    spec = json.loads((tok / "tokenizer.json").read_text())
+    spec["normalizer"] = {"type": "Lowercase"}
+    (tok / "tokenizer.json").write_text(json.dumps(spec))
+    src = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in make_texts(30, seed=4)])
+    for name, tok_dir in (("slow", tok), ("fast", tiny_tokenizer_dir)):
+        metas = preprocess(PreprocessConfig(inputs=[src], output_prefix=str(tmp_path / name),
+                                            tokenizer_model=str(tok_dir), workers=2, progress=False))
+        err = capfd.readouterr().err
+        notices = [ln for ln in err.splitlines() if "fast BPE path is not used" in ln]
+        if name == "slow":
+            assert len(notices) == 1 and "not plain byte-level BPE" in notices[0], err
+            assert next(iter(metas.values()))["tokenizer_path"].startswith("HF tokenizers (")
+        else:
+            assert notices == [] and next(iter(metas.values()))["tokenizer_path"].startswith("tiktoken")
