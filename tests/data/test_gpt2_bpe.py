@@ -22,6 +22,7 @@ from megacpt.data.indexed import IndexedDataset, read_sidecar
 from megacpt.data.preprocess import PreprocessConfig, preprocess
 from megacpt.data.tokenizer import EOD_TOKEN, GPT2BPETokenizer, load_tokenizer, tokenizer_from_identity
 from megacpt.errors import UserError
+from tests import megatron_lm
 from tests.conftest import requires_megatron
 from tests.data.conftest import EXTRA, make_texts, write_jsonl
 
@@ -190,18 +191,12 @@ def test_parse_special_matches_transformers_gpt2_tokenizer(gpt2_files, gpt2_tok)
 
 
 # Megatron-LM's last commit with the legacy tokenizers (the parent of #2946 "fully remove legacy tokenizer
-# system"); its preprocess_data.py takes --legacy-tokenizer. Read from a local git mirror when present.
-MEGATRON_GIT = Path(os.environ.get("MEGATRON_LM_GIT", "/work/.mirror/NVIDIA+Megatron-LM/repo"))
+# system"); its preprocess_data.py takes --legacy-tokenizer. Read from $MEGATRON_LM_DIR (tests/megatron_lm.py).
 MEGATRON_COMMIT = "4ff7686c144fcd3f6ac130e5a97f86a0b8aa4dd5"
 
 
 def megatron_show(path: str) -> bytes:
-    try:
-        return subprocess.run(["git", "--git-dir", str(MEGATRON_GIT), "show", f"{MEGATRON_COMMIT}:{path}"],
-                              capture_output=True, check=True, timeout=60).stdout
-    except (OSError, subprocess.SubprocessError):
-        pytest.skip(f"no Megatron-LM git mirror with commit {MEGATRON_COMMIT[:10]} at {MEGATRON_GIT} "
-                    "(set MEGATRON_LM_GIT)")
+    return megatron_lm.show(MEGATRON_COMMIT, path)
 
 
 def megatron_gpt2_module(tmp_path):
@@ -409,16 +404,9 @@ def test_tools_script_megatron_invocation(tmp_path, gpt2_files):
 
 @pytest.fixture(scope="module")
 def megatron_tree(tmp_path_factory):
-    """Megatron-LM's tools/preprocess_data.py + megatron/ at MEGATRON_COMMIT, extracted from the mirror."""
-    import io
-    import tarfile
-
-    megatron_show("tools/preprocess_data.py")  # skips without the mirror
-    tree = tmp_path_factory.mktemp("megatron-lm")
-    archive = subprocess.run(["git", "--git-dir", str(MEGATRON_GIT), "archive", MEGATRON_COMMIT,
-                              "tools/preprocess_data.py", "megatron"], capture_output=True, check=True, timeout=120)
-    tarfile.open(fileobj=io.BytesIO(archive.stdout)).extractall(tree, filter="data")
-    return tree
+    """Megatron-LM's tools/preprocess_data.py + megatron/ at MEGATRON_COMMIT (skipped without $MEGATRON_LM_DIR)."""
+    return megatron_lm.extract(MEGATRON_COMMIT, ["tools/preprocess_data.py", "megatron"],
+                               tmp_path_factory.mktemp("megatron-lm"))
 
 
 def fake_gpt2_hub_cache(root: Path, vocab: Path, merges: Path) -> Path:

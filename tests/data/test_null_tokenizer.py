@@ -17,6 +17,7 @@ from megacpt.cli import main
 from megacpt.data.indexed import IndexedDataset, read_sidecar
 from megacpt.data.tokenizer import NullTokenizer, load_tokenizer, tokenizer_from_identity
 from megacpt.errors import InputError, UserError
+from tests import megatron_lm
 from tests.conftest import requires_megatron
 from tests.data.conftest import write_jsonl
 
@@ -137,21 +138,13 @@ def test_flags_identity_and_inspect(tmp_path, capsys):
 
 
 # Megatron-LM's own tools/preprocess_data.py at the release that matches the pinned megatron-core, read from
-# a local git mirror when there is one (the CI machine has none: skipped there; the tests above compare with
-# megatron-core's NullTokenizer + IndexedDatasetBuilder, which is what that script runs)
-MEGATRON_GIT = Path("/work/.mirror/NVIDIA+Megatron-LM/repo")
+# $MEGATRON_LM_DIR (tests/megatron_lm.py; skipped without it: the tests above compare with megatron-core's
+# NullTokenizer + IndexedDatasetBuilder, which is what that script runs)
 
 
 @requires_megatron
 def test_megatron_lm_tool_side_by_side(tmp_path):
-    tree = tmp_path / "mlm"
-    tree.mkdir()
-    try:
-        tar = subprocess.run(["git", "--git-dir", str(MEGATRON_GIT), "archive", "core_v0.16.1", "megatron", "tools"],
-                             capture_output=True, check=True, timeout=120).stdout
-        subprocess.run(["tar", "-x", "-C", str(tree)], input=tar, check=True, timeout=120)
-    except (OSError, subprocess.SubprocessError):
-        pytest.skip(f"no Megatron-LM git mirror with tag core_v0.16.1 at {MEGATRON_GIT}")
+    tree = megatron_lm.extract("core_v0.16.1", ["megatron", "tools"], tmp_path / "mlm")
     recs = id_records(80, 1000, seed=3) + [{"text": "999 0 1", "n": "x"}]
     src = write_jsonl(tmp_path / "in.jsonl", recs)
     env = {"PYTHONPATH": str(tree), "PATH": "/usr/bin:/bin"}
