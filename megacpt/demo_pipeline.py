@@ -22,7 +22,7 @@ from megacpt.demo_stages import Stage, StageContext, StageRunner
 from megacpt.errors import UserError
 
 STRATEGIES = ("ets", "eta-ppl", "eta-ent", "combined", "random", "full")
-# strategy -> the metrics it ranks by (METHOD.md §2): ETS = similarity, ETA = novelty / diversity
+# strategy -> the metrics it ranks by (docs/method.md §2): ETS = similarity, ETA = novelty / diversity
 STRATEGY_METRICS = {"ets": ["similarity"], "eta-ppl": ["perplexity"], "eta-ent": ["pos_entropy"],
                     "combined": ["similarity", "perplexity", "pos_entropy"], "random": []}
 HELDOUT = {"domain": "domain_eval", "general": "general_eval"}
@@ -53,7 +53,7 @@ class DemoSettings:
     base_epochs: float = 1.0        # passes over the general corpus for the base model
     base_lr: float = 3e-3
     cpt_epochs: float = 1.0         # passes over each CPT dataset (full: the whole crawl, 10x the tokens)
-    cpt_lr: float = 1e-3            # CPT re-warms to a lower peak than pre-training (METHOD.md §1)
+    cpt_lr: float = 1e-3            # CPT re-warms to a lower peak than pre-training (docs/method.md §1)
     warmup_fraction: float = 0.05
     min_lr_ratio: float = 0.1
     eval_shots: int | None = None   # None: each task's own

@@ -6,7 +6,7 @@ few-shot examples are drawn from; required when shots > 0). One JSON object per 
 - classification (``fpb``, ``fiqa_sa``, custom tasks): ``{"text": str, "label": str, "id"?: str|int, ...}``;
   ``label`` must be in the task's label set; other string fields (e.g. FiQA's ``target``) may be used by
   the prompt template. ``fiqa_sa`` may give ``"score": float in [-1, 1]`` instead of (or besides) a label;
-  it is binned: < -0.1 negative, [-0.1, 0.1) neutral, >= 0.1 positive (METHOD.md §3).
+  it is binned: < -0.1 negative, [-0.1, 0.1) neutral, >= 0.1 positive (docs/method.md §3).
 - ``headline``: ``{"text": str, "labels": {<question key>: "yes"|"no"|0|1|true|false, ...}}`` with all 9 keys.
 - ``ner``: ``{"text": str, "entities": [{"text": span, "type": PER|ORG|LOC|MISC}, ...]}``; every span must
   occur in ``text``.
@@ -28,7 +28,7 @@ from megacpt.errors import InputError, UserError
 from megacpt.io import atomic_path
 
 SENTIMENT_LABELS = ("negative", "neutral", "positive")
-FIQA_THRESHOLDS = (-0.1, 0.1)  # METHOD.md §3: < -0.1 negative, -0.1 <= s < 0.1 neutral, >= 0.1 positive
+FIQA_THRESHOLDS = (-0.1, 0.1)  # docs/method.md §3: < -0.1 negative, -0.1 <= s < 0.1 neutral, >= 0.1 positive
 
 # Headline (Sinha & Khandait, gold news): the 9 yes/no dimensions, key -> CSV column aliases.
 HEADLINE_QUESTIONS: dict[str, tuple[str, ...]] = {

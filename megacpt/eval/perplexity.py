@@ -1,6 +1,6 @@
 """`megacpt eval perplexity`: token-weighted perplexity of a model on held-out indexed datasets.
 
-Per-document NLL is the scoring pass's (``megacpt.selection.perplexity.score_documents``, METHOD.md's
+Per-document NLL is the scoring pass's (``megacpt.selection.perplexity.score_documents``, docs/method.md's
 definition: documents split into chunks of at most ``seq_length`` tokens, every token but a chunk's first
 predicted from that chunk only); a dataset's perplexity is
 ``exp(sum nll_sum / sum n_pred)`` over its documents, i.e. weighted by tokens, not a mean of per-document

@@ -49,7 +49,7 @@ class TaskSpec:
         return self
 
 
-# BloombergGPT's setup as used for FinPythia (METHOD.md §3): shots and metrics per task.
+# BloombergGPT's setup as used for FinPythia (docs/method.md §3): shots and metrics per task.
 BUILTIN_TASKS: dict[str, TaskSpec] = {
     "fpb": TaskSpec("fpb", labels=SENTIMENT_LABELS, template="fpb", shots=5),
     "fiqa_sa": TaskSpec("fiqa_sa", labels=SENTIMENT_LABELS, template="fiqa_sa", shots=5, score_binning=True),

@@ -1,4 +1,4 @@
-"""Metrics from score files -> percentile ranks -> one combined score per document (METHOD.md §2).
+"""Metrics from score files -> percentile ranks -> one combined score per document (docs/method.md §2).
 
 Metric names and the score-file column each one reads (higher column value = more useful, except
 where noted):

@@ -1,6 +1,6 @@
 """Novelty score: per-document NLL of an indexed dataset under a (base) model — the scoring pass.
 
-Definition (METHOD.md, "Per-document perplexity"): document d's stored tokens t_0..t_{n-1} (its sequences
+Definition (docs/method.md §2.1): document d's stored tokens t_0..t_{n-1} (its sequences
 concatenated, EOD included when present) are cut into consecutive chunks of at most L tokens; inside a
 chunk every token but the first is predicted from the chunk's preceding tokens only. ``n_pred`` counts
 predicted tokens, ``nll_sum`` sums their NLL (nats, accumulated in float64), and

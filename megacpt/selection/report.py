@@ -4,7 +4,7 @@ Inputs are selection manifests (`megacpt select`), optionally extra score files.
 budget asked/achieved per selection beside the full corpus; Jaccard overlap between selections;
 per metric, histograms of the corpus and of each selection, and selected-vs-rest means; the metric
 correlation matrix (Spearman, document length included); the document-length distribution; and
-the top/bottom documents of each metric as text snippets. METHOD.md wants every comparison to hold a
+the top/bottom documents of each metric as text snippets. docs/method.md wants every comparison to hold a
 random baseline: when no manifest is a random selection, one with the first selection's budget is
 computed (seeded, not written) and reported as ``random (computed)``.
 """
