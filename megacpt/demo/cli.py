@@ -1,10 +1,10 @@
-"""`megacpt demo`: the whole FinPythia pipeline on CPU in minutes, with a report (library: demo_pipeline)."""
+"""`megacpt demo`: the whole FinPythia pipeline on CPU in minutes, with a report (library: megacpt.demo.pipeline)."""
 from __future__ import annotations
 
 import argparse
 import os
 
-from megacpt.demo_pipeline import STRATEGIES
+from megacpt.demo.pipeline import STRATEGIES
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -28,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from megacpt.demo_pipeline import DemoSettings, run_demo
+    from megacpt.demo.pipeline import DemoSettings, run_demo
     from megacpt.io import check_writable_dir
 
     strategies = tuple(x.strip() for x in args.strategies.split(",") if x.strip())

@@ -7,8 +7,9 @@ determine them, and the stages it reads from. After it succeeds the runner recor
 and every recorded file is still there with the same size and hash; otherwise its old outputs
 are removed and it runs again (so are the stages downstream, whose fingerprints change).
 
-Command stages run ``python -m megacpt ...`` as child processes: memory is isolated per stage,
-the log goes to ``WORKDIR/logs/STAGE.log``, and ``os.wait4`` gives each child's peak RSS.
+A stage's commands run either in this process (``megacpt.cli.main``, output redirected to the log) or
+as ``python -m megacpt ...`` child processes (memory isolated per command, ``os.wait4`` gives each
+child's peak RSS); either way the log goes to ``WORKDIR/logs/STAGE.log``.
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 
-from megacpt.corpora.build import RawCorpora
+from megacpt.demo.corpora.raw import RawCorpora
 
 _COMPANIES = ["Acme Holdings", "Borealis Corp", "Cobalt Mining", "Delta Freight", "Everstone Bank",
               "Fairhaven Foods", "Granite Energy", "Harbor Steel", "Ionic Chemicals", "Juniper Retail",
@@ -113,5 +113,5 @@ def synthetic_raw(seed: int, n_reuters: int = 900, n_test: int = 300, n_headline
         headlines=[(_headline(rng), rng.choice(days)) for _ in range(n_headlines)],
         news=[_news(rng) for _ in range(n_news)],
         lexicon_pos=frozenset(_POS), lexicon_neg=frozenset(_NEG), origin="synthetic",
-        provenance=[f"synthetic template text generated offline with seed {seed} (megacpt.corpora.synthetic)"],
+        provenance=[f"synthetic template text generated offline with seed {seed} (megacpt.demo.corpora.synthetic)"],
     )
