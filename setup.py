@@ -50,6 +50,7 @@ setup(
         "megatron-core>=0.16,<0.17",  # GPTDataset/BlendedDataset index building (runs on CPU)
         "psutil>=5.9",
         "matplotlib>=3.7",
+        "markdown-it-py>=3",          # Markdown -> HTML of the selection and demo reports
         "scipy>=1.10",                # percentile ranks (select), intervals (reports)
         "scikit-learn>=1.4",          # task metrics, DSIR's hashed n-gram features
         "threadpoolctl>=3",           # one BLAS thread per scoring worker

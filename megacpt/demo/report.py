@@ -7,12 +7,12 @@ on the domain, and every CPT model against the base on general text (forgetting)
 """
 from __future__ import annotations
 
-import html
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from megacpt.io import atomic_path, write_json_atomic
+from megacpt.selection.report import write_markdown_report
 
 GENERAL_TOLERANCE = 0.02  # relative general-ppl increase over the base still called "no loss"
 
@@ -200,54 +200,6 @@ def write_report(res: DemoResults, out_dir: Path) -> tuple[Path, Path]:
     md += ["", "## Plots", ""] + [f"![{t}]({p})" for t, p in plots]
     if res.notes:
         md += ["", "## Notes", ""] + [f"- {n}" for n in res.notes]
-    text = "\n".join(md) + "\n"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    md_path, html_path = out_dir / "report.md", out_dir / "report.html"
-    with atomic_path(md_path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-    with atomic_path(html_path) as tmp:
-        tmp.write_text(_to_html(res.title, md), encoding="utf-8")
+    md_path, html_path = write_markdown_report(out_dir, "\n".join(md) + "\n", res.title)
     write_json_atomic(out_dir / "report.json", {**asdict(res), "verdict": verdict(res)})
     return md_path, html_path
-
-
-def _to_html(title: str, md_lines: list[str]) -> str:
-    """A small, dependency-free rendering of the Markdown above (tables, headings, lists, images)."""
-    import re
-
-    def inline(s: str) -> str:
-        s = html.escape(s)
-        s = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", s)
-        return re.sub(r"\*(.+?)\*", r"<i>\1</i>", s)
-
-    body: list[str] = []
-    table: list[list[str]] = []
-
-    def flush_table() -> None:
-        if table:
-            head, rows = table[0], table[2:]
-            body.append("<table><tr>" + "".join(f"<th>{inline(c)}</th>" for c in head) + "</tr>"
-                        + "".join("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in r) + "</tr>" for r in rows)
-                        + "</table>")
-            table.clear()
-
-    for line in "\n".join(md_lines).splitlines():
-        if line.startswith("|"):
-            table.append([c.strip() for c in line.strip().strip("|").split("|")])
-            continue
-        flush_table()
-        if m := re.match(r"!\[(.*)\]\((.*)\)", line):
-            body.append(f'<figure><img src="{html.escape(m[2])}" alt="{html.escape(m[1])}">'
-                        f"<figcaption>{html.escape(m[1])}</figcaption></figure>")
-        elif line.startswith("#"):
-            level = len(line) - len(line.lstrip("#"))
-            body.append(f"<h{level}>{inline(line.lstrip('#').strip())}</h{level}>")
-        elif line.startswith("- "):
-            body.append(f"<li>{inline(line[2:])}</li>")
-        elif line.strip():
-            body.append(f"<p>{inline(line)}</p>")
-    flush_table()
-    style = ("body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse}"
-             "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}img{max-width:100%}")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")

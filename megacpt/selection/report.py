@@ -2,92 +2,106 @@
 
 Inputs are selection manifests (`megacpt select`), optionally extra score files. The report has:
 budget asked/achieved per selection beside the full corpus; Jaccard overlap between selections;
-per metric, histograms of the corpus and of each selection, and selected-vs-rest means; the metric
-correlation matrix (Spearman, document length included); the document-length distribution; and
-the top/bottom documents of each metric as text snippets. docs/method.md wants every comparison to hold a
-random baseline: when no manifest is a random selection, one with the first selection's budget is
-computed (seeded, not written) and reported as ``random (computed)``.
+per strategy, how its hard, soft and random samples overlap and what share of each comes from the
+top decile of the strategy's score (docs/method.md §2.6); per metric, histograms of the corpus and of
+each selection, and selected-vs-rest means; the metric correlation matrix (Spearman, document length
+included); the document-length distribution; and the top/bottom documents of each metric as text
+snippets. docs/method.md wants every comparison to hold a random baseline: when no manifest is a
+random selection, one with the first selection's budget is computed (seeded, not written) and
+reported as ``random (computed)``.
+
+Reports are written as Markdown and rendered to HTML by one renderer (``render_html``, markdown-it-py),
+which the demo's report uses too.
 """
 from __future__ import annotations
 
 import argparse
 import html
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
+from megacpt.data.indexed import IndexedDataset
 from megacpt.errors import UserError
 from megacpt.io import atomic_path
+from megacpt.selection.combine import Metric, combined_score, load_metrics, metric_of, percentile_rank
+from megacpt.selection.documents import DocumentTexts, dataset_identity, same_dataset
+from megacpt.selection.sample import Budget
+from megacpt.selection.scores import read_scores
+from megacpt.selection.select import SelectConfig, compute_selection, read_manifest
 
 METRIC_TITLES = {"sim": "task similarity", "ppl": "novelty: mean NLL (ln perplexity)", "ent": "POS entropy",
                  "dsir": "DSIR log weight"}
+TOP_DECILE = 0.9   # percentile rank above which a document is in its score's top decile
 
 
-@dataclass
-class Sel:
-    name: str
-    manifest: dict[str, Any]
-    ids: np.ndarray
-    mask: np.ndarray  # bool [num_documents]
+# -- Markdown, and the one HTML renderer of megacpt's reports ---------------------------------------
+class MarkdownDoc:
+    """Markdown built block by block (headings, paragraphs, tables, images, quoted snippets)."""
 
-
-# -- a tiny document model rendered to both Markdown and HTML ---------------------------------------
-class Doc:
     def __init__(self, title: str):
-        self.blocks: list[tuple[str, Any]] = [("h1", title)]
+        self.title = title
+        self.lines: list[str] = [f"# {title}", ""]
 
-    def h2(self, t): self.blocks.append(("h2", t))
-    def p(self, t): self.blocks.append(("p", t))
-    def table(self, header, rows): self.blocks.append(("table", (header, rows)))
-    def image(self, path, alt): self.blocks.append(("img", (path, alt)))
-    def quotes(self, items): self.blocks.append(("quotes", items))
+    def h2(self, t: str) -> None:
+        self.lines += [f"## {t}", ""]
 
-    def markdown(self) -> str:
-        out = []
-        for kind, x in self.blocks:
-            if kind == "h1":
-                out.append(f"# {x}\n")
-            elif kind == "h2":
-                out.append(f"## {x}\n")
-            elif kind == "p":
-                out.append(f"{x}\n")
-            elif kind == "table":
-                header, rows = x
-                cell = lambda v: str(v).replace("|", "\\|").replace("\n", " ")
-                out.append("| " + " | ".join(map(cell, header)) + " |")
-                out.append("|" + "---|" * len(header))
-                out.extend("| " + " | ".join(map(cell, r)) + " |" for r in rows)
-                out.append("")
-            elif kind == "img":
-                out.append(f"![{x[1]}]({x[0]})\n")
-            elif kind == "quotes":
-                out.extend(f"- `{lab}`: {txt.replace(chr(10), ' ')}" for lab, txt in x)
-                out.append("")
-        return "\n".join(out)
+    def h3(self, t: str) -> None:
+        self.lines += [f"### {t}", ""]
 
-    def html(self) -> str:
-        e = html.escape
-        out = ["<!doctype html><html><head><meta charset='utf-8'><title>%s</title><style>"
-               "body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse}"
-               "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}img{max-width:100%%}"
-               "li{margin-bottom:4px}</style></head><body>" % e(self.blocks[0][1])]
-        for kind, x in self.blocks:
-            if kind in ("h1", "h2", "p"):
-                out.append(f"<{kind}>{e(str(x))}</{kind}>")
-            elif kind == "table":
-                header, rows = x
-                out.append("<table><tr>" + "".join(f"<th>{e(str(h))}</th>" for h in header) + "</tr>")
-                out.extend("<tr>" + "".join(f"<td>{e(str(v))}</td>" for v in r) + "</tr>" for r in rows)
-                out.append("</table>")
-            elif kind == "img":
-                out.append(f"<p><img src='{e(x[0])}' alt='{e(x[1])}'></p>")
-            elif kind == "quotes":
-                out.append("<ul>" + "".join(f"<li><code>{e(lab)}</code> {e(txt)}</li>" for lab, txt in x) + "</ul>")
-        out.append("</body></html>")
-        return "\n".join(out)
+    def p(self, t: str) -> None:
+        self.lines += [t, ""]
+
+    def bullets(self, items: Sequence[str]) -> None:
+        self.lines += [f"- {x}" for x in items] + [""]
+
+    def table(self, header: Sequence[Any], rows: Sequence[Sequence[Any]], align: str | None = None) -> None:
+        """``align``: one character per column, ``l`` or ``r`` (default: first left, the rest right)."""
+        def cell(v: Any) -> str:
+            return str(v).replace("|", "\\|").replace("\n", " ")
+
+        align = align or "l" + "r" * (len(header) - 1)
+        self.lines.append("| " + " | ".join(map(cell, header)) + " |")
+        self.lines.append("|" + "".join("---:|" if a == "r" else "---|" for a in align))
+        self.lines += ["| " + " | ".join(map(cell, r)) + " |" for r in rows]
+        self.lines.append("")
+
+    def image(self, path: str, alt: str) -> None:
+        self.lines += [f"![{alt}]({path})", ""]
+
+    def quotes(self, items: Sequence[tuple[str, str]]) -> None:
+        self.bullets([f"`{lab}`: {txt.replace(chr(10), ' ')}" for lab, txt in items])
+
+    def text(self) -> str:
+        return "\n".join(self.lines).rstrip("\n") + "\n"
+
+
+_STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+          "table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #ccc;padding:2px 8px}"
+          "img{max-width:100%}li{margin-bottom:4px}code{background:#f4f4f4}")
+
+
+def render_html(markdown: str, title: str) -> str:
+    """One HTML page from Markdown (CommonMark + GFM tables, raw HTML in the source escaped)."""
+    from markdown_it import MarkdownIt
+
+    body = MarkdownIt("commonmark", {"html": False}).enable("table").render(markdown)
+    return (f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+            f"<style>{_STYLE}</style></head><body>\n{body}</body></html>\n")
+
+
+def write_markdown_report(out_dir: Path, markdown: str, title: str, stem: str = "report") -> tuple[Path, Path]:
+    """``out_dir``/STEM.md and STEM.html (rendered), each written atomically; returns both paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md_path, html_path = out_dir / f"{stem}.md", out_dir / f"{stem}.html"
+    with atomic_path(md_path) as tmp:
+        tmp.write_text(markdown, encoding="utf-8")
+    with atomic_path(html_path) as tmp:
+        tmp.write_text(render_html(markdown, title), encoding="utf-8")
+    return md_path, html_path
 
 
 def _fmt(v: float, digits: int = 4) -> str:
@@ -95,17 +109,49 @@ def _fmt(v: float, digits: int = 4) -> str:
 
 
 def _save(fig, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=90, bbox_inches="tight")
     import matplotlib.pyplot as plt
 
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=90, bbox_inches="tight")
     plt.close(fig)
 
 
-def _load_selections(manifests: list[str]):
-    from megacpt.selection.documents import same_dataset
-    from megacpt.selection.select import read_manifest
+def _pyplot():
+    import matplotlib
 
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+# -- inputs ---------------------------------------------------------------------------------------------
+@dataclass
+class Sel:
+    name: str
+    manifest: dict[str, Any]
+    ids: np.ndarray
+    mask: np.ndarray  # bool [num_documents]
+
+    @property
+    def strategy(self) -> str:
+        return self.manifest["strategy"]
+
+
+@dataclass
+class ReportInputs:
+    prefix: str
+    ds: IndexedDataset
+    sels: list[Sel]
+    lengths: np.ndarray                      # tokens per document
+    metrics: dict[str, Metric] = field(default_factory=dict)
+
+    @property
+    def nonempty(self) -> np.ndarray:
+        return self.lengths > 0
+
+
+def _load_selections(manifests: list[str]) -> tuple[list[Sel], dict]:
     sels, data = [], None
     for path in manifests:
         m = read_manifest(path)
@@ -124,21 +170,33 @@ def _load_selections(manifests: list[str]):
     return sels, data
 
 
-def build_report(manifests: list[str], out_dir: str, extra_scores: list[str] = (), data: str | None = None,
-                 snippets: int = 3, snippet_chars: int = 300, random_seed: int = 0,
-                 tokenizer: str | None = None) -> Path:
-    import matplotlib
+def _add_random_baseline(inp: ReportInputs, seed: int) -> None:
+    """A seeded random selection with the first selection's budget, when none of the manifests is random."""
+    if any(s.strategy == "random" for s in inp.sels):
+        return
+    resolved = inp.sels[0].manifest["budget"]["resolved"]
+    cfg = SelectConfig(inp.prefix, "unused", "random", budget=Budget(resolved["kind"], resolved["n"]), seed=seed)
+    ids, info = compute_selection(cfg, inp.ds)
+    mask = np.zeros(inp.ds.num_documents, bool)
+    mask[ids] = True
+    inp.sels.append(Sel("random (computed)", {**info, "selected_doc_ids": ids.tolist()}, ids, mask))
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    from megacpt.data.indexed import IndexedDataset
-    from megacpt.selection.combine import load_metrics, metric_of, percentile_rank
-    from megacpt.selection.documents import DocumentTexts, dataset_identity, same_dataset
-    from megacpt.selection.sample import Budget
-    from megacpt.selection.scores import read_scores
-    from megacpt.selection.select import SelectConfig, compute_selection
+def _load_metrics(sels: list[Sel], extra_scores: Sequence[str], ident: dict) -> dict[str, Metric]:
+    """Every score file the selections used, plus extra ones (the first file per metric wins)."""
+    paths = list(dict.fromkeys([s["path"] for sel in sels for s in sel.manifest.get("scores", [])]
+                               + list(extra_scores)))
+    files, seen = [], set()
+    for p in paths:
+        sf = read_scores(p)
+        if metric_of(sf) not in seen:
+            seen.add(metric_of(sf))
+            files.append(sf)
+    return load_metrics(files, ident)
 
+
+def load_inputs(manifests: list[str], extra_scores: Sequence[str] = (), data: str | None = None,
+                random_seed: int = 0) -> ReportInputs:
     if not manifests:
         raise UserError("give at least one selection manifest (--manifests)")
     sels, ident = _load_selections(manifests)
@@ -146,37 +204,22 @@ def build_report(manifests: list[str], out_dir: str, extra_scores: list[str] = (
     ds = IndexedDataset(prefix)
     if not same_dataset(dataset_identity(prefix, ds), ident):
         raise UserError(f"{prefix}: not the corpus the selections were made from (index hash differs)")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    lengths = ds.document_lengths()
-    n_docs, n_tok = ds.num_documents, int(lengths.sum())
+    inp = ReportInputs(prefix, ds, sels, ds.document_lengths())
+    _add_random_baseline(inp, random_seed)
+    inp.metrics = _load_metrics(inp.sels, extra_scores, ident)
+    return inp
 
-    if not any(s.manifest["strategy"] == "random" for s in sels):
-        first = sels[0].manifest
-        kind, n = first["budget"]["resolved"]["kind"], first["budget"]["resolved"]["n"]
-        cfg = SelectConfig(prefix, "unused", "random", budget=Budget(kind, n), seed=random_seed)
-        ids, info = compute_selection(cfg, ds)
-        mask = np.zeros(n_docs, bool)
-        mask[ids] = True
-        sels.append(Sel("random (computed)", {**info, "selected_doc_ids": ids.tolist()}, ids, mask))
 
-    # metrics: every score file the selections used, plus extra ones (first file per metric wins)
-    paths = list(dict.fromkeys([s["path"] for sel in sels for s in sel.manifest.get("scores", [])] + list(extra_scores)))
-    files, seen = [], set()
-    for p in paths:
-        sf = read_scores(p)
-        if metric_of(sf) not in seen:
-            seen.add(metric_of(sf))
-            files.append(sf)
-    metrics = load_metrics(files, ident)
+# -- sections -------------------------------------------------------------------------------------------
+def _jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / max((a | b).sum(), 1))
 
-    doc = Doc("Data selection report")
-    doc.p(f"Corpus `{prefix}`: {n_docs:,} documents, {n_tok:,} tokens "
-          f"({int((lengths == 0).sum())} empty documents, never selected).")
 
+def section_budget(doc: MarkdownDoc, inp: ReportInputs) -> None:
+    n_tok, n_docs = int(inp.lengths.sum()), inp.ds.num_documents
     doc.h2("Budget")
     rows = [["full corpus", "full", "–", "–", "100%", f"{n_tok:,}", f"{n_docs:,}", "100.00%", "100.00%", "–"]]
-    for s in sels:
+    for s in inp.sels:
         m, b = s.manifest, s.manifest["budget"]
         asked = b["asked"]
         asked_s = "–" if asked is None else (f"{asked['value']:g} of tokens" if asked["kind"] == "fraction"
@@ -185,109 +228,177 @@ def build_report(manifests: list[str], out_dir: str, extra_scores: list[str] = (
                      f"{b['achieved_documents']:,}", f"{100 * b['fraction_of_tokens']:.2f}%",
                      f"{100 * b['fraction_of_documents']:.2f}%", f"{b.get('overshoot_tokens', 0):,}"])
     doc.table(["selection", "strategy", "sampling", "seed", "asked", "tokens", "documents", "% tokens",
-               "% documents", "overshoot (tokens)"], rows)
+               "% documents", "overshoot (tokens)"], rows, align="lllrrrrrrr")
 
+
+def section_overlap(doc: MarkdownDoc, inp: ReportInputs, out: Path) -> None:
     doc.h2("Overlap between selections (Jaccard)")
-    names = [s.name for s in sels]
-    jac = np.array([[(a.mask & b.mask).sum() / max((a.mask | b.mask).sum(), 1) for b in sels] for a in sels])
+    names = [s.name for s in inp.sels]
+    jac = np.array([[_jaccard(a.mask, b.mask) for b in inp.sels] for a in inp.sels])
     doc.table(["", *names], [[a, *(f"{v:.3f}" for v in row)] for a, row in zip(names, jac)])
-    if len(sels) > 1:
-        fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(sels), 1 + 0.8 * len(sels)))
-        im = ax.imshow(jac, vmin=0, vmax=1, cmap="viridis")
-        ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
-        ax.set_yticks(range(len(names)), names)
-        for i in range(len(names)):
-            for j in range(len(names)):
-                ax.text(j, i, f"{jac[i, j]:.2f}", ha="center", va="center", color="w" if jac[i, j] < 0.6 else "k")
-        fig.colorbar(im, ax=ax)
-        _save(fig, out / "overlap.png")
-        doc.image("overlap.png", "Jaccard overlap")
+    if len(inp.sels) < 2:
+        return
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(names), 1 + 0.8 * len(names)))
+    im = ax.imshow(jac, vmin=0, vmax=1, cmap="viridis")
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    for i in range(len(names)):
+        for j in range(len(names)):
+            ax.text(j, i, f"{jac[i, j]:.2f}", ha="center", va="center", color="w" if jac[i, j] < 0.6 else "k")
+    fig.colorbar(im, ax=ax)
+    _save(fig, out / "overlap.png")
+    doc.image("overlap.png", "Jaccard overlap")
 
-    doc.h2("Document length")
-    rows = [["full corpus", f"{lengths[lengths > 0].mean():.1f}", f"{np.median(lengths[lengths > 0]):.0f}"]]
-    rows += [[s.name, f"{lengths[s.ids].mean():.1f}", f"{np.median(lengths[s.ids]):.0f}"] for s in sels if s.ids.size]
-    doc.table(["set", "mean tokens", "median tokens"], rows)
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+
+def top_decile_share(score: np.ndarray, eligible: np.ndarray, mask: np.ndarray) -> float:
+    """Share of the selected documents whose score is in the top decile of the eligible documents'."""
+    rank = np.zeros(score.size)
+    rank[eligible] = percentile_rank(score[eligible])
+    sel = mask & eligible
+    return float((rank[sel] > TOP_DECILE).mean()) if sel.any() else float("nan")
+
+
+def section_sampling(doc: MarkdownDoc, inp: ReportInputs) -> None:
+    """Per scored strategy: its hard/soft samples and the random baseline, on that strategy's score."""
+    scored = [s for s in inp.sels if s.manifest.get("weights") and set(s.manifest["weights"]) <= set(inp.metrics)]
+    if not scored:
+        return
+    groups: dict[tuple, list[Sel]] = {}
+    for s in scored:
+        groups.setdefault((s.strategy, tuple(sorted(s.manifest["weights"].items()))), []).append(s)
+    randoms = [s for s in inp.sels if s.strategy == "random"]
+    doc.h2("Hard, soft and random sampling per strategy")
+    doc.p(f"Top-decile share: the share of a selection's documents whose score (the strategy's own, as a "
+          f"percentile rank) is in the top {100 * (1 - TOP_DECILE):.0f}% of the corpus; a random sample has "
+          f"about {100 * (1 - TOP_DECILE):.0f}%. Jaccard overlaps are with the strategy's hard selection and "
+          "with the random selection of the same budget.")
+    eligible = inp.nonempty
+    rows = []
+    for (strategy, weights), members in groups.items():
+        score = combined_score(inp.metrics, dict(weights))
+        budget = members[0].manifest["budget"]["resolved"]
+        rnd = next((r for r in randoms if r.manifest["budget"]["resolved"] == budget), randoms[0] if randoms else None)
+        hard = next((m for m in members if m.manifest["sampling"] == "hard"), None)
+        for s in members + ([rnd] if rnd is not None else []):
+            t = s.manifest.get("temperature")
+            rows.append([strategy, s.name, s.manifest["sampling"] + (f" (T={t:g})" if t is not None else ""),
+                         f"{100 * top_decile_share(score, eligible, s.mask):.1f}%",
+                         "–" if hard is None else f"{_jaccard(s.mask, hard.mask):.3f}",
+                         "–" if rnd is None else f"{_jaccard(s.mask, rnd.mask):.3f}"])
+    doc.table(["strategy", "selection", "sampling", "top-decile share", "Jaccard with hard", "Jaccard with random"],
+              rows, align="lllrrr")
+
+
+def section_lengths(doc: MarkdownDoc, inp: ReportInputs, out: Path) -> None:
+    lengths = inp.lengths
     pos = lengths[lengths > 0]
+    doc.h2("Document length")
+    rows = [["full corpus", f"{pos.mean():.1f}" if pos.size else "–", f"{np.median(pos):.0f}" if pos.size else "–"]]
+    rows += [[s.name, f"{lengths[s.ids].mean():.1f}", f"{np.median(lengths[s.ids]):.0f}"] for s in inp.sels if s.ids.size]
+    doc.table(["set", "mean tokens", "median tokens"], rows)
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 3.5))
     bins = np.logspace(0, np.log10(max(pos.max(), 2)), 40) if pos.size else 10
     ax.hist(pos, bins=bins, density=True, histtype="stepfilled", alpha=0.3, color="gray", label="corpus")
-    for s in sels:
+    for s in inp.sels:
         if s.ids.size:
             ax.hist(lengths[s.ids], bins=bins, density=True, histtype="step", label=s.name)
     ax.set_xscale("log")
-    ax.set_xlabel("document length (tokens)")
-    ax.set_ylabel("density")
+    ax.set(xlabel="document length (tokens)", ylabel="density")
     ax.legend(fontsize=7)
     _save(fig, out / "lengths.png")
     doc.image("lengths.png", "document lengths")
 
-    if metrics:
-        doc.h2("Metrics: selected vs rest")
-        rows = []
-        for name, met in metrics.items():
-            v = np.where(met.undefined, np.nan, met.values)
-            for s in sels:
-                rest = ~s.mask & (lengths > 0)
-                rows.append([METRIC_TITLES[name], s.name, _fmt(np.nanmean(v[s.mask]) if s.mask.any() else np.nan),
-                             _fmt(np.nanmean(v[rest]) if rest.any() else np.nan), _fmt(np.nanmean(v[lengths > 0]))])
-            fig, ax = plt.subplots(figsize=(7, 3.5))
-            finite = v[np.isfinite(v)]
-            bins = np.histogram_bin_edges(finite, bins=40) if finite.size else 10
-            ax.hist(finite, bins=bins, density=True, histtype="stepfilled", alpha=0.3, color="gray", label="corpus")
-            for s in sels:
-                sv = v[s.mask]
-                sv = sv[np.isfinite(sv)]
-                if sv.size:
-                    ax.hist(sv, bins=bins, density=True, histtype="step", label=s.name)
-            ax.set_xlabel(METRIC_TITLES[name])
-            ax.set_ylabel("density")
-            ax.legend(fontsize=7)
-            _save(fig, out / f"hist_{name}.png")
-        doc.table(["metric", "selection", "mean selected", "mean rest", "mean corpus"], rows)
-        for name in metrics:
-            doc.image(f"hist_{name}.png", f"{METRIC_TITLES[name]} histogram")
 
-        doc.h2("Metric correlations (Spearman, non-empty documents)")
-        keep = lengths > 0
-        cols = {n: percentile_rank(m.values[keep], m.undefined[keep]) for n, m in metrics.items()}
-        cols["length"] = percentile_rank(lengths[keep].astype(float))
-        labels = list(cols)
-        mat = np.corrcoef(np.vstack([cols[k] for k in labels])) if keep.sum() > 1 else np.eye(len(labels))
-        doc.table(["", *labels], [[a, *(_fmt(x, 3) for x in row)] for a, row in zip(labels, mat)])
-        fig, ax = plt.subplots(figsize=(1.5 + 0.8 * len(labels), 1 + 0.7 * len(labels)))
-        im = ax.imshow(mat, vmin=-1, vmax=1, cmap="coolwarm")
-        ax.set_xticks(range(len(labels)), labels)
-        ax.set_yticks(range(len(labels)), labels)
-        for i in range(len(labels)):
-            for j in range(len(labels)):
-                ax.text(j, i, f"{mat[i, j]:.2f}", ha="center", va="center")
-        fig.colorbar(im, ax=ax)
-        _save(fig, out / "correlation.png")
-        doc.image("correlation.png", "metric correlation")
+def section_metrics(doc: MarkdownDoc, inp: ReportInputs, out: Path) -> None:
+    """Selected-vs-rest means and one histogram per metric."""
+    plt = _pyplot()
+    doc.h2("Metrics: selected vs rest")
+    rows = []
+    for name, met in inp.metrics.items():
+        v = np.where(met.undefined, np.nan, met.values)
+        for s in inp.sels:
+            rest = ~s.mask & inp.nonempty
+            rows.append([METRIC_TITLES[name], s.name, _fmt(np.nanmean(v[s.mask]) if s.mask.any() else np.nan),
+                         _fmt(np.nanmean(v[rest]) if rest.any() else np.nan), _fmt(np.nanmean(v[inp.nonempty]))])
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        finite = v[np.isfinite(v)]
+        bins = np.histogram_bin_edges(finite, bins=40) if finite.size else 10
+        ax.hist(finite, bins=bins, density=True, histtype="stepfilled", alpha=0.3, color="gray", label="corpus")
+        for s in inp.sels:
+            sv = v[s.mask]
+            sv = sv[np.isfinite(sv)]
+            if sv.size:
+                ax.hist(sv, bins=bins, density=True, histtype="step", label=s.name)
+        ax.set(xlabel=METRIC_TITLES[name], ylabel="density")
+        ax.legend(fontsize=7)
+        _save(fig, out / f"hist_{name}.png")
+    doc.table(["metric", "selection", "mean selected", "mean rest", "mean corpus"], rows, align="llrrr")
+    for name in inp.metrics:
+        doc.image(f"hist_{name}.png", f"{METRIC_TITLES[name]} histogram")
 
+
+def section_correlations(doc: MarkdownDoc, inp: ReportInputs, out: Path) -> None:
+    plt = _pyplot()
+    doc.h2("Metric correlations (Spearman, non-empty documents)")
+    keep = inp.nonempty
+    cols = {n: percentile_rank(m.values[keep], m.undefined[keep]) for n, m in inp.metrics.items()}
+    cols["length"] = percentile_rank(inp.lengths[keep].astype(float))
+    labels = list(cols)
+    mat = np.corrcoef(np.vstack([cols[k] for k in labels])) if keep.sum() > 1 else np.eye(len(labels))
+    doc.table(["", *labels], [[a, *(_fmt(x, 3) for x in row)] for a, row in zip(labels, mat)])
+    fig, ax = plt.subplots(figsize=(1.5 + 0.8 * len(labels), 1 + 0.7 * len(labels)))
+    im = ax.imshow(mat, vmin=-1, vmax=1, cmap="coolwarm")
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_yticks(range(len(labels)), labels)
+    for i in range(len(labels)):
+        for j in range(len(labels)):
+            ax.text(j, i, f"{mat[i, j]:.2f}", ha="center", va="center")
+    fig.colorbar(im, ax=ax)
+    _save(fig, out / "correlation.png")
+    doc.image("correlation.png", "metric correlation")
+
+
+def section_examples(doc: MarkdownDoc, inp: ReportInputs, snippets: int, snippet_chars: int,
+                     tokenizer: str | None) -> None:
+    doc.h2("Examples: top and bottom documents per metric")
+    try:
+        texts = DocumentTexts(inp.prefix, tokenizer)
+    except UserError as e:
+        doc.p(f"(no snippets: {e})")
+        return
+    for name, met in inp.metrics.items():
+        ok = np.flatnonzero(inp.nonempty & ~met.undefined)
+        order = ok[np.argsort(-met.values[ok], kind="stable")]
+        for label, pick in (("top", order[:snippets]), ("bottom", order[::-1][:snippets])):
+            doc.p(f"{METRIC_TITLES[name]} — {label} {len(pick)}:")
+            doc.quotes([(f"doc {d} ({_fmt(met.values[d])})", _snippet(texts[int(d)], snippet_chars)) for d in pick])
+
+
+def build_report(manifests: list[str], out_dir: str, extra_scores: Sequence[str] = (), data: str | None = None,
+                 snippets: int = 3, snippet_chars: int = 300, random_seed: int = 0,
+                 tokenizer: str | None = None) -> Path:
+    """Load the selections and scores, write every section, render; returns OUT/report.md."""
+    inp = load_inputs(manifests, extra_scores, data, random_seed)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    doc = MarkdownDoc("Data selection report")
+    doc.p(f"Corpus `{inp.prefix}`: {inp.ds.num_documents:,} documents, {int(inp.lengths.sum()):,} tokens "
+          f"({int((inp.lengths == 0).sum())} empty documents, never selected).")
+    section_budget(doc, inp)
+    section_overlap(doc, inp, out)
+    section_sampling(doc, inp)
+    section_lengths(doc, inp, out)
+    if inp.metrics:
+        section_metrics(doc, inp, out)
+        section_correlations(doc, inp, out)
         if snippets > 0:
-            doc.h2("Examples: top and bottom documents per metric")
-            try:
-                texts = DocumentTexts(prefix, tokenizer)
-            except UserError as e:
-                texts = None
-                doc.p(f"(no snippets: {e})")
-            if texts is not None:
-                for name, met in metrics.items():
-                    ok = np.flatnonzero(keep & ~met.undefined)
-                    order = ok[np.argsort(-met.values[ok], kind="stable")]
-                    for label, pick in (("top", order[:snippets]), ("bottom", order[::-1][:snippets])):
-                        doc.p(f"{METRIC_TITLES[name]} — {label} {len(pick)}:")
-                        doc.quotes([(f"doc {d} ({_fmt(met.values[d])})", _snippet(texts[int(d)], snippet_chars))
-                                    for d in pick])
+            section_examples(doc, inp, snippets, snippet_chars, tokenizer)
     else:
         doc.p("No score files: metric histograms, correlations and examples need --scores or scored selections.")
-
-    with atomic_path(out / "report.md") as tmp:
-        tmp.write_text(doc.markdown())
-    with atomic_path(out / "report.html") as tmp:
-        tmp.write_text(doc.html())
-    return out / "report.md"
+    md, _ = write_markdown_report(out, doc.text(), doc.title)
+    return md
 
 
 def _snippet(text: str, n: int) -> str:

@@ -29,7 +29,7 @@ def test_report_over_selections(tmp_path, mixed_corpus):
     for png in ("overlap.png", "lengths.png", "hist_sim.png", "hist_ent.png", "correlation.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({png})" in md
     html = (out / "report.html").read_text()
-    assert html.startswith("<!doctype html>") and "<table>" in html and "<img src='overlap.png'" in html
+    assert html.startswith("<!doctype html>") and "<table>" in html and '<img src="overlap.png"' in html
     # the top-similarity snippet is a finance document, shown as decoded text
     top = md.split("task similarity — top 2:")[1].split("\n\n")[1]
     assert any(t[:40] in top for t, fin in zip(texts, labels) if fin)
@@ -47,3 +47,32 @@ def test_report_refuses_mixed_corpora(tmp_path, mixed_corpus):
     select(SelectConfig(other, str(tmp_path / "b"), "random", budget=Budget("docs", 3)))
     with pytest.raises(UserError, match="a report compares selections of one corpus"):
         build_report([str(tmp_path / "a.manifest.json"), str(tmp_path / "b.manifest.json")], str(tmp_path / "r"))
+
+
+def test_sampling_section_top_decile_and_overlaps(tmp_path, mixed_corpus):
+    prefix, _, labels = mixed_corpus
+    sim = _score_file(tmp_path / "sim.parquet", prefix, "similarity", "similarity", np.linspace(0, 1, 40))
+    b = Budget("docs", 4)   # 10% of the 40 documents: hard takes exactly the top decile
+    select(SelectConfig(prefix, str(tmp_path / "hard"), "ets", [sim], budget=b))
+    select(SelectConfig(prefix, str(tmp_path / "rnd"), "random", budget=b, seed=3))
+    md = build_report([str(tmp_path / "hard.manifest.json"), str(tmp_path / "rnd.manifest.json")],
+                      str(tmp_path / "r"), snippets=0).read_text()
+    sec = md.split("## Hard, soft and random sampling per strategy")[1].split("\n## ")[0]
+    assert "| ets | hard | hard | 100.0% | 1.000 |" in sec
+    assert "| ets | rnd | uniform |" in sec
+
+
+def test_top_decile_share_and_renderer():
+    from megacpt.selection.report import render_html, top_decile_share
+
+    score = np.arange(100, dtype=float)
+    eligible = np.ones(100, bool)
+    top = np.zeros(100, bool)
+    top[90:] = True
+    assert top_decile_share(score, eligible, top) == 1.0
+    assert top_decile_share(score, eligible, ~top) == 0.0
+    every_other = np.arange(100) % 2 == 0
+    assert abs(top_decile_share(score, eligible, every_other) - 0.1) < 1e-9
+    page = render_html("# T\n\n| a | b |\n|---|---:|\n| 1 | <script> |\n\n![x](p.png)\n", "T")
+    assert "<table>" in page and "&lt;script&gt;" in page and "<script>" not in page
+    assert '<img src="p.png" alt="x"' in page and "<h1>T</h1>" in page
