@@ -61,11 +61,22 @@ def run(args: argparse.Namespace) -> int:
 
     cmd = args.eval_command
     if cmd == "convert-data":
-        from megacpt.eval.data import convert
+        from megacpt.eval.originals import convert
 
-        counts = convert(args.task, args.input, args.out_dir, test_inputs=args.test_input,
-                         test_fraction=args.test_fraction, seed=args.seed)
-        print(f"[eval] {args.task}: wrote {counts['train']} train / {counts['test']} test examples to {args.out_dir}/{args.task}")
+        rep = convert(args.task, args.input, args.out_dir, test_inputs=args.test_input,
+                      test_fraction=args.test_fraction, seed=args.seed)
+        for f in rep["inputs"]:
+            dup = f", {f['duplicates_of_earlier_files']} duplicates of earlier files dropped" \
+                if f["duplicates_of_earlier_files"] else ""
+            print(f"[eval] {f['path']}: {f['format']}, {f['encoding']}, {f['rows']} examples{dup}")
+        for line in rep["skipped"][:10]:
+            print(f"[eval] skipped {line}")
+        if len(rep["skipped"]) > 10:
+            print(f"[eval] ... {len(rep['skipped']) - 10} more skipped rows (all listed in source.json)")
+        for note in rep["notes"]:
+            print(f"[eval] note: {note}")
+        print(f"[eval] {args.task}: wrote {rep['train']} train / {rep['test']} test examples to "
+              f"{args.out_dir}/{args.task} ({len(rep['skipped'])} rows skipped)")
         return 0
     if cmd == "compare":
         from megacpt.eval.compare import compare

@@ -3,13 +3,14 @@ import json
 import pytest
 
 from megacpt.errors import InputError, UserError
-from megacpt.eval.data import convert, fiqa_bin, load_examples, parse_conll, parse_fiqa, parse_fpb, parse_headline
+from megacpt.eval.data import fiqa_bin, load_examples
+from megacpt.eval.originals import convert, parse_conll, parse_fiqa, parse_fpb, parse_headline
 
 from .conftest import FIXTURES, write_jsonl
 
 
 def test_fpb_latin1_and_last_at():
-    rows = parse_fpb(FIXTURES / "fpb_sentences.txt")
+    rows = parse_fpb(FIXTURES / "fpb_sentences.txt").rows
     assert len(rows) == 7  # blank line skipped
     assert rows[3]["text"].startswith("Orders for the café chain's")
     assert rows[4] == {"id": "fpb_sentences:6", "text": "Email contact: investor@example.com was published today .",
@@ -30,14 +31,14 @@ def test_fpb_bad_label_and_missing_at(tmp_path):
 def test_fiqa_binning_boundaries():
     assert [fiqa_bin(s) for s in (-0.5, -0.1, -0.0999, 0.0999, 0.1, 0.7)] == \
         ["negative", "neutral", "neutral", "neutral", "positive", "positive"]
-    rows = parse_fiqa(FIXTURES / "fiqa_headlines.json")
+    rows = parse_fiqa(FIXTURES / "fiqa_headlines.json").rows
     assert [(r["target"], r["label"]) for r in rows] == [
         ("Acme", "positive"), ("Globex", "negative"), ("Initech", "neutral"), ("Umbrella Corp", "neutral"), ("Hooli", "positive")]
     assert rows[1]["text"] == rows[2]["text"]  # one example per (sentence, target)
 
 
 def test_headline_csv():
-    rows = parse_headline(FIXTURES / "gold_headlines.csv")
+    rows = parse_headline(FIXTURES / "gold_headlines.csv").rows
     assert len(rows) == 4 and rows[0]["text"] == "gold climbs 1% as dollar slips, set for weekly gain"
     assert rows[1]["labels"]["price_constant"] == "yes" and rows[1]["labels"]["future_news"] == "yes"
     assert rows[3]["labels"]["price_or_not"] == "no" and len(rows[0]["labels"]) == 9
@@ -46,7 +47,7 @@ def test_headline_csv():
 def test_headline_csv_errors(tmp_path):
     p = tmp_path / "h.csv"
     p.write_text("News,Price or Not\nx,1\n")
-    with pytest.raises(InputError, match="h.csv:1: no column for question 'price_up'"):
+    with pytest.raises(InputError, match="h.csv:1: headline CSV: question columns found: price_or_not='Price or Not'; missing: price_up"):
         parse_headline(p)
     src = (FIXTURES / "gold_headlines.csv").read_text().splitlines()
     p.write_text("\n".join(src[:2] + [src[2].replace(",1,0,1,0,", ",1,0,2,0,")]) + "\n")
@@ -55,7 +56,7 @@ def test_headline_csv_errors(tmp_path):
 
 
 def test_conll_spans():
-    rows = parse_conll(FIXTURES / "finer.conll")
+    rows = parse_conll(FIXTURES / "finer.conll").rows
     assert [r["entities"] for r in rows] == [
         [{"text": "Acme Holdings Inc", "type": "ORG"}, {"text": "John Smith", "type": "PER"}, {"text": "London", "type": "LOC"}],
         [],
@@ -79,7 +80,7 @@ def test_convert_split_and_roundtrip(tmp_path):
     # the duplicated sentence stays on one side of the split
     assert not {e.text for e in train} & {e.text for e in test}
     counts = convert("ner", [str(FIXTURES / "finer.conll")], tmp_path, test_inputs=[str(FIXTURES / "finer.conll")])
-    assert counts == {"train": 0, "test": 3}
+    assert (counts["train"], counts["test"]) == (0, 3)
     ner = load_examples(tmp_path / "ner/test.jsonl", "ner", ("PER", "ORG", "LOC", "MISC"))
     assert ner[2].label == [("Jane Doe", "PER"), ("Bob", "PER")]
     convert("fiqa_sa", [str(FIXTURES / "fiqa_headlines.json")], tmp_path, seed=0)
