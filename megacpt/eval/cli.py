@@ -24,10 +24,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _model_args(f)
     f.add_argument("--tasks", default="fpb,fiqa_sa,headline,ner", help="comma-separated task names")
     f.add_argument("--data-dir", required=True, help="DIR/<task>/{train,test}.jsonl (+ optional task.yaml)")
-    f.add_argument("--shots", type=int, default=None, help="k-shot for every task (default: task's own, NER 20, others 5)")
+    f.add_argument("--shots", default=None, metavar="K|TASK=K,...",
+                   help="k-shot for every task (5), per task (ner=20,fpb=5) or both (5,ner=20); "
+                        "default: each task's own (BloombergGPT: NER 20, others 5)")
+    f.add_argument("--shot-seeds", type=int, default=1, metavar="K",
+                   help="score each task with K shot draws (seeds seed..seed+K-1): value = mean over draws, "
+                        "reported with their sd beside the bootstrap CI (default 1)")
+    f.add_argument("--ner-types", default=None, metavar="T,T,...",
+                   help="NER protocol: entity types kept (default PER,ORG,LOC as BloombergGPT; add MISC to keep it)")
+    f.add_argument("--ner-sentences", default=None, choices=["with-entities", "all"],
+                   help="NER protocol: evaluate only sentences with a kept entity (default, BloombergGPT) or all")
     f.add_argument("--label-scoring", default="sum", choices=["sum", "mean"],
                    help="compare summed (default) or per-token mean log-probs of label verbalisations")
-    f.add_argument("--predictions", action="store_true", help="keep per-example predictions in the JSON")
+    f.add_argument("--predictions", action="store_true",
+                   help="also keep per-example predictions in the results JSON (they are always written to "
+                        "OUT.predictions.jsonl with gold, prediction and label scores)")
     p = sub.add_parser("perplexity", help="token-weighted perplexity on held-out indexed datasets")
     _model_args(p)
     p.add_argument("--data", nargs="+", required=True, metavar="PREFIX", help="indexed dataset prefixes")
@@ -46,7 +57,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d.add_argument("--out-dir", required=True)
     h = sub.add_parser("lm-eval", help="run lm-eval-harness (--model hf) on an HF export, local tasks included")
     h.add_argument("--model", required=True, help="HF model dir (`megacpt convert megacpt-to-hf` output)")
-    h.add_argument("--tasks", required=True, help="lm-eval task names, comma-separated")
+    h.add_argument("--tasks", default=None, help="lm-eval task names, comma-separated")
+    h.add_argument("--preset", default=None, choices=["finpythia-open-domain"],
+                   help="the paper's open-domain tasks (arc_challenge, hellaswag, mmlu, truthfulqa_mc2) with the "
+                        "Open LLM Leaderboard's few-shot counts (25, 10, 5, 0); --num-fewshot TASK=K changes one")
+    h.add_argument("--num-fewshot", default=None, metavar="K|TASK=K,...",
+                   help="few-shot examples: K for every task (lm-eval's --num_fewshot) or per task/group "
+                        "(arc_challenge=25,hellaswag=10); default: each task's config")
     h.add_argument("--include-path", default=None, help="dir of custom task YAMLs")
     h.add_argument("--micro-batch-size", type=int, default=1)
     h.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -85,13 +102,19 @@ def run(args: argparse.Namespace) -> int:
         print(compare(args.results, names, args.out_md, args.out_png), end="")
         return 0
     if cmd == "lm-eval":
-        from megacpt.eval.lm_eval_adapter import run_lm_eval
+        from megacpt.eval.lm_eval_adapter import parse_num_fewshot, run_lm_eval
 
-        res = run_lm_eval(args.model, args.tasks.split(","), args.out, include_path=args.include_path,
+        tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
+        res = run_lm_eval(args.model, tasks, args.out, include_path=args.include_path,
                           batch_size=args.micro_batch_size, device=args.device, dtype=args.dtype, limit=args.limit,
-                          log_samples=args.log_samples)
+                          log_samples=args.log_samples, num_fewshot=parse_num_fewshot(args.num_fewshot),
+                          preset=args.preset)
+        shots = (res.get("megacpt") or {}).get("num_fewshot", {})
         for t, r in res.get("results", {}).items():
-            print(f"[eval] lm-eval {t}: " + ", ".join(f"{k}={v:.4f}" for k, v in r.items() if isinstance(v, float)))
+            print(f"[eval] lm-eval {t} ({shots.get(t, '?')}-shot): "
+                  + ", ".join(f"{k}={v:.4f}" for k, v in r.items() if isinstance(v, float)))
+        if res:
+            print(f"[eval] lm-eval {res['megacpt']['lm_eval_version']}: results in {args.out}/results.json")
         return 0
     if args.bootstrap < 0:
         raise UserError(f"--bootstrap {args.bootstrap} must be >= 0")
@@ -103,14 +126,21 @@ def run(args: argparse.Namespace) -> int:
                             batch_size=args.micro_batch_size, max_length=args.seq_length)
 
     if cmd == "finance":
-        from megacpt.eval.finance import FinanceConfig, load_tasks, one_line_table, run_finance, task_list
+        from megacpt.eval.finance import (FinanceConfig, load_tasks, one_line_table, parse_shots, run_finance, task_list,
+                                          write_run)
 
-        cfg = FinanceConfig(tasks=task_list(args.tasks), data_dir=args.data_dir, shots=args.shots, seed=args.seed,
-                            label_scoring=args.label_scoring, bootstrap=args.bootstrap, predictions=args.predictions)
+        shots, task_shots = parse_shots(args.shots)
+        cfg = FinanceConfig(tasks=task_list(args.tasks), data_dir=args.data_dir, shots=shots, task_shots=task_shots,
+                            seed=args.seed, label_scoring=args.label_scoring, bootstrap=args.bootstrap,
+                            predictions=args.predictions, shot_seeds=args.shot_seeds,
+                            ner_types=tuple(t.strip().upper() for t in args.ner_types.split(",") if t.strip())
+                            if args.ner_types is not None else None,
+                            ner_include_empty=None if args.ner_sentences is None else args.ner_sentences == "all")
         tasks = load_tasks(cfg)  # bad task data fails here, before the model is loaded
-        results = run_finance(load(), cfg, tasks)
-        write_json_atomic(args.out, results)
-        print(one_line_table(results))
+        run = run_finance(load(), cfg, tasks)
+        pred = write_run(run, args.out)
+        print(f"[eval] per-example predictions: {pred}")
+        print(one_line_table(run.results))
         return 0
     from megacpt.eval.finance import one_line_table, results_document
     from megacpt.eval.perplexity import heldout_perplexity

@@ -61,7 +61,8 @@ def export_classification_task(name: str, test: Sequence[Example], labels: Seque
         write_jsonl(data_files["train"], rows(train))
         cfg.update(fewshot_split="train", num_fewshot=num_fewshot)
     path = out / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    with atomic_path(path) as tmp:
+        tmp.write_text(yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True), encoding="utf-8")
     return path
 
 
@@ -80,16 +81,93 @@ def local_task_names(include_path: str | Path | None) -> set[str]:
     return names
 
 
+# The open-domain tasks FinPythia reports (ARC, MMLU, TruthfulQA, HellaSwag: docs/method.md §3) with the
+# few-shot counts of the Open LLM Leaderboard (v1) convention: ARC-Challenge 25, HellaSwag 10, MMLU 5,
+# TruthfulQA 0 (mc2). Whether the FinPythia paper used these exact counts is not verified (docs/evaluation.md).
+PRESETS: dict[str, dict[str, int]] = {
+    "finpythia-open-domain": {"arc_challenge": 25, "hellaswag": 10, "mmlu": 5, "truthfulqa_mc2": 0},
+}
+# the metric the leaderboard reads from each (lm-eval metric names; TruthfulQA mc2's is called "acc")
+PRESET_METRICS = {"arc_challenge": "acc_norm", "hellaswag": "acc_norm", "mmlu": "acc", "truthfulqa_mc2": "acc"}
+
+
+def parse_num_fewshot(spec: str | int | None) -> int | dict[str, int] | None:
+    """``--num-fewshot``: ``K`` (every task, lm-eval's own flag) or ``TASK=K[,TASK=K...]`` (per task)."""
+    if spec is None or isinstance(spec, int):
+        return spec
+    text = str(spec).strip()
+    if "=" not in text:
+        try:
+            return int(text)
+        except ValueError:
+            raise UserError(f"--num-fewshot {spec!r}: expected K or TASK=K[,TASK=K...]") from None
+    out = {}
+    for item in (x.strip() for x in text.split(",") if x.strip()):
+        name, eq, val = item.partition("=")
+        try:
+            out[name.strip()] = int(val)
+        except ValueError:
+            raise UserError(f"--num-fewshot {spec!r}: expected K or TASK=K[,TASK=K...]") from None
+        if not eq or out[name.strip()] < 0:
+            raise UserError(f"--num-fewshot {spec!r}: expected K >= 0 or TASK=K[,TASK=K...]")
+    return out
+
+
+def load_with_shots(task_manager, tasks: Sequence[str], shots: dict[str, int]) -> list:
+    """lm-eval Task/Group objects for ``tasks`` with ``num_fewshot`` set per requested name (a group's value
+    applies to all its subtasks). Like lm-eval's ``--num_fewshot``, a task whose config fixes 0 shots is
+    not given more: that is an error here, not a silent override."""
+    objs = []
+    for name in tasks:
+        loaded = task_manager.load([name])
+        k = shots.get(name)
+        for tname, task in loaded["tasks"].items():
+            if k is None:
+                continue
+            if task.get_config("num_fewshot") == 0 and k > 0:
+                raise UserError(f"--num-fewshot {name}={k}: lm-eval's task {tname} fixes num_fewshot: 0 in its "
+                                "config (its prompt is built for zero-shot use)")
+            task.set_config(key="num_fewshot", value=k)
+        if name in loaded["groups"]:
+            objs.append(loaded["groups"][name])
+        elif name in loaded["tasks"]:
+            objs.append(loaded["tasks"][name])
+        else:  # a tag: the tasks it expands to
+            objs += list(loaded["tasks"].values())
+    return objs
+
+
 def run_lm_eval(model_dir: str | Path, tasks: Sequence[str], output_path: str | Path, *,
                 include_path: str | Path | None = None, batch_size: int = 1, device: str = "cpu",
-                dtype: str = "float32", limit: int | None = None, log_samples: bool = False) -> dict:
+                dtype: str = "float32", limit: int | None = None, log_samples: bool = False,
+                num_fewshot: int | dict[str, int] | None = None, preset: str | None = None) -> dict:
     """Run lm-eval-harness (``simple_evaluate(model="hf", ...)``, what ``lm_eval --model hf`` runs) on an HF
     model dir. Writes ``output_path/results.json`` (+ ``samples_<task>.jsonl`` with ``log_samples``) and
     returns lm-eval's results dict (with ``samples`` when logged).
 
+    ``num_fewshot``: an int for every task (lm-eval's flag), or ``{task_or_group: k}``; unnamed tasks keep
+    their configs' counts. ``preset`` (``PRESETS``) adds its tasks and counts (explicit values win). The
+    results record, under ``megacpt``, the lm-eval version, the tasks, the requested and the effective
+    few-shot counts (lm-eval's own ``n-shot``).
+
     When every requested task is defined under ``include_path``, lm-eval's ~15k built-in task YAMLs are not
     indexed (``include_defaults=False``), which saves most of its start-up time.
     """
+    tasks = list(tasks)
+    if preset is not None:
+        if preset not in PRESETS:
+            raise UserError(f"--preset {preset!r}: known presets {sorted(PRESETS)}")
+        tasks += [t for t in PRESETS[preset] if t not in tasks]
+        if isinstance(num_fewshot, int):
+            raise UserError("--num-fewshot K (one count for all) contradicts --preset's per-task counts; "
+                            "use TASK=K to change one")
+        num_fewshot = {**PRESETS[preset], **(num_fewshot or {})}
+    if not tasks:
+        raise UserError("no tasks: pass --tasks and/or --preset")
+    if isinstance(num_fewshot, dict):
+        unknown = sorted(set(num_fewshot) - set(tasks))
+        if unknown:
+            raise UserError(f"--num-fewshot names {unknown}, which are not among the tasks {tasks}")
     if not lm_eval_available():
         raise UserError("lm-eval is not installed: pip install 'megacpt[eval]'")
     if not (Path(model_dir) / "config.json").is_file():
@@ -97,18 +175,31 @@ def run_lm_eval(model_dir: str | Path, tasks: Sequence[str], output_path: str | 
     if include_path is not None and not Path(include_path).is_dir():
         raise UserError(f"--include-path {include_path}: no such directory")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # local tasks: never reach for the hub
+    import lm_eval
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
+
+    from megacpt import __version__
 
     only_local = bool(tasks) and set(tasks) <= local_task_names(include_path)
     tm = TaskManager(include_path=str(include_path) if include_path else None, include_defaults=not only_local)
     unknown = [t for t in tasks if t not in tm.all_tasks]
     if unknown:
         raise UserError(f"lm-eval knows no task(s) {unknown}" + ("" if include_path else " (custom tasks need --include-path)"))
-    res = simple_evaluate(model="hf", model_args=f"pretrained={model_dir},dtype={dtype}", tasks=list(tasks),
-                          task_manager=tm, batch_size=batch_size, device=device, limit=limit, log_samples=log_samples)
+    task_arg: list = list(tasks)
+    if isinstance(num_fewshot, dict):
+        task_arg, num_fewshot_arg = load_with_shots(tm, tasks, num_fewshot), None
+    else:
+        num_fewshot_arg = num_fewshot
+    res = simple_evaluate(model="hf", model_args=f"pretrained={model_dir},dtype={dtype}", tasks=task_arg,
+                          task_manager=tm, batch_size=batch_size, device=device, limit=limit, log_samples=log_samples,
+                          num_fewshot=num_fewshot_arg)
     if res is None:  # non-zero ranks under multi-process runs
         return {}
+    res["megacpt"] = {"lm_eval_version": getattr(lm_eval, "__version__", "unknown"), "megacpt_version": __version__,
+                      "tasks": tasks, "preset": preset, "num_fewshot_requested": num_fewshot,
+                      "num_fewshot": dict(res.get("n-shot") or {}), "model": str(model_dir), "dtype": dtype,
+                      "limit": limit}
     out = Path(output_path)
     out.mkdir(parents=True, exist_ok=True)
     samples = res.pop("samples", None) or {}

@@ -1,7 +1,10 @@
-"""Task metrics: weighted F1 (classification), entity-level F1 (NER), bootstrap confidence intervals.
+"""Task metrics: weighted F1 and accuracy (scikit-learn), entity-level F1 (NER), bootstrap intervals.
 
-Written out here (not imported from scikit-learn, which is a test-only dependency) and checked against
-``sklearn.metrics.f1_score(average="weighted")`` in the tests.
+Point estimates of classification metrics are scikit-learn's (``f1_score(average="weighted")``,
+``accuracy_score``, ``confusion_matrix``). A bootstrap needs the metric on ~1,000 resamples per task, shot
+draw and Headline question; calling ``f1_score`` 1,000 times costs ~5 s per 1k examples, so
+``weighted_f1_resampled`` computes the same formula for all resamples at once from per-resample class
+counts (tested equal to scikit-learn on resamples). Entity F1 has no scikit-learn equivalent.
 """
 from __future__ import annotations
 
@@ -9,39 +12,56 @@ from collections import Counter
 from typing import Callable, Hashable, Sequence
 
 import numpy as np
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 
 
 def weighted_f1(gold: Sequence[Hashable], pred: Sequence[Hashable], labels: Sequence[Hashable] | None = None) -> float:
-    """Per-class F1 averaged with weights = gold support (sklearn's ``average="weighted"``).
-
-    ``labels``: the classes to average over (default: every label in gold or pred). A class with no
-    gold example has weight 0; a class never predicted has F1 0 (precision 0/0 taken as 0, like sklearn's
-    ``zero_division=0``). Returns 0.0 when there is no gold example at all.
-    """
+    """scikit-learn's ``f1_score(average="weighted", zero_division=0)``: per-class F1 averaged with weights =
+    gold support, over ``labels`` (default: every label in gold or pred). 0.0 when no gold example has a
+    label in ``labels``."""
     if len(gold) != len(pred):
         raise ValueError(f"weighted_f1: {len(gold)} gold labels vs {len(pred)} predictions")
     classes = list(labels) if labels is not None else sorted(set(gold) | set(pred), key=str)
-    tp, n_gold, n_pred = Counter(), Counter(gold), Counter(pred)
-    for g, p in zip(gold, pred):
-        if g == p:
-            tp[g] += 1
-    total = sum(n_gold[c] for c in classes)
-    if total == 0:
+    if not set(classes) & set(gold):
         return 0.0
-    score = 0.0
-    for c in classes:
-        if n_gold[c] == 0:
-            continue
-        denom = n_gold[c] + n_pred[c]  # F1 = 2 tp / (|gold| + |pred|)
-        score += n_gold[c] * (2.0 * tp[c] / denom if denom else 0.0)
-    return score / total
+    return float(f1_score(list(gold), list(pred), labels=classes, average="weighted", zero_division=0))
 
 
 def accuracy(gold: Sequence[Hashable], pred: Sequence[Hashable]) -> float:
-    return float(np.mean([g == p for g, p in zip(gold, pred)])) if len(gold) else 0.0
+    return float(accuracy_score(list(gold), list(pred))) if len(gold) else 0.0
 
 
-Entity = tuple[str, str]  # (normalised span text, type)
+def confusion(gold: Sequence[Hashable], pred: Sequence[Hashable], labels: Sequence[Hashable]) -> dict[str, dict[str, int]]:
+    """{gold label: {predicted label: count}} (scikit-learn's ``confusion_matrix`` as a nested dict)."""
+    m = confusion_matrix(list(gold), list(pred), labels=list(labels)) if len(gold) else np.zeros((len(labels),) * 2, int)
+    return {str(g): {str(p): int(m[i, j]) for j, p in enumerate(labels)} for i, g in enumerate(labels)}
+
+
+def encode(values: Sequence[Hashable], labels: Sequence[Hashable]) -> np.ndarray:
+    """Class index of each value; values outside ``labels`` get index len(labels)."""
+    index = {lab: i for i, lab in enumerate(labels)}
+    return np.array([index.get(v, len(labels)) for v in values], dtype=np.int64)
+
+
+def weighted_f1_resampled(gold: np.ndarray, pred: np.ndarray, n_labels: int, idx: np.ndarray) -> np.ndarray:
+    """Weighted F1 of every resample at once. ``gold``/``pred``: class indices [n] (``encode``); ``idx``:
+    [B, n] resampled example indices. Per class c: F1_c = 2 tp_c / (|gold_c| + |pred_c|) (0 when both are
+    0), averaged with weights |gold_c| over the ``n_labels`` classes -> [B]."""
+    b = idx.shape[0]
+    k = n_labels + 1  # + the "outside labels" bucket, dropped below
+    g, p = gold[idx], pred[idx]                                  # [B, n]
+    off = (np.arange(b) * k)[:, None]
+    n_gold = np.bincount((g + off).ravel(), minlength=b * k).reshape(b, k)[:, :n_labels]
+    n_pred = np.bincount((p + off).ravel(), minlength=b * k).reshape(b, k)[:, :n_labels]
+    hit = g == p
+    tp = np.bincount((g + off)[hit], minlength=b * k).reshape(b, k)[:, :n_labels]
+    denom = n_gold + n_pred
+    f1 = np.where(denom > 0, 2.0 * tp / np.maximum(denom, 1), 0.0)
+    total = n_gold.sum(1)
+    return np.where(total > 0, (n_gold * f1).sum(1) / np.maximum(total, 1), 0.0)
+
+
+Entity = tuple[str, str]  # (span text, type)
 
 
 def normalize_span(text: str) -> str:
@@ -49,42 +69,54 @@ def normalize_span(text: str) -> str:
     return " ".join(text.split()).casefold()
 
 
-def entity_counts(gold: Sequence[Sequence[Entity]], pred: Sequence[Sequence[Entity]]) -> tuple[int, int, int]:
-    """(true positives, #gold, #pred) over examples; entities are multisets of (span, type) per example, so a
-    span predicted twice but present once counts one hit and one false positive."""
+def entity_counts_per_example(gold: Sequence[Sequence[Entity]], pred: Sequence[Sequence[Entity]]) -> np.ndarray:
+    """[n, 3] int: (true positives, #gold, #pred) per example. Entities are multisets of (normalised span,
+    type), so a span predicted twice but present once is one hit and one false positive."""
     if len(gold) != len(pred):
         raise ValueError(f"entity_f1: {len(gold)} gold examples vs {len(pred)} predicted")
-    tp = n_g = n_p = 0
-    for g, p in zip(gold, pred):
+    out = np.zeros((len(gold), 3), dtype=np.int64)
+    for i, (g, p) in enumerate(zip(gold, pred)):
         cg = Counter((normalize_span(s), t) for s, t in g)
         cp = Counter((normalize_span(s), t) for s, t in p)
-        tp += sum((cg & cp).values())
-        n_g += sum(cg.values())
-        n_p += sum(cp.values())
-    return tp, n_g, n_p
+        out[i] = (sum((cg & cp).values()), sum(cg.values()), sum(cp.values()))
+    return out
+
+
+def entity_counts(gold: Sequence[Sequence[Entity]], pred: Sequence[Sequence[Entity]]) -> tuple[int, int, int]:
+    """(true positives, #gold, #pred) summed over examples."""
+    tp, n_g, n_p = entity_counts_per_example(gold, pred).sum(0) if len(gold) else (0, 0, 0)
+    return int(tp), int(n_g), int(n_p)
+
+
+def f1_from_counts(tp, n_gold, n_pred):
+    """Micro F1 = 2 tp / (|gold| + |pred|); 1.0 when there is no gold and no predicted entity at all.
+    Works on scalars and on arrays of resampled counts."""
+    tp, n_gold, n_pred = (np.asarray(x, dtype=np.float64) for x in (tp, n_gold, n_pred))
+    denom = n_gold + n_pred
+    out = np.where(denom > 0, 2.0 * tp / np.maximum(denom, 1.0), 1.0)
+    return float(out) if out.ndim == 0 else out
 
 
 def entity_f1(gold: Sequence[Sequence[Entity]], pred: Sequence[Sequence[Entity]]) -> float:
-    """Micro entity-level F1: an entity counts only if span text and type both match exactly.
+    """Micro entity-level F1: an entity counts only if span text and type both match exactly."""
+    return f1_from_counts(*entity_counts(gold, pred))
 
-    Both empty (no gold and no predicted entity anywhere) is a perfect 1.0; otherwise 2 tp / (|gold| + |pred|).
-    """
-    tp, n_g, n_p = entity_counts(gold, pred)
-    if n_g + n_p == 0:
-        return 1.0
-    return 2.0 * tp / (n_g + n_p)
+
+def bootstrap_indices(n: int, n_boot: int, seed: int) -> np.ndarray:
+    """[n_boot, n] example indices drawn with replacement (the resamples every metric of a run shares)."""
+    return np.random.default_rng(seed).integers(0, n, size=(n_boot, n)) if n and n_boot > 0 \
+        else np.zeros((0, n), dtype=np.int64)
+
+
+def percentile_ci(stats: np.ndarray, alpha: float = 0.05) -> tuple[float, float]:
+    if len(stats) == 0:
+        return (float("nan"), float("nan"))
+    lo, hi = np.quantile(np.asarray(stats, dtype=np.float64), [alpha / 2, 1 - alpha / 2])
+    return (float(lo), float(hi))
 
 
 def bootstrap_ci(metric: Callable[[np.ndarray], float], n: int, *, n_boot: int = 1000, seed: int = 0,
                  alpha: float = 0.05) -> tuple[float, float]:
-    """Percentile bootstrap CI of ``metric(idx)`` where ``idx`` resamples the n examples with replacement.
-
-    ``metric`` receives an index array and recomputes the statistic on that resample (so a corpus-level
-    metric such as F1 is recomputed, not averaged per example).
-    """
-    if n == 0 or n_boot <= 0:
-        return (float("nan"), float("nan"))
-    rng = np.random.default_rng(seed)
-    stats = np.array([metric(rng.integers(0, n, size=n)) for _ in range(n_boot)], dtype=np.float64)
-    lo, hi = np.quantile(stats, [alpha / 2, 1 - alpha / 2])
-    return (float(lo), float(hi))
+    """Percentile bootstrap CI of ``metric(idx)``, ``idx`` one resample of the n examples (with replacement);
+    the statistic is recomputed on each resample (corpus-level metrics are not averaged per example)."""
+    return percentile_ci(np.array([metric(i) for i in bootstrap_indices(n, n_boot, seed)]), alpha)

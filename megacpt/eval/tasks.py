@@ -2,11 +2,16 @@
 
 - classification (FPB, FiQA SA, any custom JSONL task): each label's verbalisation is scored by its
   log-likelihood after the k-shot prompt; the prediction is the best-scoring label. ``label_scoring="sum"``
-  (default, BloombergGPT / lm-eval ``acc``) compares summed token log-probs, unnormalised; ``"mean"``
-  divides by the verbalisation's token count (useful when verbalisations differ a lot in length).
+  (default, BloombergGPT's "regular" / lm-eval ``acc``) compares summed token log-probs, unnormalised;
+  ``"mean"`` divides by the verbalisation's token count (BloombergGPT's "normalization").
 - headline: 9 yes/no questions, each a binary classification with shots drawn for the same question;
   the metric is the mean of the 9 weighted F1s.
-- ner: greedy generation after the k-shot prompt, parsed back into (span, type) pairs; entity-level F1.
+- ner: greedy generation after the k-shot prompt, parsed back into (span, type) pairs; entity-level F1
+  under an explicit protocol (``NerProtocol``: kept entity types, whether entity-less sentences count).
+
+A runner scores one *shot draw* (one seed) and returns a ``DrawResult``: predictions, label scores, the
+metric, and the metric on bootstrap resamples of the test set, so draws can be averaged resample by
+resample (``megacpt.eval.finance``).
 """
 from __future__ import annotations
 
@@ -20,17 +25,41 @@ import yaml
 
 from megacpt.errors import UserError
 from megacpt.eval.data import HEADLINE_QUESTIONS, NER_TYPES, SENTIMENT_LABELS, Example, load_examples
-from megacpt.eval.metrics import bootstrap_ci, entity_counts, entity_f1, weighted_f1
-from megacpt.eval.prompts import Template, build_prompt, example_rng, load_template, select_shots
+from megacpt.eval.metrics import (accuracy, confusion, encode, entity_counts_per_example, f1_from_counts, weighted_f1,
+                                  weighted_f1_resampled)
+from megacpt.eval.prompts import Template, build_prompt, example_rng, select_shots
 
 KINDS = ("classification", "headline", "ner")
+
+# BloombergGPT (arXiv 2303.17564, §5.3.1 and App. B): "As MISC cannot be defined on its own ... we drop all
+# entities with type MISC. Additionally, as it is nontrivial to learn to predict empty output in the
+# few-shot set-up, we drop sentences that do not contain any entity."
+BLOOMBERGGPT_NER_TYPES = ("PER", "ORG", "LOC")
+
+
+@dataclass(frozen=True)
+class NerProtocol:
+    """Which NER annotations are evaluated. Applied to the few-shot pool and the test set alike."""
+
+    entity_types: tuple[str, ...] = BLOOMBERGGPT_NER_TYPES   # kept types; other entities are dropped
+    include_empty: bool = False       # evaluate sentences with no (kept) entity too
+
+    def validate(self, where: str) -> "NerProtocol":
+        bad = [t for t in self.entity_types if t not in NER_TYPES]
+        if not self.entity_types or bad or len(set(self.entity_types)) != len(self.entity_types):
+            raise UserError(f"{where}: entity types {list(self.entity_types)} must be distinct and from {list(NER_TYPES)}")
+        return self
+
+    def as_dict(self) -> dict:
+        return {"entity_types": list(self.entity_types),
+                "sentences": "all" if self.include_empty else "with-entities"}
 
 
 @dataclass
 class TaskSpec:
     name: str
     kind: str = "classification"
-    labels: tuple[str, ...] = ()      # label set (headline: question keys; ner: entity types)
+    labels: tuple[str, ...] = ()      # label set (headline: question keys; ner: entity types a file may use)
     template: str = "classification"  # built-in name or path to a template YAML
     shots: int = 5
     verbalizers: dict[str, str] = field(default_factory=dict)  # overrides the template's
@@ -38,6 +67,8 @@ class TaskSpec:
     label_field: str = "label"
     score_binning: bool = False       # fiqa_sa: bin a numeric "score" to a label
     max_new_tokens: int = 64          # ner generation budget
+    entity_types: tuple[str, ...] = BLOOMBERGGPT_NER_TYPES  # ner protocol (see NerProtocol)
+    include_empty: bool = False
 
     def validate(self) -> "TaskSpec":
         if self.kind not in KINDS:
@@ -46,7 +77,12 @@ class TaskSpec:
             raise UserError(f"task {self.name}: 'labels' must be a non-empty list of distinct labels")
         if self.shots < 0:
             raise UserError(f"task {self.name}: shots must be >= 0, got {self.shots}")
+        if self.kind == "ner":
+            self.ner_protocol().validate(f"task {self.name}")
         return self
+
+    def ner_protocol(self) -> NerProtocol:
+        return NerProtocol(tuple(self.entity_types), bool(self.include_empty))
 
 
 # BloombergGPT's setup as used for FinPythia (docs/method.md §3): shots and metrics per task.
@@ -69,6 +105,8 @@ def resolve_task(name: str, data_dir: str | Path) -> TaskSpec:
         shots: 5
         text_field: text
         label_field: label
+        entity_types: [PER, ORG, LOC]   # ner: the protocol's kept types
+        include_empty: false            # ner: evaluate entity-less sentences too
     """
     spec_file = Path(data_dir) / name / "task.yaml"
     base = BUILTIN_TASKS.get(name)
@@ -81,12 +119,13 @@ def resolve_task(name: str, data_dir: str | Path) -> TaskSpec:
     except yaml.YAMLError as e:
         raise UserError(f"{spec_file}: invalid YAML: {e}") from None
     allowed = {"kind", "labels", "template", "shots", "verbalizers", "text_field", "label_field",
-               "score_binning", "max_new_tokens"}
+               "score_binning", "max_new_tokens", "entity_types", "include_empty"}
     if not isinstance(d, dict) or set(d) - allowed:
         raise UserError(f"{spec_file}: expected a mapping with keys from {sorted(allowed)}, got "
                         f"{sorted(d) if isinstance(d, dict) else type(d).__name__}")
-    if "labels" in d:
-        d["labels"] = tuple(str(x) for x in d["labels"])
+    for key in ("labels", "entity_types"):
+        if key in d:
+            d[key] = tuple(str(x) for x in d[key])
     if "verbalizers" in d:
         d["verbalizers"] = {str(k): str(v) for k, v in d["verbalizers"].items()}
     t = d.get("template")
@@ -104,25 +143,49 @@ def verbalizers(spec: TaskSpec, template: Template, labels: Sequence[str]) -> di
     return out
 
 
+@dataclass
+class DrawResult:
+    """One task scored with one shot draw."""
+
+    value: float
+    preds: list                                  # per test example
+    scores: list                                 # per test example: label -> score (ner: None)
+    resampled: Callable[[np.ndarray], np.ndarray]  # [B, n] resample indices -> metric per resample [B]
+    extra: dict = field(default_factory=dict)     # accuracy, confusion, per_question, NER counts, ...
+
+
 # --- classification by label likelihood -------------------------------------------------------------
 
-def classify(lm, template: Template, queries: Sequence[dict[str, str]], shots: Sequence[Sequence[tuple[dict, str]]],
-             verbal: dict[str, str], label_scoring: str = "sum") -> list[str]:
-    """Predict one label per query: argmax over labels of log p(verbalisation | prompt) (ties: first label)."""
+def score_labels(lm, template: Template, queries: Sequence[dict[str, str]], shots: Sequence[Sequence[tuple[dict, str]]],
+                 verbal: dict[str, str], label_scoring: str = "sum") -> list[dict[str, float]]:
+    """Per query, {label: score}: log p(verbalisation | prompt), summed over its tokens (``sum``) or divided
+    by their number (``mean``)."""
     labels = list(verbal)
     requests = []
     for q, sh in zip(queries, shots):
         ctx, lead = build_prompt(template, sh, q)
         requests += [(ctx, lead + verbal[lab]) for lab in labels]
     ll = lm.loglikelihood(requests)
-    preds = []
+    out = []
     for i in range(len(queries)):
-        scores = []
-        for j in range(len(labels)):
+        row = {}
+        for j, lab in enumerate(labels):
             s, n = ll[i * len(labels) + j]
-            scores.append(s / max(n, 1) if label_scoring == "mean" else s)
-        preds.append(labels[int(np.argmax(scores))])
-    return preds
+            row[lab] = s / max(n, 1) if label_scoring == "mean" else s
+        out.append(row)
+    return out
+
+
+def argmax_label(scores: dict[str, float]) -> str:
+    """The best-scoring label; ties go to the first label in the label set."""
+    labels = list(scores)
+    return labels[int(np.argmax([scores[lab] for lab in labels]))]
+
+
+def classify(lm, template: Template, queries: Sequence[dict[str, str]], shots: Sequence[Sequence[tuple[dict, str]]],
+             verbal: dict[str, str], label_scoring: str = "sum") -> list[str]:
+    """Predict one label per query: argmax over labels of the label score (ties: first label)."""
+    return [argmax_label(s) for s in score_labels(lm, template, queries, shots, verbal, label_scoring)]
 
 
 def _shots_for(spec: TaskSpec, train: Sequence[Example], test: Sequence[Example], k: int, seed: int,
@@ -130,49 +193,45 @@ def _shots_for(spec: TaskSpec, train: Sequence[Example], test: Sequence[Example]
     return [select_shots(train, k, ex, example_rng(seed, spec.name + key, i)) for i, ex in enumerate(test)]
 
 
-def run_classification(lm, spec, template, train, test, k, seed, n_boot, label_scoring):
+def run_classification(lm, spec, template, train, test, k, seed, label_scoring) -> DrawResult:
     verbal = verbalizers(spec, template, spec.labels)
     shots = _shots_for(spec, train, test, k, seed)
-    preds = classify(lm, template, [e.fields for e in test],
-                     [[(s.fields, verbal[s.label]) for s in sh] for sh in shots], verbal, label_scoring)
+    scores = score_labels(lm, template, [e.fields for e in test],
+                          [[(s.fields, verbal[s.label]) for s in sh] for sh in shots], verbal, label_scoring)
+    preds = [argmax_label(s) for s in scores]
     gold = [e.label for e in test]
-    g, p = np.array(gold, dtype=object), np.array(preds, dtype=object)
-    value = weighted_f1(gold, preds, spec.labels)
-    ci = bootstrap_ci(lambda idx: weighted_f1(list(g[idx]), list(p[idx]), spec.labels), len(test), n_boot=n_boot, seed=seed)
-    return value, ci, {"accuracy": float(np.mean(g == p)), "verbalizers": verbal,
-                       "confusion": _confusion(gold, preds, spec.labels)}, preds
+    g, p = encode(gold, spec.labels), encode(preds, spec.labels)
+    return DrawResult(weighted_f1(gold, preds, spec.labels), preds, scores,
+                      lambda idx: weighted_f1_resampled(g, p, len(spec.labels), idx),
+                      {"accuracy": accuracy(gold, preds), "verbalizers": verbal,
+                       "confusion": confusion(gold, preds, spec.labels)})
 
 
-def _confusion(gold, pred, labels) -> dict[str, dict[str, int]]:
-    m = {g: {p: 0 for p in labels} for g in labels}
-    for a, b in zip(gold, pred):
-        m[a][b] += 1
-    return m
-
-
-def run_headline(lm, spec, template, train, test, k, seed, n_boot, label_scoring):
+def run_headline(lm, spec, template, train, test, k, seed, label_scoring) -> DrawResult:
     questions = template.extra.get("questions") or {}
     missing = [q for q in spec.labels if q not in questions]
     if missing:
         raise UserError(f"template {template.source}: no question text for {missing}")
     verbal = verbalizers(spec, template, ("yes", "no"))
-    per_q, preds_by_q = {}, {}
+    scores_by_q, preds_by_q, gold_by_q = {}, {}, {}
     for q in spec.labels:
         fields = [{**e.fields, "question": questions[q]} for e in test]
         shots = _shots_for(spec, train, test, k, seed, key=f"/{q}")
         shot_text = [[({**s.fields, "question": questions[q]}, verbal[s.label[q]]) for s in sh] for sh in shots]
-        preds_by_q[q] = np.array(classify(lm, template, fields, shot_text, verbal, label_scoring), dtype=object)
-    gold_by_q = {q: np.array([e.label[q] for e in test], dtype=object) for q in spec.labels}
+        scores_by_q[q] = score_labels(lm, template, fields, shot_text, verbal, label_scoring)
+        preds_by_q[q] = [argmax_label(s) for s in scores_by_q[q]]
+        gold_by_q[q] = [e.label[q] for e in test]
+    per_q = {q: weighted_f1(gold_by_q[q], preds_by_q[q], ("yes", "no")) for q in spec.labels}
+    codes = {q: (encode(gold_by_q[q], ("yes", "no")), encode(preds_by_q[q], ("yes", "no"))) for q in spec.labels}
 
-    def avg(idx):
-        return float(np.mean([weighted_f1(list(gold_by_q[q][idx]), list(preds_by_q[q][idx]), ("yes", "no"))
-                              for q in spec.labels]))
+    def resampled(idx):
+        return np.mean([weighted_f1_resampled(g, p, 2, idx) for g, p in codes.values()], axis=0)
 
-    for q in spec.labels:
-        per_q[q] = weighted_f1(list(gold_by_q[q]), list(preds_by_q[q]), ("yes", "no"))
-    all_idx = np.arange(len(test))
-    preds = [{q: preds_by_q[q][i] for q in spec.labels} for i in range(len(test))]
-    return avg(all_idx), bootstrap_ci(avg, len(test), n_boot=n_boot, seed=seed), {"per_question": per_q}, preds
+    n = len(test)
+    return DrawResult(float(np.mean(list(per_q.values()))),
+                      [{q: preds_by_q[q][i] for q in spec.labels} for i in range(n)],
+                      [{q: scores_by_q[q][i] for q in spec.labels} for i in range(n)],
+                      resampled, {"per_question": per_q})
 
 
 # --- NER by generation --------------------------------------------------------------------------------
@@ -181,58 +240,103 @@ def format_entities(ents: Sequence[tuple[str, str]], template: Template) -> str:
     types = template.extra["types"]
     if not ents:
         return str(template.extra.get("none_answer", "none"))
-    return str(template.extra.get("entity_separator", "; ")).join(f"{s} ({types[t]})" for s, t in ents)
+    return str(template.extra.get("entity_separator", ", ")).join(f"{s} ({types[t]})" for s, t in ents)
 
 
-_ENTITY = re.compile(r"^(.*?\S)\s*\(([^()]+)\)$")
+_MARKER = re.compile(r"\(\s*([^()]*?)\s*\)")
 
 
-def parse_entities(text: str, template: Template) -> tuple[list[tuple[str, str]], int]:
-    """Inverse of ``format_entities``; returns (entities, number of items that did not parse)."""
-    by_name = {str(v).casefold(): k for k, v in template.extra["types"].items()}
-    by_name.update({str(k).casefold(): k for k in template.extra["types"]})
+def parse_entities(text: str, template: Template, types: Sequence[str] | None = None) -> tuple[list[tuple[str, str]], int]:
+    """Inverse of ``format_entities``: (entities, number of items that did not parse).
+
+    Each ``(type)`` marker naming a type (by tag or verbalisation, any case) ends one entity; its span is
+    the text since the previous marker, separator stripped. Spans may therefore contain the separator or
+    other parentheses ("Evergreen Solar , Inc (organization)", "Acme (UK) Ltd (organization)"). Text after
+    the last marker, an empty span, or a marker of a type outside ``types`` (the NER protocol's kept
+    types) counts as one unparsed item.
+    """
+    all_types = template.extra["types"]
+    by_name = {str(v).casefold(): k for k, v in all_types.items()}
+    by_name.update({str(k).casefold(): k for k in all_types})
+    keep = set(types) if types is not None else set(all_types)
+    sep = str(template.extra.get("entity_separator", ", ")).strip() or ","
     text = text.strip()
     if not text or text.casefold() == str(template.extra.get("none_answer", "none")).casefold():
         return [], 0
-    ents, bad = [], 0
-    sep = str(template.extra.get("entity_separator", "; ")).strip() or ";"
-    for item in (x.strip() for x in text.split(sep)):
-        if not item:
-            continue
-        m = _ENTITY.match(item)
-        typ = by_name.get(m.group(2).strip().casefold()) if m else None
+
+    def clean(s: str) -> str:
+        s = s.strip()
+        while s.startswith(sep):
+            s = s[len(sep):].strip()
+        while s.endswith(sep):
+            s = s[: -len(sep)].strip()
+        return s
+
+    ents, bad, pos = [], 0, 0
+    for m in _MARKER.finditer(text):
+        typ = by_name.get(m.group(1).casefold())
         if typ is None:
+            continue  # a parenthesis inside a span
+        span = clean(text[pos:m.start()])
+        pos = m.end()
+        if not span or typ not in keep:
             bad += 1
         else:
-            ents.append((m.group(1).strip(), typ))
+            ents.append((span, typ))
+    if clean(text[pos:]):
+        bad += 1
     return ents, bad
 
 
-def run_ner(lm, spec, template, train, test, k, seed, n_boot, label_scoring):
+def apply_ner_protocol(examples: Sequence[Example], protocol: NerProtocol) -> tuple[list[Example], int, int]:
+    """(kept examples with only the kept entity types, #sentences dropped, #entities dropped)."""
+    keep = set(protocol.entity_types)
+    out, dropped_sent, dropped_ent = [], 0, 0
+    for e in examples:
+        ents = [x for x in e.label if x[1] in keep]
+        dropped_ent += len(e.label) - len(ents)
+        if not ents and not protocol.include_empty:
+            dropped_sent += 1
+            continue
+        out.append(replace(e, label=ents))
+    return out, dropped_sent, dropped_ent
+
+
+def run_ner(lm, spec, template, train, test, k, seed, label_scoring) -> DrawResult:
     if "types" not in template.extra:
         raise UserError(f"template {template.source}: an NER template needs 'types' (type -> verbalisation)")
+    missing = [t for t in spec.entity_types if t not in template.extra["types"]]
+    if missing:
+        raise UserError(f"template {template.source}: no verbalisation for entity type(s) {missing}")
     shots = _shots_for(spec, train, test, k, seed)
     prompts = []
     for ex, sh in zip(test, shots):
         ctx, lead = build_prompt(template, [(s.fields, format_entities(s.label, template)) for s in sh], ex.fields)
         prompts.append(ctx + lead)
     outs = lm.greedy_generate(prompts, spec.max_new_tokens, stop="\n")
-    parsed = [parse_entities(o, template) for o in outs]
+    parsed = [parse_entities(o, template, spec.entity_types) for o in outs]
     preds = [p for p, _ in parsed]
-    gold = [e.label for e in test]
-    tp, n_g, n_p = entity_counts(gold, preds)
-    ci = bootstrap_ci(lambda idx: entity_f1([gold[i] for i in idx], [preds[i] for i in idx]), len(test),
-                      n_boot=n_boot, seed=seed)
+    counts = entity_counts_per_example([e.label for e in test], preds)            # [n, 3]
+    tp, n_g, n_p = (int(x) for x in counts.sum(0)) if len(test) else (0, 0, 0)
+
+    def resampled(idx):
+        c = counts[idx].sum(1)                                                     # [B, 3]
+        return f1_from_counts(c[:, 0], c[:, 1], c[:, 2])
+
     extra = {"tp": tp, "n_gold_entities": n_g, "n_pred_entities": n_p,
              "precision": tp / n_p if n_p else 0.0, "recall": tp / n_g if n_g else 0.0,
              "unparsed_items": sum(b for _, b in parsed)}
-    return entity_f1(gold, preds), ci, extra, [{"generated": o, "entities": p} for o, p in zip(outs, preds)]
+    return DrawResult(f1_from_counts(tp, n_g, n_p), [{"generated": o, "entities": p} for o, p in zip(outs, preds)],
+                      [None] * len(test), resampled, extra)
 
 
-RUNNERS: dict[str, Callable] = {"classification": run_classification, "headline": run_headline, "ner": run_ner}
+RUNNERS: dict[str, Callable[..., DrawResult]] = {
+    "classification": run_classification, "headline": run_headline, "ner": run_ner}
 
 
-def load_task_data(spec: TaskSpec, data_dir: str | Path, shots: int) -> tuple[list[Example], list[Example]]:
+def load_task_data(spec: TaskSpec, data_dir: str | Path, shots: int) -> tuple[list[Example], list[Example], dict]:
+    """(few-shot pool, test set, notes). NER: the protocol is applied to both (``notes`` counts what it
+    dropped)."""
     d = Path(data_dir) / spec.name
     test_path, train_path = d / "test.jsonl", d / "train.jsonl"
     if not test_path.is_file():
@@ -240,8 +344,19 @@ def load_task_data(spec: TaskSpec, data_dir: str | Path, shots: int) -> tuple[li
                         "`megacpt eval convert-data` converts the original files)")
     kw = dict(text_field=spec.text_field, label_field=spec.label_field, score_binning=spec.score_binning)
     test = load_examples(test_path, spec.kind, spec.labels, **kw)
-    if shots == 0:
-        return [], test
-    if not train_path.is_file():
-        raise UserError(f"task {spec.name}: {shots}-shot prompts need {train_path} (or pass --shots 0)")
-    return load_examples(train_path, spec.kind, spec.labels, **kw), test
+    train: list[Example] = []
+    if shots > 0:
+        if not train_path.is_file():
+            raise UserError(f"task {spec.name}: {shots}-shot prompts need {train_path} (or pass --shots 0)")
+        train = load_examples(train_path, spec.kind, spec.labels, **kw)
+    notes: dict[str, Any] = {}
+    if spec.kind == "ner":
+        protocol = spec.ner_protocol().validate(f"task {spec.name}")
+        test, ds, de = apply_ner_protocol(test, protocol)
+        train, ds_tr, de_tr = apply_ner_protocol(train, protocol)
+        notes = {"protocol": protocol.as_dict(),
+                 "dropped_sentences": {"train": ds_tr, "test": ds}, "dropped_entities": {"train": de_tr, "test": de}}
+        if not test:
+            raise UserError(f"task {spec.name}: no test sentence is left under the NER protocol "
+                            f"{protocol.as_dict()} ({ds} dropped)")
+    return train, test, notes

@@ -30,7 +30,8 @@ def _make_data(root):
     ner = [{"text": "Acme Holdings hired John Smith in London.", "entities": [
                {"text": "Acme Holdings", "type": "ORG"}, {"text": "John Smith", "type": "PER"}, {"text": "London", "type": "LOC"}]},
            {"text": "Nothing here.", "entities": []},
-           {"text": "Jane Doe joined Globex.", "entities": [{"text": "Jane Doe", "type": "PER"}, {"text": "Globex", "type": "ORG"}]}]
+           {"text": "Jane Doe joined Globex.", "entities": [{"text": "Jane Doe", "type": "PER"}, {"text": "Globex", "type": "ORG"}]},
+           {"text": "Bob Stone moved to Paris.", "entities": [{"text": "Bob Stone", "type": "PER"}, {"text": "Paris", "type": "LOC"}]}]
     write_jsonl(root / "ner/train.jsonl", ner)
     write_jsonl(root / "ner/test.jsonl", ner[:2])
     (root / "ner/task.yaml").write_text("max_new_tokens: 12\n")  # a built-in task with one field overridden
