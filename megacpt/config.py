@@ -206,6 +206,9 @@ class DataConfig:
     cache_dir: str | None = None      # where the dataset's shuffled index caches go (default: beside data)
     reset_attention_mask: bool = False  # document-aware attention inside packed sequences
     num_workers: int = 0
+    # {prefix: total tokens} of blend datasets that may not exist yet: used only by `train --dry-run` to
+    # plan epochs (an existing dataset's real size always wins); the trainer ignores it
+    planned_tokens: dict = field(default_factory=dict)
 
     def weights_and_prefixes(self) -> tuple[list[float] | None, list[str]]:
         b = list(self.blend)
@@ -380,6 +383,10 @@ class JobConfig:
         _check(isinstance(d.eval_prefixes, dict) and all(isinstance(k, str) and isinstance(v, str)
                                                           for k, v in d.eval_prefixes.items()),
                "data.eval_prefixes", f"expected {{name: prefix, ...}}, got {d.eval_prefixes!r}")
+        _check(isinstance(d.planned_tokens, dict) and all(
+            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+            for k, v in d.planned_tokens.items()), "data.planned_tokens",
+               f"expected {{prefix: tokens > 0, ...}}, got {d.planned_tokens!r}")
         parts = d.split.replace("/", ",").split(",")
         _check(all(p.strip().replace(".", "", 1).isdigit() for p in parts) and 1 <= len(parts) <= 3
                and sum(float(p) for p in parts) > 0, "data.split", f"expected e.g. '969,30,1', got {d.split!r}")

@@ -1,6 +1,6 @@
 #!/bin/bash
 # Run the same line on every node (without Slurm); MASTER_ADDR is the first node's address.
-#   MASTER_ADDR=node0 NNODES=4 bash examples/torchrun/multi-node.sh examples/configs/finpythia-6.9b.yaml
+#   MASTER_ADDR=node0 NNODES=4 bash examples/torchrun/multi-node.sh examples/configs/finpythia-6.9b-dacp.yaml
 set -euo pipefail
 CONFIG=${1:?usage: multi-node.sh CONFIG [key=value ...]}; shift
 : "${MASTER_ADDR:?set MASTER_ADDR to the first node}"

@@ -1,6 +1,6 @@
 #!/bin/bash
 # One node, all its GPUs (or N CPU processes on gloo with NPROC=N for a CPU smoke test).
-#   bash examples/torchrun/single-node.sh examples/configs/finpythia-6.9b.yaml [key=value ...]
+#   bash examples/torchrun/single-node.sh examples/configs/finpythia-6.9b-dacp.yaml [key=value ...]
 set -euo pipefail
 CONFIG=${1:?usage: single-node.sh CONFIG [key=value ...]}; shift
 NPROC=${NPROC:-$(nvidia-smi -L 2>/dev/null | wc -l)}

@@ -10,12 +10,15 @@ import logging
 import os
 import sys
 
+from megacpt.errors import UserError
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = ("examples:\n"
                 "  megacpt train --config examples/configs/tiny-cpu.yaml data.blend=[out/domain_text_document]\n"
-                "  torchrun --nproc-per-node 8 -m megacpt train --config examples/configs/finpythia-6.9b.yaml \\\n"
+                "  megacpt train --config examples/configs/finpythia-6.9b-dacp.yaml --dry-run --world-size 32\n"
+                "  torchrun --nproc-per-node 8 -m megacpt train --config examples/configs/finpythia-6.9b-dacp.yaml \\\n"
                 "      checkpoint.save=/ckpt/finpythia train.train_iters=1000\n"
                 "overrides use dotted section.field names (sections: model_preset, model, parallel, data,\n"
                 "optimizer, scheduler, checkpoint, logging, train); values are parsed as YAML.")
@@ -23,6 +26,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.train_iters=50")
     p.add_argument("--print-config", action="store_true",
                    help="validate, print the resolved config as JSON and exit (no training)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved plan and exit (no training): layout, tokens per step, steps, total "
+                        "tokens, epochs over each blend component, LR at key steps, memory per GPU")
+    p.add_argument("--world-size", type=int, default=None,
+                   help="world size to plan/validate for with --dry-run/--print-config "
+                        "(default: WORLD_SIZE, else 1)")
+    p.add_argument("--dataset-tokens", action="append", default=[], metavar="PREFIX=N",
+                   help="--dry-run: total tokens of a blend dataset that does not exist yet (repeatable; "
+                        "overrides data.planned_tokens; e.g. /data/fin/full_text_document=24e9)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 
@@ -47,8 +59,19 @@ def run(args: argparse.Namespace) -> int:
 
     _setup_logging(args.log_level)
     job = load_job_config(args.config, args.overrides)
+    world = args.world_size if args.world_size is not None else world_size_from_env()
+    if world < 1:
+        raise UserError(f"--world-size {world} must be >= 1")
+    if args.dry_run:
+        from megacpt.train.plan import build_plan, format_plan, parse_dataset_tokens
+
+        plan = build_plan(job, world, parse_dataset_tokens(args.dataset_tokens))
+        print(format_plan(plan, job, args.config), end="")
+        return 0
+    if args.dataset_tokens:
+        raise UserError("--dataset-tokens is only used by --dry-run")
     if args.print_config:
-        job.validate(world_size_from_env())
+        job.validate(world)
         print(json.dumps(job.to_dict(), indent=2, default=str))
         return 0
     result = train(job)

@@ -13,19 +13,19 @@ REPO = Path(__file__).resolve().parents[2]
 def test_flags_are_frozen():
     p = build_command_parser("train")
     flags = {s for a in p._actions for s in a.option_strings}
-    assert {"--config", "--print-config", "--log-level"} <= flags
+    assert {"--config", "--print-config", "--log-level", "--dry-run", "--world-size", "--dataset-tokens"} <= flags
     args = p.parse_args(["--config", "x.yaml", "train.train_iters=3", "data.seq_length=16"])
     assert args.config == "x.yaml" and args.overrides == ["train.train_iters=3", "data.seq_length=16"]
 
 
 def test_finpythia_recipe_validates_for_32_gpus(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "32")
-    assert main(["train", "--config", str(REPO / "examples/configs/finpythia-6.9b.yaml"), "--print-config"]) == 0
+    assert main(["train", "--config", str(REPO / "examples/configs/finpythia-6.9b-dacp.yaml"), "--print-config"]) == 0
     cfg = json.loads(capsys.readouterr().out)
     assert cfg["parallel"]["data_parallel_size"] == 16 and cfg["model"]["hidden_size"] == 4096
     assert cfg["train"]["global_batch_size"] % (cfg["train"]["micro_batch_size"] * 16) == 0
     monkeypatch.setenv("WORLD_SIZE", "12")  # 12 GPUs: dp=6 does not divide 1024 / 4
-    assert main(["train", "--config", str(REPO / "examples/configs/finpythia-6.9b.yaml"), "--print-config"]) == 2
+    assert main(["train", "--config", str(REPO / "examples/configs/finpythia-6.9b-dacp.yaml"), "--print-config"]) == 2
     assert "train.global_batch_size" in capsys.readouterr().err
 
 
