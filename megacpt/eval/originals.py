@@ -69,28 +69,32 @@ def _key(name: str) -> str:
     return re.sub(r"[^a-z0-9]", "", name.lower())
 
 
+def _csv_records(text: str, path: Path, delimiter: str = ","):
+    """(line, fields) of every non-blank CSV record; a malformed record is a file:line error."""
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    try:
+        for rec in reader:
+            if any(c.strip() for c in rec):
+                yield reader.line_num, rec
+    except csv.Error as e:
+        raise InputError(path, reader.line_num, f"malformed CSV: {e}") from None
+
+
 def _csv_rows(text: str, path: Path, delimiter: str | None = None) -> tuple[list[str], list[tuple[int, list[str]]], str]:
     """(header, [(line, fields)], delimiter) of a CSV/TSV text; the delimiter is the header line's tab, comma or
     semicolon. Blank rows are dropped; a row with a different field count is an error."""
     first = next((ln for ln in text.splitlines() if ln.strip()), "")
     if delimiter is None:
         delimiter = "\t" if "\t" in first else (";" if first.count(";") > first.count(",") else ",")
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     header: list[str] | None = None
     out = []
-    try:
-        for rec in reader:
-            line = reader.line_num
-            if not any(c.strip() for c in rec):
-                continue
-            if header is None:
-                header = [h.strip() for h in rec]
-                continue
-            if len(rec) != len(header):
-                raise InputError(path, line, f"{len(rec)} fields, the header has {len(header)} ({header})")
+    for line, rec in _csv_records(text, path, delimiter):
+        if header is None:
+            header = [h.strip() for h in rec]
+        elif len(rec) != len(header):
+            raise InputError(path, line, f"{len(rec)} fields, the header has {len(header)} ({header})")
+        else:
             out.append((line, rec))
-    except csv.Error as e:
-        raise InputError(path, reader.line_num, f"malformed CSV: {e}") from None
     if header is None:
         raise InputError(path, 1, "empty file: expected a header line")
     return header, out, delimiter
@@ -123,29 +127,22 @@ def parse_fpb(path: str | os.PathLike) -> Parsed:
 
 
 def _parse_fpb_csv(p: Path, text: str, enc: str) -> Parsed:
-    reader = csv.reader(io.StringIO(text, newline=""))
     rows = []
-    try:
-        for rec in reader:
-            n = reader.line_num
-            if not any(c.strip() for c in rec):
-                continue
-            if len(rec) != 2:
-                raise InputError(p, n, f"expected 2 fields (label, sentence), got {len(rec)}")
-            a, b = (c.strip() for c in rec)
-            if a.lower() in SENTIMENT_LABELS:
-                label, sentence = a.lower(), b
-            elif b.lower() in SENTIMENT_LABELS:
-                label, sentence = b.lower(), a
-            elif not rows and all(re.fullmatch(r"[A-Za-z_ ]{1,30}", c) for c in (a, b)):
-                continue  # a header such as "sentiment,text"
-            else:
-                raise InputError(p, n, f"neither field is a label {list(SENTIMENT_LABELS)}: {rec!r:.100}")
-            if not sentence:
-                raise InputError(p, n, "empty sentence")
-            rows.append({"id": f"{p.stem}:{n}", "text": sentence, "label": label})
-    except csv.Error as e:
-        raise InputError(p, reader.line_num, f"malformed CSV: {e}") from None
+    for n, rec in _csv_records(text, p):
+        if len(rec) != 2:
+            raise InputError(p, n, f"expected 2 fields (label, sentence), got {len(rec)}")
+        a, b = (c.strip() for c in rec)
+        if a.lower() in SENTIMENT_LABELS:
+            label, sentence = a.lower(), b
+        elif b.lower() in SENTIMENT_LABELS:
+            label, sentence = b.lower(), a
+        elif not rows and all(re.fullmatch(r"[A-Za-z_ ]{1,30}", c) for c in (a, b)):
+            continue  # a header such as "sentiment,text"
+        else:
+            raise InputError(p, n, f"neither field is a label {list(SENTIMENT_LABELS)}: {rec!r:.100}")
+        if not sentence:
+            raise InputError(p, n, "empty sentence")
+        rows.append({"id": f"{p.stem}:{n}", "text": sentence, "label": label})
     if not rows:
         raise InputError(p, None, "no labelled sentences")
     return Parsed(rows, "fpb-csv", enc)
