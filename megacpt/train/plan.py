@@ -23,11 +23,17 @@ Everything is arithmetic on the config (and on the datasets' ``.idx`` files when
     under FSDP (ZeRO-3 shards weights, gradients and optimizer state; DDP replicates them);
   * FSDP working set: two layers gathered at once (the current one and the prefetched next), in the
     all-gather dtype, plus their unsharded gradients in the reduce dtype;
-  * activations, per layer and micro-batch, Korthikanti et al. 2022 (arXiv 2205.05198, Table 2) with
-    16-bit activations and an attention kernel that stores no s×s scores (flash-attn / SDPA), i.e. their
-    selective-recompute figure: ``s·b·H·(10 + 24/t)`` bytes, ``s·b·H·34/t`` with sequence parallelism;
-    ``2·s·b·H`` (``/t`` with SP) under full recomputation (only each layer's input is kept). A stage keeps
-    its layers' activations for ``pp`` micro-batches in flight under 1F1B (all ``n_micro`` under GPipe);
+  * activations per layer and micro-batch, the accounting of Korthikanti et al. 2022 (arXiv 2205.05198)
+    applied to megacpt's layer under bf16 autocast (fp32 weights and residual stream, no dropout, an
+    attention kernel that stores no s×s scores), in units of s·b·H bytes: replicated (sharded by tp under
+    sequence parallelism) 8 = the fp32 input both LayerNorms share (4) + their bf16 outputs (2 + 2);
+    sharded by tp 8 + 4·I/H = QKV (6), attention output (2), MLP input-to-GELU and GELU output (4·I/H);
+    without recomputation also q and k after rotary and the attention output in head layout (+6, /tp);
+    under full recomputation only the layer's fp32 input (4). Plus autocast's bf16 copies of the layer's
+    weight matrices, saved for backward: ``2·(4H² + 2H·I)/tp`` bytes per layer (none under full
+    recomputation). tests/train/test_plan.py measures these on the real layer (saved-tensor hooks) and
+    matches them within 1%. A stage keeps its layers' activations for ``pp`` micro-batches in flight
+    under 1F1B (all ``n_micro`` under GPipe). Under fp32 the bf16 terms double and there are no copies;
   * logits: without the fused loss, ``4·b·s·V_pad/t`` bytes for fp32 logits and as much for their gradient.
 """
 from __future__ import annotations
@@ -126,6 +132,28 @@ def _lr_points(job: JobConfig) -> list[tuple[str, int, float]]:
     return out
 
 
+def _bf16(job: JobConfig) -> bool:
+    t = job.train
+    return t.precision == "bf16" or (t.precision == "auto" and t.device != "cpu")
+
+
+def activation_bytes_per_layer(job: JobConfig) -> float:
+    """Bytes one transformer layer keeps for backward per micro-batch (module docstring; the breakdown is
+    measured on megacpt's layer in tests/train/test_plan.py)."""
+    m, p, t = job.model, job.parallel, job.train
+    tp = p.tensor_model_parallel_size
+    sbh = job.data.seq_length * t.micro_batch_size * m.hidden_size
+    sp = p.sequence_parallel and tp > 1
+    half = 2 if _bf16(job) else 4                       # bytes of a matmul input/output under autocast
+    if m.recompute_granularity == "full":
+        return 4 * sbh / (tp if sp else 1)              # the layer's fp32 input only
+    replicated = 4 + 2 * half                           # fp32 residual input of both LayerNorms + their outputs
+    sharded = 4 * half + 2 * half * m.intermediate_size / m.hidden_size   # QKV (3), attention out (1), MLP in/GELU
+    if m.recompute_granularity not in ("selective",):
+        sharded += 3 * half                             # q, k after rotary + attention output (SDPA/flash saves)
+    return sbh * (replicated / (tp if sp else 1) + sharded / tp)
+
+
 def estimate_memory(job: JobConfig, dp: int) -> dict[str, float]:
     """Bytes per GPU by part (module docstring), for the largest pipeline stage."""
     m, p, t = job.model, job.parallel, job.train
@@ -144,15 +172,12 @@ def estimate_memory(job: JobConfig, dp: int) -> dict[str, float]:
         nbytes = {"float32": 4, "bfloat16": 2, "float16": 2}
         layer = layer_matrices / tp + layer_replicated
         out["fsdp_gathered"] = 2 * layer * (nbytes[p.mixed_precision_param] + nbytes[p.mixed_precision_reduce])
-    recompute = m.recompute_granularity
-    sp = p.sequence_parallel and tp > 1
-    if recompute == "full":
-        per_layer = 2 * s * b * h / (tp if sp else 1)
-    else:
-        per_layer = s * b * h * (34 / tp if sp else 10 + 24 / tp)
     n_micro = t.global_batch_size // (t.micro_batch_size * dp)
     in_flight = 1 if pp == 1 else (n_micro if p.pipeline_schedule == "gpipe" else min(pp, n_micro))
-    out["activations"] = per_layer * layers_per_stage * in_flight
+    out["activations"] = activation_bytes_per_layer(job) * layers_per_stage * in_flight
+    if _bf16(job) and m.recompute_granularity != "full":
+        # autocast's bf16 copies of each layer's weight matrices are saved for backward
+        out["weight_copies"] = 2 * (4 * h * h + 2 * h * i) / tp * layers_per_stage * in_flight
     if not t.fused_loss:
         out["logits"] = 2 * 4 * b * s * v / tp
     out["total"] = sum(out.values())
@@ -261,7 +286,8 @@ def format_plan(plan: Plan, job: JobConfig, config_path: str | None = None) -> s
     lines += [f"  step {step:>9,}  {lr:.4g}  ({what})" for what, step, lr in plan.lr]
     lines += ["", "memory per GPU (estimate; formula in megacpt/train/plan.py)"]
     labels = {"model_state": "weights+grads+AdamW (fp32, 16 B/param)", "fsdp_gathered": "FSDP gathered layers",
-              "activations": "activations", "logits": "logits + their gradient (fp32)"}
+              "activations": "activations", "weight_copies": "bf16 weight copies (autocast)",
+              "logits": "logits + their gradient (fp32)"}
     for k, v in plan.memory.items():
         if k != "total":
             lines.append(f"  {labels[k]:<40}{_gib(v):>10}")

@@ -121,9 +121,58 @@ def test_memory_estimate_by_hand(tiny_data):
     mem = estimate_memory(job, 2)
     assert mem["model_state"] == pytest.approx(16 * stage / 2)                      # FSDP over dp 2
     assert mem["fsdp_gathered"] == pytest.approx(2 * (layer_mat / 2 + layer_rep) * (4 + 4))
-    assert mem["activations"] == pytest.approx(s * 1 * h * 34 / 2 * 2)             # SP, 2 layers, 1 in flight
+    # precision auto plans for a GPU (bf16): per s*b*H, replicated 8 / tp (SP), sharded (8 + 4*I/H) / tp
+    assert mem["activations"] == pytest.approx(s * 1 * h * (8 / 2 + (8 + 4 * i / h) / 2) * 2)  # 2 layers
+    assert mem["weight_copies"] == pytest.approx(2 * (4 * h * h + 2 * h * i) / 2 * 2)
     assert mem["logits"] == pytest.approx(2 * 4 * 1 * s * v / 2)                    # fused_loss false
     assert mem["total"] == pytest.approx(sum(x for k, x in mem.items() if k != "total"))
+    job.train.precision = "fp32"  # fp32: the bf16 terms double, no autocast copies
+    mem = estimate_memory(job, 2)
+    assert mem["activations"] == pytest.approx(s * 1 * h * (12 / 2 + 4 * (4 + 2 * i / h) / 2) * 2)
+    assert "weight_copies" not in mem
+
+
+@pytest.mark.parametrize("recompute", [None, "selective", "full"])
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_activation_terms_match_what_the_layer_saves(recompute, precision):
+    """The per-layer terms of the estimate against the bytes megacpt's layer really saves for backward
+    (saved-tensor hooks; the difference between a 4- and a 2-layer model is two layers)."""
+    import torch
+
+    from megacpt.model.gpt_neox import GPTNeoX
+    from megacpt.train.plan import activation_bytes_per_layer
+
+    h, s, b = 256, 128, 2
+    over = {"model": {"vocab_size": 512, "hidden_size": h, "num_heads": 4, "max_position_embeddings": s,
+                      "recompute_granularity": recompute},
+            "data": {"seq_length": s, "blend": ["x"]}, "train": {"micro_batch_size": b, "precision": precision}}
+
+    def saved(layers):
+        torch.manual_seed(0)
+        cfg = ModelConfig(num_layers=layers, **over["model"])
+        model = GPTNeoX(cfg).train()
+        ids = torch.randint(0, 512, (b, s))
+        storages = {}
+        params = {q.untyped_storage().data_ptr() for q in model.parameters()}  # saved, but no new memory
+
+        def pack(x):
+            if x.untyped_storage().data_ptr() not in params:
+                storages[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
+            return x
+
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"), \
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+            model.hidden_states(ids)
+        return sum(storages.values())
+
+    measured = (saved(4) - saved(2)) / 2
+    from megacpt.config import JobConfig
+
+    job = JobConfig.from_dict({**over, "model": {**over["model"], "num_layers": 2}})
+    est = activation_bytes_per_layer(job)
+    if precision == "bf16" and recompute != "full":
+        est += 2 * (4 * h * h + 2 * h * 4 * h)  # autocast's weight copies (estimate_memory's weight_copies)
+    assert est == pytest.approx(measured, rel=0.01)
 
 
 SELECTION = sorted((REPO / "examples/configs").glob("finpythia-1b-selection-*.yaml"))
