@@ -25,14 +25,15 @@ Everything is arithmetic on the config (and on the datasets' ``.idx`` files when
     all-gather dtype, plus their unsharded gradients in the reduce dtype;
   * activations per layer and micro-batch, the accounting of Korthikanti et al. 2022 (arXiv 2205.05198)
     applied to megacpt's layer under bf16 autocast (fp32 weights and residual stream, no dropout, an
-    attention kernel that stores no s×s scores), in units of s·b·H bytes: replicated (sharded by tp under
-    sequence parallelism) 8 = the fp32 input both LayerNorms share (4) + their bf16 outputs (2 + 2);
-    sharded by tp 8 + 4·I/H = QKV (6), attention output (2), MLP input-to-GELU and GELU output (4·I/H);
+    attention kernel that stores no s×s scores), in units of s·b·H bytes: the fp32 input both LayerNorms
+    share (4; /tp under sequence parallelism) + their bf16 outputs as the first matmuls save them (2 + 2;
+    under SP these are the all-gathered tensors, so not /tp) + sharded by tp 8 + 4·I/H = QKV (6),
+    attention output (2), MLP input-to-GELU and GELU output (4·I/H);
     without recomputation also q and k after rotary and the attention output in head layout (+6, /tp);
     under full recomputation only the layer's fp32 input (4). Plus autocast's bf16 copies of the layer's
     weight matrices, saved for backward: ``2·(4H² + 2H·I)/tp`` bytes per layer (none under full
-    recomputation). tests/train/test_plan.py measures these on the real layer (saved-tensor hooks) and
-    matches them within 1%. A stage keeps its layers' activations for ``pp`` micro-batches in flight
+    recomputation). tests/train/test_plan.py measures these on the real layer (saved-tensor hooks, tp 1)
+    and matches them within 1%; the tp/SP split follows from which tensors DTensor shards (not measured). A stage keeps its layers' activations for ``pp`` micro-batches in flight
     under 1F1B (all ``n_micro`` under GPipe). Under fp32 the bf16 terms double and there are no copies;
   * logits: without the fused loss, ``4·b·s·V_pad/t`` bytes for fp32 logits and as much for their gradient.
 """
@@ -147,11 +148,12 @@ def activation_bytes_per_layer(job: JobConfig) -> float:
     half = 2 if _bf16(job) else 4                       # bytes of a matmul input/output under autocast
     if m.recompute_granularity == "full":
         return 4 * sbh / (tp if sp else 1)              # the layer's fp32 input only
-    replicated = 4 + 2 * half                           # fp32 residual input of both LayerNorms + their outputs
+    residual = 4                                        # fp32 input both LayerNorms share (sequence-sharded under SP)
+    ln_out = 2 * half                                   # the LayerNorm outputs the first matmuls save: gathered
     sharded = 4 * half + 2 * half * m.intermediate_size / m.hidden_size   # QKV (3), attention out (1), MLP in/GELU
     if m.recompute_granularity not in ("selective",):
         sharded += 3 * half                             # q, k after rotary + attention output (SDPA/flash saves)
-    return sbh * (replicated / (tp if sp else 1) + sharded / tp)
+    return sbh * (residual / (tp if sp else 1) + ln_out + sharded / tp)
 
 
 def estimate_memory(job: JobConfig, dp: int) -> dict[str, float]:
