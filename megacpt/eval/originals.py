@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from megacpt.errors import InputError, UserError
-from megacpt.eval.data import HEADLINE_QUESTIONS, NER_TYPES, SENTIMENT_LABELS, fiqa_bin, write_jsonl
+from megacpt.eval.data import NER_TYPES, SENTIMENT_LABELS, fiqa_bin, write_jsonl
 from megacpt.io import sha256_file, write_json_atomic
 
 

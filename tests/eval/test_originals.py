@@ -21,6 +21,13 @@ from .conftest import FIXTURES
 ORIG = FIXTURES / "originals"
 
 
+def refused(parse, path, text: str, match: str) -> None:
+    """``parse`` refuses ``text`` written to ``path`` with a message matching ``match``."""
+    path.write_text(text)
+    with pytest.raises(InputError, match=match):
+        parse(path)
+
+
 # --- FPB ----------------------------------------------------------------------------------------------
 
 def test_fpb_release_latin1_crlf_at_inside_sentence():
@@ -56,21 +63,16 @@ def test_fpb_kaggle_all_data_csv():
     ]
 
 
-def test_fpb_refusals_name_file_line_and_expectation(tmp_path):
-    p = tmp_path / "Sentences_75Agree.txt"
-    p.write_text("fine .@positive\nno label at all\n")
-    with pytest.raises(InputError, match=r"Sentences_75Agree.txt:2: expected 'sentence@label' with label one of"):
-        parse_fpb(p)
-    p.write_text("mail me at a@b.com\n")  # an '@' but no label after the last one
-    with pytest.raises(InputError, match=r":1: label 'b.com' after the last '@' is not one of"):
-        parse_fpb(p)
-    p.write_text("\n\n")
-    with pytest.raises(InputError, match="no 'sentence@label' lines"):
-        parse_fpb(p)
-    c = tmp_path / "all-data.csv"
-    c.write_text("neutral,ok .\nbullish,not a label .\n")
-    with pytest.raises(InputError, match=r"all-data.csv:2: neither field is a label"):
-        parse_fpb(c)
+@pytest.mark.parametrize("name,text,match", [
+    ("Sentences_75Agree.txt", "fine .@positive\nno label at all\n",
+     r"Sentences_75Agree.txt:2: expected 'sentence@label' with label one of"),
+    ("Sentences_75Agree.txt", "fine .@positive\nbad .@bullish\n", r"Sentences_75Agree.txt:2: label 'bullish'"),
+    ("Sentences_75Agree.txt", "mail me at a@b.com\n", r":1: label 'b.com' after the last '@' is not one of"),
+    ("Sentences_75Agree.txt", "\n\n", "no 'sentence@label' lines"),
+    ("all-data.csv", "neutral,ok .\nbullish,not a label .\n", r"all-data.csv:2: neither field is a label"),
+])
+def test_fpb_refusals_name_file_line_and_expectation(tmp_path, name, text, match):
+    refused(parse_fpb, tmp_path / name, text, match)
 
 
 def test_fpb_levels_combined_drop_nested_duplicates(tmp_path):
@@ -118,24 +120,19 @@ def test_fiqa_hub_csv_and_flat_tsv():
 
 def test_fiqa_refusals(tmp_path):
     bad = tmp_path / "task1_headline_ABSA_test.json"
-    bad.write_text('{\n  "1": {"sentence": "A up", "info": [{"target": "A", "sentiment_score": "0.2"}]},\n'
-                   '  "2": {"sentence": "B down", "info": [{"target": "B"}]}\n}\n')
-    with pytest.raises(InputError, match=r"test.json:3: entry '2' info\[0\]: need 'target' and a numeric 'sentiment_score'"):
-        parse_fiqa(bad)
-    bad.write_text('{"1": {"sentence": "A", "info": [{"target": "A", "sentiment_score": "1.7"}]}}')
-    with pytest.raises(InputError, match=r"sentiment score 1.7 is not in \[-1, 1\]"):
-        parse_fiqa(bad)
-    bad.write_text('{"1": {"sentence": "A", "info": [}')
-    with pytest.raises(InputError, match=r"test.json:1: malformed JSON"):
-        parse_fiqa(bad)
-    t = tmp_path / "fiqa.csv"
-    t.write_text("sentence,aspect,type\nA up,Stock,headline\n")
-    with pytest.raises(InputError, match=r"fiqa.csv:1: FiQA table: found columns \['sentence', 'aspect', 'type'\], "
-                                         r"missing \['target', 'score"):
-        parse_fiqa(t)
-    t.write_text("sentence,target,score\nA up,A,0.3\nB down,B\n")
-    with pytest.raises(InputError, match=r"fiqa.csv:3: 2 fields, the header has 3"):
-        parse_fiqa(t)
+    for text, match in [
+        ('{\n  "1": {"sentence": "A up", "info": [{"target": "A", "sentiment_score": "0.2"}]},\n'
+         '  "2": {"sentence": "B down", "info": [{"target": "B"}]}\n}\n',
+         r"test.json:3: entry '2' info\[0\]: need 'target' and a numeric 'sentiment_score'"),
+        ('{"1": {"sentence": "A", "info": [{"target": "A", "sentiment_score": "1.7"}]}}',
+         r"sentiment score 1.7 is not in \[-1, 1\]"),
+        ('{"1": {"sentence": "A", "info": [}', r"test.json:1: malformed JSON"),
+    ]:
+        refused(parse_fiqa, bad, text, match)
+    refused(parse_fiqa, tmp_path / "fiqa.csv", "sentence,aspect,type\nA up,Stock,headline\n",
+            r"fiqa.csv:1: FiQA table: found columns \['sentence', 'aspect', 'type'\], missing \['target', 'score")
+    refused(parse_fiqa, tmp_path / "fiqa.csv", "sentence,target,score\nA up,A,0.3\nB down,B\n",
+            r"fiqa.csv:3: 2 fields, the header has 3")
 
 
 # --- Headline -----------------------------------------------------------------------------------------
@@ -224,20 +221,14 @@ def test_ner_io_tags_merge_adjacent_and_say_so():
     assert "io_2col.conll:3" in p.notes[0]
 
 
-def test_ner_refusals(tmp_path):
-    p = tmp_path / "x.conll"
-    p.write_text("A NNP - B-ORG\nB NNP - B-MONEY\n")
-    with pytest.raises(InputError, match=r"x.conll:2: tag 'B-MONEY': expected O, or \[B-\|I-"):
-        parse_conll(p)
-    p.write_text("A NNP - I-ORG\nB NNP O\n")
-    with pytest.raises(InputError, match=r"x.conll:2: 3 columns, line 1 has 4"):
-        parse_conll(p)
-    p.write_text("A I-ORG\nB ORG\n")
-    with pytest.raises(InputError, match=r"x.conll:2: tag 'ORG' mixes tag schemes: line 1 has B-/I- prefixed tags"):
-        parse_conll(p)
-    p.write_text("lonely\n")
-    with pytest.raises(InputError, match=r"x.conll:1: expected 'token ... TAG'"):
-        parse_conll(p)
+@pytest.mark.parametrize("text,match", [
+    ("A NNP - B-ORG\nB NNP - B-MONEY\n", r"x.conll:2: tag 'B-MONEY': expected O, or \[B-\|I-"),
+    ("A NNP - I-ORG\nB NNP O\n", r"x.conll:2: 3 columns, line 1 has 4"),
+    ("A I-ORG\nB ORG\n", r"x.conll:2: tag 'ORG' mixes tag schemes: line 1 has B-/I- prefixed tags"),
+    ("lonely\n", r"x.conll:1: expected 'token ... TAG'"),
+])
+def test_ner_refusals(tmp_path, text, match):
+    refused(parse_conll, tmp_path / "x.conll", text, match)
 
 
 def test_ner_convert_keeps_every_type_and_sentence(tmp_path):
@@ -271,3 +262,9 @@ def test_convert_data_cli_reports_format_skips_and_notes(tmp_path, capsys):
     assert main(["eval", "convert-data", "--task", "headline", "--input", str(ORIG / "gold-dataset-sentiment.csv"),
                  "--out-dir", str(tmp_path / "x")]) == 2
     assert "missing: price_or_not" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_headline_columns_cover_every_question():
+    from megacpt.eval.originals import HEADLINE_COLUMNS
+
+    assert tuple(HEADLINE_COLUMNS) == HEADLINE_QUESTIONS
