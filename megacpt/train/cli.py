@@ -65,7 +65,12 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         from megacpt.train.plan import build_plan, format_plan, parse_dataset_tokens
 
-        plan = build_plan(job, world, parse_dataset_tokens(args.dataset_tokens))
+        try:
+            plan = build_plan(job, world, parse_dataset_tokens(args.dataset_tokens))
+        except UserError as e:
+            if args.world_size is None and str(e).startswith("parallel"):
+                raise UserError(f"{e} (planning for world size {world}; set the run's with --world-size N)") from None
+            raise
         print(format_plan(plan, job, args.config), end="")
         return 0
     if args.dataset_tokens:
