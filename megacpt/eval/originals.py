@@ -203,7 +203,7 @@ def _parse_fiqa_json(p: Path, text: str, enc: str) -> Parsed:
         for j, info in enumerate(item["info"]):
             if not isinstance(info, dict) or not isinstance(info.get("target"), str) or "sentiment_score" not in info:
                 raise InputError(p, line, f"entry {key!r} info[{j}]: need 'target' and a numeric 'sentiment_score' "
-                                          "(the challenge's unlabelled test files have no scores)")
+                                          "(an unlabelled file has no scores)")
             score = _score(info["sentiment_score"], p, line, f"entry {key!r} info[{j}]")
             rows.append({"id": f"{key}:{j}", "text": item["sentence"].strip(), "target": info["target"].strip(),
                          "score": score, "label": fiqa_bin(score)})
@@ -437,8 +437,8 @@ def _label_key(row: dict) -> str:
 
 def _read_all(task: str, paths: Sequence[str], report: dict, seen: dict[str, str]) -> list[dict]:
     """Rows of every file; an identical row (same text and labels) already read from an *earlier file*
-    is dropped and counted (FPB's agreement levels are nested subsets of each other), duplicates inside
-    one file are kept (they are part of the release)."""
+    is dropped and counted (FPB's agreement levels are nested subsets of each other); duplicates inside
+    one file are kept, as released."""
     out = []
     for path in paths:
         parsed = PARSERS[task](path)
