@@ -82,13 +82,12 @@ def local_task_names(include_path: str | Path | None) -> set[str]:
 
 
 # The open-domain tasks FinPythia reports (ARC, MMLU, TruthfulQA, HellaSwag: docs/method.md §3) with the
-# few-shot counts of the Open LLM Leaderboard (v1) convention: ARC-Challenge 25, HellaSwag 10, MMLU 5,
-# TruthfulQA 0 (mc2). Whether the FinPythia paper used these exact counts is not verified (docs/evaluation.md).
+# few-shot counts of the Open LLM Leaderboard (v1) convention (its documentation: AI2 Reasoning Challenge
+# 25-shot, HellaSwag 10-shot, MMLU 5-shot, TruthfulQA 0-shot). Whether the FinPythia paper used these exact
+# counts and task variants is not verified (docs/evaluation.md).
 PRESETS: dict[str, dict[str, int]] = {
     "finpythia-open-domain": {"arc_challenge": 25, "hellaswag": 10, "mmlu": 5, "truthfulqa_mc2": 0},
 }
-# the metric the leaderboard reads from each (lm-eval metric names; TruthfulQA mc2's is called "acc")
-PRESET_METRICS = {"arc_challenge": "acc_norm", "hellaswag": "acc_norm", "mmlu": "acc", "truthfulqa_mc2": "acc"}
 
 
 def parse_num_fewshot(spec: str | int | None) -> int | dict[str, int] | None:
