@@ -23,7 +23,7 @@ import time
 CHILD = r"""
 import json, os, resource, sys, time
 import torch, transformers  # both paths pay these imports; measured from here
-import megacpt.convert, megacpt.convert.hf_gpt_neox, megacpt.train.checkpoint
+import megacpt.convert, megacpt.convert.hf_gpt_neox, megacpt.checkpoint
 def status_kb(key):
     with open("/proc/self/status") as f:
         return next(int(l.split()[1]) for l in f if l.startswith(key + ":"))

@@ -15,12 +15,14 @@ from pathlib import Path
 
 import torch
 
+from megacpt.checkpoint import is_checkpoint, load_checkpoint, read_model_config, resolve_checkpoint, shift_layers
+from megacpt.config import ModelConfig
+from megacpt.convert.hf_gpt_neox import find_hf_tokenizer, hf_state_dict, pad_vocab, read_hf_config
 from megacpt.errors import UserError
+from megacpt.model.gpt_neox import GPTNeoX
 
 
 def _kind(path: str | os.PathLike) -> str:
-    from megacpt.train.checkpoint import is_checkpoint
-
     p = Path(path)
     if not p.exists():
         raise UserError(f"model {p}: not found")
@@ -32,22 +34,16 @@ def _kind(path: str | os.PathLike) -> str:
                     "(a root with 'latest' or an iter_XXXXXXX dir)")
 
 
-def load_config(path: str | os.PathLike):
+def load_config(path: str | os.PathLike) -> ModelConfig:
     """The ModelConfig of an HF dir or a megacpt checkpoint, without loading weights."""
     if _kind(path) == "hf":
-        from megacpt.convert.hf_gpt_neox import read_hf_config
-
         return read_hf_config(path)[1]
-    from megacpt.train.checkpoint import read_model_config
-
     return read_model_config(path)
 
 
 def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                allow_pickle: bool = False):
     """-> (GPTNeoX in eval mode, ModelConfig). See the module docstring."""
-    from megacpt.model.gpt_neox import GPTNeoX
-
     kind = _kind(path)
     cfg = load_config(path)
     with torch.device("meta"):
@@ -57,14 +53,10 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, devi
         model.embed_out.weight = model.embed_in.weight
     params = model.state_dict()
     if kind == "hf":
-        from megacpt.convert.hf_gpt_neox import hf_state_dict
-
         with torch.no_grad():
             for name, t in hf_state_dict(path, cfg, allow_pickle=allow_pickle):
                 params[name].copy_(t)
     else:
-        from megacpt.train.checkpoint import load_checkpoint
-
         load_checkpoint(path, model, strict=True)
     return model.eval(), cfg
 
@@ -73,18 +65,14 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike, layer_offset: 
                  allow_pickle: bool = False) -> None:
     """Load HF or megacpt weights into ``model`` at its current layout (call on every rank)."""
     if _kind(path) == "megacpt":
-        from megacpt.train.checkpoint import load_checkpoint
-
         load_checkpoint(path, model, layer_offset=layer_offset, strict=True)
         return
+    # lazy: torch.distributed.checkpoint costs ~1 s to import (megacpt/checkpoint/unpickler.py)
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                           set_model_state_dict)
 
-    from megacpt.convert.hf_gpt_neox import hf_state_dict, pad_vocab
-    from megacpt.train.checkpoint import _shift_layers
-
     # local (maybe DTensor) entries this rank owns, by their global name
-    own = {_shift_layers(k, layer_offset): (k, v) for k, v in get_model_state_dict(model).items()}
+    own = {shift_layers(k, layer_offset): (k, v) for k, v in get_model_state_dict(model).items()}
     full = {}
     for name, t in hf_state_dict(path, allow_pickle=allow_pickle, names=set(own)):
         local, target = own[name]
@@ -107,12 +95,8 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike, layer_offset: 
 
 def find_tokenizer(path: str | os.PathLike) -> str | None:
     """The tokenizer dir shipped with an HF model dir or a megacpt checkpoint (None if there is none)."""
-    from megacpt.convert.hf_gpt_neox import find_hf_tokenizer
-
     if _kind(path) == "hf":
         return find_hf_tokenizer(path)
-    from megacpt.train.checkpoint import resolve_checkpoint
-
     tok = resolve_checkpoint(path) / "tokenizer"
     return str(tok) if tok.is_dir() else None
 

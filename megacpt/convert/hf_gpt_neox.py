@@ -22,9 +22,14 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
+from megacpt.checkpoint import (CheckpointManager, checkpoint_tensors, copy_tokenizer, is_checkpoint,
+                                read_model_config, read_tensors, resolve_checkpoint, tokenizer_files)
 from megacpt.config import ModelConfig, ParallelConfig
 from megacpt.errors import InputError, UserError
+from megacpt.model.hf_config import hf_config_from_model_config, model_config_from_hf
 
 SUPPORTED_ARCHITECTURES = ("GPTNeoXForCausalLM",)
 # buffers some HF GPT-NeoX checkpoints (transformers < 4.3x) carry: recomputed, never weights
@@ -103,8 +108,6 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
 
 def read_hf_config(hf_dir: str | os.PathLike) -> tuple[dict, ModelConfig]:
     """config.json -> (raw dict, ModelConfig with vocab_size = padded_vocab_size = HF's vocab_size)."""
-    from megacpt.model.hf_config import model_config_from_hf
-
     path = Path(hf_dir) / "config.json"
     if not path.is_file():
         raise UserError(f"{hf_dir}: not an HF model dir (no config.json)")
@@ -210,8 +213,6 @@ class HFWeights:
             self.files[k] = f
 
     def _open(self, f: Path):
-        from safetensors import safe_open
-
         if f not in self._handles:
             try:
                 self._handles[f] = safe_open(str(f), framework="pt", device="cpu")
@@ -285,8 +286,6 @@ def hf_state_dict(hf_dir: str | os.PathLike, cfg: ModelConfig | None = None, all
 
 
 def find_hf_tokenizer(hf_dir: str | os.PathLike) -> str | None:
-    from megacpt.train.checkpoint import tokenizer_files
-
     d = Path(hf_dir)
     files = {p.name for p in tokenizer_files(d)} if d.is_dir() else set()
     return str(d) if files & {"tokenizer.json", "tokenizer.model", "vocab.json"} else None
@@ -299,8 +298,6 @@ def hf_to_megacpt(hf_dir: str | os.PathLike, out: str | os.PathLike, tp: int = 1
     The checkpoint is layout-free (DCP reshards on load); ``tp``/``pp`` validate that the model splits
     that way and pad the vocab to a multiple of ``make_vocab_size_divisible_by * tp``.
     """
-    from megacpt.train.checkpoint import CheckpointManager, is_checkpoint
-
     raw, cfg = read_hf_config(hf_dir)
     m = cfg.make_vocab_size_divisible_by * tp
     cfg.padded_vocab_size = max(-(-cfg.vocab_size // m) * m, cfg.padded_vocab_size or 0)
@@ -328,12 +325,6 @@ def megacpt_to_hf(ckpt: str | os.PathLike, out: str | os.PathLike, dtype: str | 
 
     Streams: one safetensors shard (<= ``max_shard_bytes``) of tensors is in memory at a time.
     """
-    from safetensors.torch import save_file
-
-    from megacpt.model.hf_config import hf_config_from_model_config
-    from megacpt.train.checkpoint import (checkpoint_tensors, copy_tokenizer, read_model_config, read_tensors,
-                                          resolve_checkpoint)
-
     ck = resolve_checkpoint(ckpt)
     cfg = read_model_config(ck)
     want_dtype = parse_dtype(dtype)

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from megacpt.errors import UserError
-from megacpt.selection.documents import same_dataset
-from megacpt.selection.scores import ScoreFile
+from megacpt.data.identity import same_dataset
+from megacpt.score.files import ScoreFile
 
 METRIC_COLUMNS: dict[str, str] = {"sim": "similarity", "ppl": "nll_mean", "ent": "pos_entropy",
                                   "dsir": "dsir_log_weight"}

@@ -76,8 +76,9 @@ def score_counts(x, lr: np.ndarray, normalize: str = "sum") -> tuple[np.ndarray,
 def score_dataset(prefix: str, task_data: str, out: str, cfg: DsirConfig, json_keys: Sequence[str] = ("text",),
                   tokenizer: str | None = None, overwrite: bool = False) -> str:
     from megacpt.io import atomic_path, sha256_file
-    from megacpt.selection.documents import DocumentTexts, dataset_identity
-    from megacpt.selection.scores import Progress, ShardedScoreWriter, run_sharded, score_metadata
+    from megacpt.data.identity import dataset_identity
+    from megacpt.selection.documents import DocumentTexts
+    from megacpt.score.files import Progress, ShardedScoreWriter, run_sharded, score_metadata
     from megacpt.selection.similarity import read_task_texts
 
     cfg.validate()
@@ -121,7 +122,7 @@ def score_dataset(prefix: str, task_data: str, out: str, cfg: DsirConfig, json_k
 
 # -- `megacpt score dsir` --------------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from megacpt.selection.scores import add_sharded_output_args, add_task_data_args
+    from megacpt.score.files import add_sharded_output_args, add_task_data_args
 
     d = DsirConfig()
     p.add_argument("--data", required=True, metavar="PREFIX", help="indexed dataset prefix (the raw distribution)")

@@ -146,8 +146,9 @@ def _score_span(span: tuple[int, int, int]) -> tuple[int, dict[str, np.ndarray]]
 def score_dataset(prefix: str, out: str, cfg: PosEntropyConfig, tokenizer: str | None = None,
                   overwrite: bool = False) -> str:
     """Score every document of ``prefix``; writes ``out`` (Parquet, see scores.py). Resumable."""
-    from megacpt.selection.documents import DocumentTexts, dataset_identity
-    from megacpt.selection.scores import ShardedScoreWriter, run_sharded, score_metadata
+    from megacpt.data.identity import dataset_identity
+    from megacpt.selection.documents import DocumentTexts
+    from megacpt.score.files import ShardedScoreWriter, run_sharded, score_metadata
 
     cfg.validate()
     texts = DocumentTexts(prefix, tokenizer)  # validates the dataset and tokenizer up front
@@ -171,7 +172,7 @@ def score_dataset(prefix: str, out: str, cfg: PosEntropyConfig, tokenizer: str |
 
 # -- `megacpt score pos-entropy` -------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from megacpt.selection.scores import add_sharded_output_args
+    from megacpt.score.files import add_sharded_output_args
 
     d = PosEntropyConfig()
     p.add_argument("--data", required=True, metavar="PREFIX", help="indexed dataset prefix (PREFIX.bin/.idx)")

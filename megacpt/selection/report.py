@@ -24,13 +24,14 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from megacpt.data.identity import dataset_identity, same_dataset
 from megacpt.data.indexed import IndexedDataset
 from megacpt.errors import UserError
 from megacpt.io import atomic_path
+from megacpt.score.files import read_scores
 from megacpt.selection.combine import Metric, combined_score, load_metrics, metric_of, percentile_rank
-from megacpt.selection.documents import DocumentTexts, dataset_identity, same_dataset
+from megacpt.selection.documents import DocumentTexts
 from megacpt.selection.sample import Budget
-from megacpt.selection.scores import read_scores
 from megacpt.selection.select import SelectConfig, compute_selection, read_manifest
 
 METRIC_TITLES = {"sim": "task similarity", "ppl": "novelty: mean NLL (ln perplexity)", "ent": "POS entropy",

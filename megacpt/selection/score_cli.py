@@ -9,7 +9,7 @@ import argparse
 import importlib
 
 SCORERS: dict[str, tuple[str, str]] = {
-    "perplexity": ("megacpt.selection.perplexity", "novelty: per-document NLL under the base model"),
+    "perplexity": ("megacpt.score.cli", "novelty: per-document NLL under the base model"),
     "pos-entropy": ("megacpt.selection.pos_entropy", "diversity: entropy of universal POS tags (spaCy)"),
     "similarity": ("megacpt.selection.similarity", "task similarity: cosine to task-example embeddings"),
     "dsir": ("megacpt.selection.dsir", "DSIR hashed n-gram importance weight (target = task data)"),

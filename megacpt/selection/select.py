@@ -25,9 +25,9 @@ from megacpt.errors import UserError
 from megacpt.io import check_writable_dir, sha256_file, write_json_atomic
 from megacpt.selection.combine import (STRATEGIES, combined_score, load_metrics, metric_of, parse_weights,
                                        strategy_weights)
-from megacpt.selection.documents import dataset_identity, same_dataset
+from megacpt.data.identity import dataset_identity, same_dataset
 from megacpt.selection.sample import Budget, hard_order, random_order, soft_order, take_budget
-from megacpt.selection.scores import read_scores
+from megacpt.score.files import read_scores
 
 MANIFEST_FORMAT = 1
 

@@ -178,8 +178,9 @@ def read_task_texts(path: str, json_keys: Sequence[str]) -> list[str]:
 def score_dataset(prefix: str, task_data: str, out: str, cfg: SimilarityConfig, json_keys: Sequence[str] = ("text",),
                   tokenizer: str | None = None, overwrite: bool = False, embedder: Embedder | None = None) -> str:
     from megacpt.io import sha256_file
-    from megacpt.selection.documents import DocumentTexts, dataset_identity
-    from megacpt.selection.scores import ShardedScoreWriter, run_sharded, score_metadata
+    from megacpt.data.identity import dataset_identity
+    from megacpt.selection.documents import DocumentTexts
+    from megacpt.score.files import ShardedScoreWriter, run_sharded, score_metadata
 
     cfg.validate()
     docs = DocumentTexts(prefix, tokenizer)
@@ -205,7 +206,7 @@ def score_dataset(prefix: str, task_data: str, out: str, cfg: SimilarityConfig, 
 
 # -- `megacpt score similarity` --------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from megacpt.selection.scores import add_sharded_output_args, add_task_data_args
+    from megacpt.score.files import add_sharded_output_args, add_task_data_args
 
     d = SimilarityConfig()
     p.add_argument("--data", required=True, metavar="PREFIX", help="indexed dataset prefix")

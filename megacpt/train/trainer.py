@@ -30,9 +30,21 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megacpt.checkpoint import CheckpointManager, is_checkpoint, load_checkpoint
 from megacpt.config import JobConfig, ModelConfig
+from megacpt.convert import load_config, load_weights
+from megacpt.convert.hf_gpt_neox import megacpt_to_hf
+from megacpt.data.gpt_dataset import build_gpt_datasets, check_split
+from megacpt.data.indexed import IndexedDataset, data_paths, read_sidecar
+from megacpt.data.sampler import PretrainingSampler
+from megacpt.data.tokenizer import load_tokenizer
 from megacpt.errors import UserError
+from megacpt.model.gpt_neox import GPTNeoX
 from megacpt.optional import optional
+from megacpt.parallel import parallelize
+from megacpt.parallel.loss import fused_lm_nll_sum, tp_group_of, vocab_parallel_cross_entropy
+from megacpt.parallel.mesh import build_mesh
+from megacpt.parallel.pipeline import broadcast_loss, build_pipeline
 from megacpt.train.metrics import Throughput, flops_per_token, memory_stats, peak_flops
 from megacpt.train.optim import LRSchedule, build_optimizer
 
@@ -109,8 +121,6 @@ def init_runtime(job: JobConfig) -> Runtime:
                  world_size=dist.get_world_size() if dist.is_initialized() else 1, device=device,
                  autocast_dtype=torch.bfloat16 if precision == "bf16" else None, owns_process_group=owns)
     if rt.world_size > 1:
-        from megacpt.parallel.mesh import build_mesh
-
         rt.mesh = build_mesh(job.parallel, rt.world_size, device_type=device.type)
         rt.dp_rank, rt.dp_size = rt.mesh["dp"].get_local_rank(), rt.mesh["dp"].size()
         rt.pp_size = rt.mesh["pp"].size()
@@ -146,8 +156,6 @@ def set_rng_state(st: dict) -> None:
 
 def resume_dir(job: JobConfig) -> str | None:
     """Where to resume from: ``checkpoint.load`` (must hold a checkpoint), else ``checkpoint.save`` if it has one."""
-    from megacpt.train.checkpoint import is_checkpoint
-
     if job.checkpoint.load:
         if not is_checkpoint(job.checkpoint.load):
             raise UserError(f"checkpoint.load: no complete checkpoint under {job.checkpoint.load}")
@@ -166,8 +174,6 @@ def resolve_model_config(job: JobConfig, resume: str | None) -> ModelConfig:
     src = resume or job.checkpoint.init_from
     if src is None:
         return job.model
-    from megacpt.convert import load_config
-
     cfg = load_config(src)
     if resume is None and job.model_preset is not None:
         bad = [f"{k}: {getattr(job.model, k)} vs {getattr(cfg, k)}" for k in ARCH_FIELDS
@@ -206,8 +212,6 @@ def build_model(job: JobConfig, rt: Runtime, cfg: ModelConfig, weights_from: str
     starts from the same weights. With ``weights_from`` (init_from / resume) the model is built on the meta
     device, sharded, materialised and then loaded, so no rank ever holds a full fp32 copy it does not need.
     """
-    from megacpt.model.gpt_neox import GPTNeoX
-
     meta = weights_from is not None and job.parallel.pipeline_model_parallel_size == 1
     torch.manual_seed(job.train.seed)
     with torch.device("meta") if meta else contextlib.nullcontext():
@@ -218,15 +222,11 @@ def build_model(job: JobConfig, rt: Runtime, cfg: ModelConfig, weights_from: str
     if rt.mesh is None:
         parts = [model]
     elif job.parallel.pipeline_model_parallel_size > 1:
-        from megacpt.parallel.pipeline import build_pipeline
-
         n_micro = job.train.global_batch_size // (job.train.micro_batch_size * rt.dp_size)
         pipeline = build_pipeline(model, rt.mesh, job.parallel, n_micro, vocab_size=cfg.vocab_size,
                                   fused_loss=_use_fused(job, rt))
         parts = list(pipeline.parts)
     else:
-        from megacpt.parallel import parallelize
-
         parts = [parallelize(model, rt.mesh, job.parallel)]
     if meta:
         for part in parts:
@@ -244,15 +244,11 @@ def build_model(job: JobConfig, rt: Runtime, cfg: ModelConfig, weights_from: str
 
 def validate_data(job: JobConfig, model_cfg: ModelConfig) -> None:
     """Paths exist; the datasets' tokenizer (sidecars) agree with each other, ``data.tokenizer`` and the model."""
-    from megacpt.data.indexed import data_paths, read_sidecar
-
     _, prefixes = job.data.weights_and_prefixes()
     named = [(f"data.blend[{p}]", p) for p in prefixes] + \
             [(f"data.eval_prefixes.{k}", p) for k, p in job.data.eval_prefixes.items()]
     identity, first = None, None
     if job.data.tokenizer:
-        from megacpt.data.tokenizer import load_tokenizer
-
         identity, first = load_tokenizer(job.data.tokenizer).identity(), "data.tokenizer"
         if identity["vocab_size"] > model_cfg.vocab_size:
             raise UserError(f"data.tokenizer: vocab_size {identity['vocab_size']} > model.vocab_size "
@@ -281,9 +277,6 @@ def build_datasets(job: JobConfig) -> tuple[Any, dict[str, Any]]:
     A held-out set is read whole (split 1,0,0), ``eval_iters`` global batches of it at most, never more than
     one epoch (whole global batches only, so every layout evaluates the same samples).
     """
-    from megacpt.data.gpt_dataset import build_gpt_datasets, check_split
-    from megacpt.data.indexed import IndexedDataset
-
     d, t = job.data, job.train
     n = t.train_iters * t.global_batch_size
     check_split(d.split, d.weights_and_prefixes()[1])  # before any rank waits on a barrier
@@ -307,8 +300,6 @@ def build_datasets(job: JobConfig) -> tuple[Any, dict[str, Any]]:
 def local_batches(dataset, consumed: int, job: JobConfig, rt: Runtime, device) -> list[tuple]:
     """This DP rank's micro-batches of the global batch starting at sample ``consumed``:
     [(tokens [mb, s+1], doc_ids [mb, s] or None)] (Megatron's sampler order)."""
-    from megacpt.data.sampler import PretrainingSampler
-
     t = job.train
     n_micro = t.global_batch_size // (t.micro_batch_size * rt.dp_size)
     sampler = PretrainingSampler(consumed + t.global_batch_size, consumed, t.micro_batch_size,
@@ -328,8 +319,6 @@ def local_batches(dataset, consumed: int, job: JobConfig, rt: Runtime, device) -
 # ------------------------------------------------------------------------------------------------ loss
 
 def _tp_group(module):
-    from megacpt.parallel.loss import tp_group_of
-
     return tp_group_of(module)
 
 
@@ -340,8 +329,6 @@ def loss_sum(module: torch.nn.Module, tokens: torch.Tensor, cfg: ModelConfig, fu
     ``fused``: the fused linear + cross-entropy on the final hidden states (no [tokens, V] logits). Else
     the (vocab-parallel under TP) cross-entropy on the model's logits.
     """
-    from megacpt.parallel.loss import fused_lm_nll_sum, vocab_parallel_cross_entropy
-
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     if fused:
         h = module.hidden_states(inputs, doc_ids=doc_ids)  # [b, s, H] (full H under TP)
@@ -372,8 +359,6 @@ def forward_backward(model: Model, batches: list[tuple], job: JobConfig, rt: Run
                      fused: bool, tokens_per_iter: int) -> float:
     """All micro-batches of this rank, gradients accumulated; returns the global mean loss."""
     if model.pipeline is not None:
-        from megacpt.parallel.pipeline import broadcast_loss
-
         tokens = torch.cat([b[0] for b in batches])
         doc_ids = torch.cat([b[1] for b in batches]) if batches[0][1] is not None else None
         with _autocast(rt):
@@ -443,8 +428,6 @@ def evaluate(model: Model, evals: dict, job: JobConfig, rt: Runtime, fused: bool
         for i in range(n_batches):
             batches = local_batches(ds, i * t.global_batch_size, job, rt, rt.device)
             if model.pipeline is not None:
-                from megacpt.parallel.pipeline import broadcast_loss
-
                 tokens = torch.cat([b[0] for b in batches])
                 doc_ids = torch.cat([b[1] for b in batches]) if batches[0][1] is not None else None
                 with _autocast(rt):
@@ -557,8 +540,6 @@ def train(job: JobConfig, on_step: Callable[[int, float], None] | None = None) -
     seed_everything(t.seed)
     model = build_model(job, rt, cfg, resume or job.checkpoint.init_from)
     if resume is None and job.checkpoint.init_from:
-        from megacpt.convert import load_weights
-
         for part in model.parts:
             load_weights(part, job.checkpoint.init_from)
         log.info("initialised from %s", job.checkpoint.init_from)
@@ -572,8 +553,6 @@ def train(job: JobConfig, on_step: Callable[[int, float], None] | None = None) -
 
     it, consumed, nan_total, nan_streak = 0, 0, 0, 0
     if resume is not None:
-        from megacpt.train.checkpoint import load_checkpoint
-
         ck = load_checkpoint(resume, model.parts, optimizers)
         extra = ck.extra
         it, consumed = int(extra["iteration"]), int(extra["consumed_samples"])
@@ -587,8 +566,6 @@ def train(job: JobConfig, on_step: Callable[[int, float], None] | None = None) -
         log.info("resumed from %s at iteration %d (%d samples consumed)", ck.path, it, consumed)
     ckpt = None
     if job.checkpoint.save:
-        from megacpt.train.checkpoint import CheckpointManager
-
         ckpt = CheckpointManager(job.checkpoint.save, keep_last=job.checkpoint.keep_last,
                                  async_save=job.checkpoint.async_save)
 
@@ -687,8 +664,6 @@ def train(job: JobConfig, on_step: Callable[[int, float], None] | None = None) -
 def export_hf(job: JobConfig, rt: Runtime) -> None:
     """The final checkpoint -> an HF GPT-NeoX dir, through the convert library (rank 0; streams tensors)."""
     if rt.is_main:
-        from megacpt.convert.hf_gpt_neox import megacpt_to_hf
-
         megacpt_to_hf(job.checkpoint.save, job.checkpoint.export_hf)
         log.info("exported the final model to %s (HF GPT-NeoX)", job.checkpoint.export_hf)
     if rt.world_size > 1:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from megacpt.errors import UserError
-from megacpt.train.checkpoint import (CheckpointManager, from_jsonable, latest_checkpoint, list_checkpoints,
+from megacpt.checkpoint import (CheckpointManager, from_jsonable, latest_checkpoint, list_checkpoints,
                                       load_checkpoint, read_model_config, save_checkpoint, to_jsonable)
 
 from .helpers import assert_states_equal, build, fake_step, model_config, named_state, optimizer
@@ -145,7 +145,8 @@ _KILLER = textwrap.dedent("""
     import torch
     sys.path.insert(0, {repo!r})
     from tests.checkpoint.helpers import build, optimizer, fake_step
-    from megacpt.train import checkpoint as C
+    import megacpt.checkpoint as C
+    import megacpt.checkpoint.state as S
 
     root, where = sys.argv[1], sys.argv[2]
     model = build(); opt = optimizer(model.parameters()); fake_step(model.parameters(), opt)
@@ -156,7 +157,7 @@ _KILLER = textwrap.dedent("""
         from torch.distributed.checkpoint import filesystem
         filesystem._write_files_from_queue = die
     elif where == "finalize":     # complete.json written into the .tmp dir, not yet renamed
-        C._fsync_dir = die
+        S.fsync_dir = die
     fake_step(model.parameters(), opt)
     mgr.save(2, model, opt, extra={{"it": 2}})
     print("not killed")

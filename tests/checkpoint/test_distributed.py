@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from megacpt.testing import run_distributed
-from megacpt.train.checkpoint import load_checkpoint, read_tensors, save_checkpoint
+from megacpt.checkpoint import load_checkpoint, read_tensors, save_checkpoint
 
 from .helpers import assert_states_equal, build, fake_step, full, model_config, named_state, optimizer
 
@@ -48,7 +48,7 @@ def _stage_parts(world: int, pcfg, full_model, vpp: int = 1) -> list:
 
 def _reshard(rank: int, world: int, layout: str, root_in: str, root_out: str) -> list[str]:
     from megacpt.config import ParallelConfig
-    from megacpt.train.checkpoint import CheckpointManager
+    from megacpt.checkpoint import CheckpointManager
 
     kw, vpp = LAYOUTS[layout]
     parts = _stage_parts(world, ParallelConfig(**kw), build(seed=123), vpp)  # init differs from the checkpoint
@@ -81,7 +81,7 @@ def _convert_at_tp2pp2(world: int, hf_dir: str, ck_conv: str, root_out: str) -> 
     from megacpt.config import ParallelConfig
     from megacpt.convert import load_config, load_weights
     from megacpt.model.gpt_neox import GPTNeoX
-    from megacpt.train.checkpoint import CheckpointManager
+    from megacpt.checkpoint import CheckpointManager
 
     cfg = load_config(ck_conv)  # vocab padded for tp2 by the conversion
     pcfg = ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=2)

@@ -14,7 +14,7 @@ from megacpt.cli import main
 from megacpt.convert import load_model
 from megacpt.convert.hf_gpt_neox import hf_to_megacpt, megacpt_to_hf
 from megacpt.errors import UserError
-from megacpt.train.checkpoint import latest_checkpoint
+from megacpt.checkpoint import latest_checkpoint
 
 from .helpers import assert_bit_exact, make_hf_dir, read_safetensors_dir
 

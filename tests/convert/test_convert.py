@@ -10,7 +10,7 @@ import torch
 from megacpt.cli import main
 from megacpt.convert import find_tokenizer, load_config, load_model
 from megacpt.convert.hf_gpt_neox import hf_to_megacpt, megacpt_to_hf, name_map
-from megacpt.train.checkpoint import checkpoint_tensors, latest_checkpoint
+from megacpt.checkpoint import checkpoint_tensors, latest_checkpoint
 
 from .helpers import HF_CONFIGS, assert_bit_exact, hf_logits, make_hf_dir, read_safetensors_dir
 

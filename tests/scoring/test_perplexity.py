@@ -74,7 +74,7 @@ def _hf_reference(hf, prefix):
 
 
 def _read(path):
-    from megacpt.selection.scores import read_scores
+    from megacpt.score.files import read_scores
 
     return read_scores(path)
 
@@ -144,7 +144,7 @@ def test_cli_bf16_on_cpu_close_to_fp32_reference(setup, tmp_path, monkeypatch):
 
 def test_sequence_nll_batching_and_target_starts(setup):
     from megacpt.convert import load_model
-    from megacpt.selection.perplexity import ScoringConfig, sequence_nll
+    from megacpt.score import ScoringConfig, sequence_nll
 
     d, hf, prefix = setup
     model, _ = load_model(d / "hf")
@@ -168,7 +168,7 @@ def test_sequence_nll_batching_and_target_starts(setup):
 def _dp_worker(rank, world, model_dir, prefix, out, tp=1):
     """Score with the library: a whole replica per rank, or (tp > 1) TP-sharded replicas."""
     from megacpt.convert import load_config, load_model
-    from megacpt.selection.perplexity import ScoringConfig, parallel_scoring_model, score_dataset
+    from megacpt.score import ScoringConfig, parallel_scoring_model, score_dataset
 
     if tp == 1:
         model, _ = load_model(model_dir)
@@ -231,7 +231,7 @@ def test_pipeline_two_stages_equal_one_rank(setup, tmp_path):
 
 _KILL_AFTER_2 = """
 import os, signal, sys
-from megacpt.selection import scores
+from megacpt.score import files as scores
 orig = scores.ShardedScoreWriter.commit
 n = [0]
 def commit(self, k, cols):
@@ -264,15 +264,15 @@ def test_kill_and_resume_equals_uninterrupted(setup, tmp_path):
         a = build_command_parser("score").parse_args(["perplexity", *map(str, common), "--out", str(killed)])
         a._run(a)
     # the resumed run must not recompute committed shards
-    from megacpt.selection import perplexity
+    from megacpt.score import job
 
     seen = []
-    orig = perplexity.score_documents
-    perplexity.score_documents = lambda m, ds, a, b, *r, **k: (seen.append(a), orig(m, ds, a, b, *r, **k))[1]
+    orig = job.score_documents
+    job.score_documents = lambda m, ds, a, b, *r, **k: (seen.append(a), orig(m, ds, a, b, *r, **k))[1]
     try:
         assert _cli(*common, "--out", killed, "--resume") == 0
     finally:
-        perplexity.score_documents = orig
+        job.score_documents = orig
     assert seen == [6, 9]
     assert killed.read_bytes() == full.read_bytes()
 
@@ -298,7 +298,7 @@ def test_bad_inputs(setup, tmp_path):
     assert not (tmp_path / "b.parquet.shards").exists()
     # tokens outside the model vocab without a sidecar check still fail cleanly, not with an index error
     from megacpt.convert import load_model
-    from megacpt.selection.perplexity import sequence_nll
+    from megacpt.score import sequence_nll
 
     model, _ = load_model(d / "hf")
     with pytest.raises(UserError, match="outside the model's vocabulary"):

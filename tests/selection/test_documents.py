@@ -6,7 +6,8 @@ import pytest
 
 from megacpt.data.indexed import IndexedDatasetWriter, sidecar_path
 from megacpt.errors import UserError
-from megacpt.selection.documents import DocumentTexts, dataset_identity, same_dataset
+from megacpt.data.identity import dataset_identity, same_dataset
+from megacpt.selection.documents import DocumentTexts
 from tests.selection.conftest import write_text_dataset
 
 

@@ -3,7 +3,7 @@ import pytest
 
 from megacpt.cli import main
 from megacpt.selection.dsir import DsirConfig, bucket_counts, log_ratio, score_counts, vectorizer
-from megacpt.selection.scores import read_scores
+from megacpt.score.files import read_scores
 from megacpt.selection.select import SelectConfig, compute_selection
 from megacpt.selection.sample import Budget
 

@@ -5,7 +5,7 @@ import pytest
 
 from megacpt.cli import main
 from megacpt.selection.pos_entropy import PosEntropyConfig, entropy, split_pieces, tag_counts
-from megacpt.selection.scores import read_scores
+from megacpt.score.files import read_scores
 from tests.selection.conftest import write_text_dataset
 
 

@@ -9,9 +9,9 @@ from megacpt.cli import main
 from megacpt.data.indexed import IndexedDataset, IndexedDatasetWriter, read_sidecar, write_sidecar
 from megacpt.errors import UserError
 from megacpt.selection.combine import Metric, combined_score, parse_weights, percentile_rank
-from megacpt.selection.documents import dataset_identity
+from megacpt.data.identity import dataset_identity
 from megacpt.selection.sample import Budget, soft_order, take_budget
-from megacpt.selection.scores import score_metadata, write_scores
+from megacpt.score.files import score_metadata, write_scores
 from megacpt.selection.select import SelectConfig, compute_selection, replay, select
 
 

@@ -6,7 +6,7 @@ import pytest
 
 from megacpt.cli import main
 from megacpt.errors import InputError, UserError
-from megacpt.selection.scores import read_scores
+from megacpt.score.files import read_scores
 from megacpt.selection.similarity import (SimilarityConfig, chunk_texts, embed_texts, read_task_texts,
                                           score_dataset, similarity)
 

@@ -13,7 +13,7 @@ from megacpt.config import load_job_config
 from megacpt.errors import UserError
 from megacpt.testing import run_distributed
 from megacpt.train import trainer
-from megacpt.train.checkpoint import latest_checkpoint, read_tensors, checkpoint_tensors
+from megacpt.checkpoint import latest_checkpoint, read_tensors, checkpoint_tensors
 from tests.train.conftest import job_overrides, make_dataset
 
 

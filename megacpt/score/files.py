@@ -3,7 +3,7 @@
 Schema metadata key ``megacpt.scores`` holds JSON::
 
     {"format": 1, "scorer": "pos-entropy", "metric": "pos_entropy",
-     "dataset": <documents.dataset_identity>, "config": {...scorer config...}}
+     "dataset": <megacpt.data.identity.dataset_identity>, "config": {...scorer config...}}
 
 Scorers commit results in shards under ``OUT.shards/`` (each shard an atomic Parquet file), so an
 interrupted run resumes where it stopped; the final file is assembled atomically and the shard
