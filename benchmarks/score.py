@@ -4,7 +4,7 @@ CPU (default): a Pythia-70M-shaped GPT-NeoX (6L/512/8h, vocab 50,304, random wei
 dir; each path runs in its own fresh process (so peak RSS is its own) on the same random token batches:
 
   baseline  HF GPTNeoXForCausalLM(ids).logits -> F.cross_entropy(reduction="none")   (full [b,s,V] logits)
-  megacpt   megacpt.score.chunk_nll: our trunk + fused_linear_cross_entropy (no logits)
+  megacpt   megacpt.score.nll.chunk_nll: our trunk + fused_linear_cross_entropy (no logits)
 
 Reported: tokens/s (input tokens), peak RSS, and the pass's working memory = peak RSS - RSS after the model
 is loaded (weights are identical in both; the working memory is what the fused output layer shrinks),
@@ -108,7 +108,7 @@ def _worker(args) -> dict:
             return nll.view(t.shape[0], -1).double().mean(1).numpy()
     else:
         from megacpt.convert import load_model
-        from megacpt.score import ScoringConfig, chunk_nll
+        from megacpt.score.nll import ScoringConfig, chunk_nll
 
         model, _ = load_model(args.model_dir, dtype=dtype)
         if args.compile:
@@ -263,7 +263,7 @@ def cuda_main(args) -> None:
     # the whole pass: random-weight Pythia models, 8 x 2048 tokens per forward
     from megacpt.model.gpt_neox import GPTNeoX
     from megacpt.model.presets import get_preset
-    from megacpt.score import ScoringConfig, chunk_nll
+    from megacpt.score.nll import ScoringConfig, chunk_nll
 
     for name in args.gpu_models.split(","):
         cfg = get_preset(name)

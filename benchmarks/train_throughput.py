@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megacpt.config import load_job_config  # noqa: E402
+from megacpt.train.job import load_job_config  # noqa: E402
 from megacpt.data.indexed import IndexedDatasetWriter, optimal_dtype, write_sidecar  # noqa: E402
 from megacpt.model.presets import PRESETS  # noqa: E402
 from megacpt.train import trainer  # noqa: E402

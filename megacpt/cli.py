@@ -1,8 +1,9 @@
-"""`megacpt` entry point: dispatch a subcommand to the module that owns it, nothing else.
+"""`megacpt` entry point: dispatch a subcommand to its package's ``cli`` module, nothing else.
 
-Each command module exposes ``add_arguments(parser)`` (it may add its own sub-subcommands)
-and ``run(args) -> int``. Modules are imported lazily so `megacpt --help` stays instant and a
-command never pays for another's imports (torch, spaCy, ...).
+Each package's ``cli.py`` holds argparse and ``run`` for its commands: ``COMMANDS[name] = (add_arguments(parser),
+run(args) -> int)``; a command may add its own sub-subcommands. Those modules are imported only for the
+command asked for, so `megacpt --help` stays instant and a command never pays for another's imports
+(torch, spaCy, ...).
 """
 from __future__ import annotations
 
@@ -10,18 +11,19 @@ import argparse
 import importlib
 import sys
 
+from megacpt import __version__
 from megacpt.errors import UserError
 
-# name -> (module, one-line help). Order is the order shown in `megacpt --help`.
+# name -> (package cli module, one-line help). Order is the order shown in `megacpt --help`.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "tokenizer": ("megacpt.data.tokenizer_cli", "train a byte-level BPE tokenizer (GPT-NeoX style)"),
-    "preprocess": ("megacpt.data.preprocess", "raw text (jsonl/gz/zst/parquet/HF) -> Megatron .bin/.idx"),
-    "merge": ("megacpt.data.merge", "merge indexed datasets (Megatron's tools/merge_datasets.py)"),
-    "inspect": ("megacpt.data.inspect_cli", "summarise an indexed dataset: counts, lengths, first docs"),
+    "tokenizer": ("megacpt.data.cli", "train a byte-level BPE tokenizer (GPT-NeoX style)"),
+    "preprocess": ("megacpt.data.cli", "raw text (jsonl/gz/zst/parquet/HF) -> Megatron .bin/.idx"),
+    "merge": ("megacpt.data.cli", "merge indexed datasets (Megatron's tools/merge_datasets.py)"),
+    "inspect": ("megacpt.data.cli", "summarise an indexed dataset: counts, lengths, first docs"),
     "convert": ("megacpt.convert.cli", "HF GPT-NeoX <-> megacpt checkpoint conversion (with resharding)"),
-    "score": ("megacpt.selection.score_cli", "per-document scores: perplexity, pos-entropy, similarity, dsir"),
-    "select": ("megacpt.selection.select", "select a subset to a token budget (ETS/ETA-DACP, random)"),
-    "report": ("megacpt.selection.report", "reports over selections"),
+    "score": ("megacpt.selection.cli", "per-document scores: perplexity, pos-entropy, similarity, dsir"),
+    "select": ("megacpt.selection.cli", "select a subset to a token budget (ETS/ETA-DACP, random)"),
+    "report": ("megacpt.selection.cli", "reports over selections"),
     "train": ("megacpt.train.cli", "continual pre-training (torchrun / Slurm)"),
     "eval": ("megacpt.eval.cli", "financial tasks, held-out perplexity, comparisons"),
     "demo": ("megacpt.demo.cli", "the whole pipeline end to end on CPU, with a report"),
@@ -43,17 +45,15 @@ def _top_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    from megacpt import __version__
-
     return f"megacpt {__version__}"
 
 
 def build_command_parser(name: str) -> argparse.ArgumentParser:
     """The full parser of one command (used by `main` and by the CLI-interface tests)."""
-    module = importlib.import_module(COMMANDS[name][0])
+    add_arguments, run = importlib.import_module(COMMANDS[name][0]).COMMANDS[name]
     parser = argparse.ArgumentParser(prog=f"megacpt {name}", description=COMMANDS[name][1])
-    module.add_arguments(parser)
-    parser.set_defaults(_run=module.run)
+    add_arguments(parser)
+    parser.set_defaults(_run=run)
     return parser
 
 

@@ -1,4 +1,8 @@
-"""Configuration dataclasses. Each is passed to the thing that needs it; validation names the field."""
+"""Configuration dataclasses. Each is passed to the thing that needs it; validation names the field.
+
+The sections of a training job are here; ``megacpt.train.job.JobConfig`` assembles them (with a named
+model preset from ``megacpt.model.presets``) from YAML and dotted overrides.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -7,7 +11,7 @@ from dataclasses import dataclass, field
 from megacpt.errors import UserError
 
 
-def _check(cond: bool, field_name: str, msg: str) -> None:
+def check(cond: bool, field_name: str, msg: str) -> None:
     if not cond:
         raise UserError(f"{field_name}: {msg}")
 
@@ -57,20 +61,20 @@ class ModelConfig:
         return -(-self.vocab_size // m) * m
 
     def validate(self) -> "ModelConfig":
-        _check(self.hidden_size > 0 and self.num_layers > 0 and self.num_heads > 0, "model",
+        check(self.hidden_size > 0 and self.num_layers > 0 and self.num_heads > 0, "model",
                "hidden_size, num_layers, num_heads must be positive")
-        _check(self.hidden_size % self.num_heads == 0, "model.hidden_size",
+        check(self.hidden_size % self.num_heads == 0, "model.hidden_size",
                f"{self.hidden_size} is not divisible by model.num_heads={self.num_heads}")
-        _check(0.0 <= self.rotary_pct <= 1.0, "model.rotary_pct", f"{self.rotary_pct} not in [0, 1]")
-        _check(self.rotary_dim % 2 == 0, "model.rotary_pct",
+        check(0.0 <= self.rotary_pct <= 1.0, "model.rotary_pct", f"{self.rotary_pct} not in [0, 1]")
+        check(self.rotary_dim % 2 == 0, "model.rotary_pct",
                f"rotary dims per head = {self.rotary_dim} must be even")
-        _check(self.padded_vocab() >= self.vocab_size, "model.padded_vocab_size",
+        check(self.padded_vocab() >= self.vocab_size, "model.padded_vocab_size",
                f"{self.padded_vocab_size} < vocab_size {self.vocab_size}")
-        _check(self.recompute_granularity in (None, "none", "full", "selective"), "model.recompute_granularity",
+        check(self.recompute_granularity in (None, "none", "full", "selective"), "model.recompute_granularity",
                f"{self.recompute_granularity!r} is not one of none, full, selective")
-        _check(self.attention_backend in ("auto", "sdpa", "flash"), "model.attention_backend",
+        check(self.attention_backend in ("auto", "sdpa", "flash"), "model.attention_backend",
                f"{self.attention_backend!r} is not one of auto, sdpa, flash")
-        _check(self.layernorm_backend in ("torch", "auto", "apex", "te"), "model.layernorm_backend",
+        check(self.layernorm_backend in ("torch", "auto", "apex", "te"), "model.layernorm_backend",
                f"{self.layernorm_backend!r} is not one of torch, auto, apex, te")
         return self
 
@@ -104,43 +108,43 @@ class ParallelConfig:
 
     def resolve(self, world_size: int) -> "ParallelConfig":
         tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
-        _check(tp >= 1, "parallel.tensor_model_parallel_size", "must be >= 1")
-        _check(pp >= 1, "parallel.pipeline_model_parallel_size", "must be >= 1")
-        _check(world_size % (tp * pp) == 0, "parallel",
+        check(tp >= 1, "parallel.tensor_model_parallel_size", "must be >= 1")
+        check(pp >= 1, "parallel.pipeline_model_parallel_size", "must be >= 1")
+        check(world_size % (tp * pp) == 0, "parallel",
                f"world size {world_size} is not divisible by tp*pp = {tp}*{pp}")
         dp = world_size // (tp * pp) if self.data_parallel_size == -1 else self.data_parallel_size
-        _check(dp * tp * pp == world_size, "parallel.data_parallel_size",
+        check(dp * tp * pp == world_size, "parallel.data_parallel_size",
                f"dp*pp*tp = {dp}*{pp}*{tp} != world size {world_size}")
-        _check(self.pipeline_schedule in ("gpipe", "1f1b", "interleaved_1f1b"), "parallel.pipeline_schedule",
+        check(self.pipeline_schedule in ("gpipe", "1f1b", "interleaved_1f1b"), "parallel.pipeline_schedule",
                f"unknown schedule {self.pipeline_schedule!r} (gpipe, 1f1b, interleaved_1f1b)")
-        _check(self.data_parallel_type in ("fsdp", "ddp"), "parallel.data_parallel_type",
+        check(self.data_parallel_type in ("fsdp", "ddp"), "parallel.data_parallel_type",
                f"unknown {self.data_parallel_type!r} (fsdp, ddp)")
-        _check(not (self.data_parallel_type == "ddp" and tp > 1 and dp > 1), "parallel.data_parallel_type",
+        check(not (self.data_parallel_type == "ddp" and tp > 1 and dp > 1), "parallel.data_parallel_type",
                "ddp does not compose with tensor parallelism (DTensor params); use fsdp")
         vpp = self.virtual_pipeline_model_parallel_size or 1
-        _check(vpp >= 1, "parallel.virtual_pipeline_model_parallel_size", "must be >= 1")
-        _check((vpp > 1) == (self.pipeline_schedule == "interleaved_1f1b") or pp == 1,
+        check(vpp >= 1, "parallel.virtual_pipeline_model_parallel_size", "must be >= 1")
+        check((vpp > 1) == (self.pipeline_schedule == "interleaved_1f1b") or pp == 1,
                "parallel.virtual_pipeline_model_parallel_size",
                f"{vpp} virtual stages with pipeline_schedule={self.pipeline_schedule!r}: interleaved_1f1b "
                "needs virtual_pipeline_model_parallel_size >= 2, gpipe/1f1b need 1")
         for name in ("mixed_precision_param", "mixed_precision_reduce"):
-            _check(getattr(self, name) in ("float32", "bfloat16", "float16"), f"parallel.{name}",
+            check(getattr(self, name) in ("float32", "bfloat16", "float16"), f"parallel.{name}",
                    f"unknown dtype {getattr(self, name)!r} (float32, bfloat16, float16)")
         return dataclasses.replace(self, data_parallel_size=dp)
 
     def validate_model(self, model: ModelConfig) -> None:
         tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
-        _check(model.num_heads % tp == 0, "parallel.tensor_model_parallel_size",
+        check(model.num_heads % tp == 0, "parallel.tensor_model_parallel_size",
                f"model.num_heads={model.num_heads} is not divisible by tp={tp}")
-        _check(model.intermediate_size % tp == 0, "parallel.tensor_model_parallel_size",
+        check(model.intermediate_size % tp == 0, "parallel.tensor_model_parallel_size",
                f"model.intermediate_size={model.intermediate_size} is not divisible by tp={tp}")
         stages = pp * (self.virtual_pipeline_model_parallel_size or 1)
-        _check(model.num_layers % stages == 0, "parallel.pipeline_model_parallel_size",
+        check(model.num_layers % stages == 0, "parallel.pipeline_model_parallel_size",
                f"model.num_layers={model.num_layers} is not divisible by {stages} pipeline stages")
-        _check(model.padded_vocab() % tp == 0, "parallel.tensor_model_parallel_size",
+        check(model.padded_vocab() % tp == 0, "parallel.tensor_model_parallel_size",
                f"padded vocab {model.padded_vocab()} is not divisible by tp={tp} "
                "(set model.make_vocab_size_divisible_by or model.padded_vocab_size)")
-        _check(not (model.tie_word_embeddings and (tp > 1 or pp > 1)), "model.tie_word_embeddings",
+        check(not (model.tie_word_embeddings and (tp > 1 or pp > 1)), "model.tie_word_embeddings",
                "tied input/output embeddings are not supported with tensor or pipeline parallelism")
 
 
@@ -149,7 +153,7 @@ class ParallelConfig:
 # overrides; `JobConfig.validate(world_size)` runs before any process-group work.
 # --------------------------------------------------------------------------------------------
 
-def _fields_from_dict(cls, section: str, d: dict | None):
+def fields_from_dict(cls, section: str, d: dict | None):
     """Build dataclass ``cls`` from a dict, naming the section and the unknown keys on error."""
     d = dict(d or {})
     names = {f.name for f in dataclasses.fields(cls)}
@@ -162,30 +166,30 @@ def _fields_from_dict(cls, section: str, d: dict | None):
         raise UserError(f"{section}: {e}") from e
 
 
-def _check_type(obj, section: str) -> None:
+def check_type(obj, section: str) -> None:
     """YAML gives untyped scalars: check each field against its annotation (int/float/bool/str)."""
     for f in dataclasses.fields(obj):
         v = getattr(obj, f.name)
         ann = str(f.type)
         name = f"{section}.{f.name}"
         if v is None:
-            _check("None" in ann, name, "must be set (got null)")
+            check("None" in ann, name, "must be set (got null)")
             continue
         base = ann.split("|")[0].strip()
         if base == "bool":
-            _check(isinstance(v, bool), name, f"expected true/false, got {v!r}")
+            check(isinstance(v, bool), name, f"expected true/false, got {v!r}")
         elif base == "int":
-            _check(isinstance(v, int) and not isinstance(v, bool), name, f"expected an integer, got {v!r}")
+            check(isinstance(v, int) and not isinstance(v, bool), name, f"expected an integer, got {v!r}")
         elif base == "float":
             if isinstance(v, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
                 try:
                     v = float(v)
                 except ValueError:
                     pass
-            _check(isinstance(v, (int, float)) and not isinstance(v, bool), name, f"expected a number, got {v!r}")
+            check(isinstance(v, (int, float)) and not isinstance(v, bool), name, f"expected a number, got {v!r}")
             setattr(obj, f.name, float(v))
         elif base == "str":
-            _check(isinstance(v, str), name, f"expected a string, got {v!r}")
+            check(isinstance(v, str), name, f"expected a string, got {v!r}")
 
 
 @dataclass
@@ -214,11 +218,11 @@ class DataConfig:
         b = list(self.blend)
         if all(isinstance(x, str) for x in b):
             return None, b
-        _check(len(b) % 2 == 0 and all(isinstance(w, (int, float)) and isinstance(p, str)
+        check(len(b) % 2 == 0 and all(isinstance(w, (int, float)) and isinstance(p, str)
                                        for w, p in zip(b[::2], b[1::2])), "data.blend",
                "expected [prefix, ...] or [weight, prefix, weight, prefix, ...]")
         weights = [float(w) for w in b[::2]]
-        _check(all(w > 0 for w in weights), "data.blend", f"weights must be > 0, got {weights}")
+        check(all(w > 0 for w in weights), "data.blend", f"weights must be > 0, got {weights}")
         return weights, list(b[1::2])
 
 
@@ -280,162 +284,3 @@ class TrainConfig:
     max_consecutive_nan_skips: int = 5  # stop after K non-finite steps in a row
     peak_flops: float | None = None   # per-device peak FLOP/s for MFU; default: table by device name
     exit_signal_save: bool = True     # SIGTERM/SIGUSR1 -> checkpoint + clean exit
-
-
-@dataclass
-class JobConfig:
-    """Everything one `megacpt train` run needs. ``model_preset`` names a preset; ``model`` overrides it."""
-
-    model_preset: str | None = None
-    model: ModelConfig = field(default_factory=ModelConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-
-    SECTIONS = ("parallel", "data", "optimizer", "scheduler", "checkpoint", "logging", "train")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "JobConfig":
-        d = dict(d or {})
-        known = {"model_preset", "model", *cls.SECTIONS}
-        unknown = set(d) - known
-        if unknown:
-            raise UserError(f"config: unknown section(s) {sorted(unknown)}; known: {sorted(known)}")
-        preset = d.get("model_preset")
-        model_over = dict(d.get("model") or {})
-        if preset is not None:
-            from megacpt.model.presets import PRESETS
-
-            if preset not in PRESETS:
-                raise UserError(f"model_preset: unknown preset {preset!r}; known: {sorted(PRESETS)}")
-            base = dataclasses.asdict(PRESETS[preset])
-            bad = set(model_over) - set(base)
-            if bad:
-                raise UserError(f"model: unknown field(s) {sorted(bad)}; known: {sorted(base)}")
-            base.update(model_over)
-            model_over = base
-        try:
-            model = ModelConfig.from_dict(model_over)
-        except TypeError as e:
-            raise UserError(f"model: {e}") from e
-        sections = {name: _fields_from_dict(typ, name, d.get(name)) for name, typ in (
-            ("parallel", ParallelConfig), ("data", DataConfig), ("optimizer", OptimizerConfig),
-            ("scheduler", SchedulerConfig), ("checkpoint", CheckpointConfig), ("logging", LoggingConfig),
-            ("train", TrainConfig))}
-        job = cls(model_preset=preset, model=model, **sections)
-        for name in ("model", *cls.SECTIONS):
-            _check_type(getattr(job, name), name)
-        return job
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d.pop("SECTIONS", None)
-        return d
-
-    def validate(self, world_size: int) -> "JobConfig":
-        """Cheap checks needing no process group or data loading (paths/sidecars: `validate_data`)."""
-        m, t, o, s, c, lg = self.model, self.train, self.optimizer, self.scheduler, self.checkpoint, self.logging
-        if c.init_from is None:
-            m.validate()
-        par = self.parallel.resolve(world_size)
-        par.validate_model(m)
-        dp = par.data_parallel_size
-        _check(t.train_iters > 0, "train.train_iters", f"must be > 0, got {t.train_iters}")
-        _check(t.micro_batch_size > 0, "train.micro_batch_size", f"must be > 0, got {t.micro_batch_size}")
-        _check(t.global_batch_size % (t.micro_batch_size * dp) == 0, "train.global_batch_size",
-               f"{t.global_batch_size} is not divisible by micro_batch_size*dp = {t.micro_batch_size}*{dp}")
-        if par.pipeline_model_parallel_size > 1:
-            n_micro = t.global_batch_size // (t.micro_batch_size * dp)
-            _check(n_micro >= par.pipeline_model_parallel_size, "train.global_batch_size",
-                   f"gives {n_micro} micro-batches per pipeline, fewer than pp={par.pipeline_model_parallel_size}")
-        _check(t.precision in ("auto", "bf16", "fp32"), "train.precision", f"unknown {t.precision!r} (auto, bf16, fp32)")
-        _check(t.device in ("auto", "cpu", "cuda"), "train.device", f"unknown {t.device!r} (auto, cpu, cuda)")
-        _check(t.max_consecutive_nan_skips >= 1, "train.max_consecutive_nan_skips", "must be >= 1")
-        _check(t.peak_flops is None or t.peak_flops > 0, "train.peak_flops", "must be > 0")
-        _check(o.lr > 0, "optimizer.lr", f"must be > 0, got {o.lr}")
-        _check(o.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")
-        _check(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optimizer.beta1/beta2", "must be in [0, 1)")
-        _check(o.clip_grad >= 0, "optimizer.clip_grad", "must be >= 0 (0 disables)")
-        _check(o.impl in ("auto", "fused", "foreach", "apex"), "optimizer.impl",
-               f"unknown {o.impl!r} (auto, fused, foreach, apex)")
-        _check(s.decay_style in ("cosine", "linear", "constant"), "scheduler.decay_style",
-               f"unknown {s.decay_style!r} (cosine, linear, constant)")
-        _check(s.warmup_iters >= 0, "scheduler.warmup_iters", "must be >= 0")
-        _check(0 <= s.min_lr <= o.lr, "scheduler.min_lr", f"{s.min_lr} must be in [0, optimizer.lr={o.lr}]")
-        _check(0 <= s.warmup_init_lr <= o.lr, "scheduler.warmup_init_lr", f"must be in [0, optimizer.lr={o.lr}]")
-        decay = s.decay_iters if s.decay_iters is not None else t.train_iters
-        _check(decay >= s.warmup_iters, "scheduler.decay_iters",
-               f"{decay} is smaller than scheduler.warmup_iters={s.warmup_iters}")
-        _check(c.save_interval >= 0, "checkpoint.save_interval", "must be >= 0")
-        _check(c.keep_last >= 0, "checkpoint.keep_last", "must be >= 0")
-        _check(c.save_interval == 0 or c.save is not None, "checkpoint.save", "save_interval > 0 needs a save dir")
-        _check(lg.log_interval >= 1, "logging.log_interval", "must be >= 1")
-        _check(lg.eval_interval >= 0 and lg.eval_iters >= 1, "logging.eval_interval/eval_iters",
-               "eval_interval must be >= 0, eval_iters >= 1")
-        d = self.data
-        _check(d.seq_length >= 2, "data.seq_length", "must be >= 2")
-        _check(len(d.blend) > 0, "data.blend", "no training data: give at least one indexed-dataset prefix")
-        d.weights_and_prefixes()
-        _check(isinstance(d.eval_prefixes, dict) and all(isinstance(k, str) and isinstance(v, str)
-                                                          for k, v in d.eval_prefixes.items()),
-               "data.eval_prefixes", f"expected {{name: prefix, ...}}, got {d.eval_prefixes!r}")
-        _check(isinstance(d.planned_tokens, dict) and all(
-            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
-            for k, v in d.planned_tokens.items()), "data.planned_tokens",
-               f"expected {{prefix: tokens > 0, ...}}, got {d.planned_tokens!r}")
-        parts = d.split.replace("/", ",").split(",")
-        _check(all(p.strip().replace(".", "", 1).isdigit() for p in parts) and 1 <= len(parts) <= 3
-               and sum(float(p) for p in parts) > 0, "data.split", f"expected e.g. '969,30,1', got {d.split!r}")
-        if c.init_from is None:
-            _check(d.seq_length <= m.max_position_embeddings, "data.seq_length",
-                   f"{d.seq_length} > model.max_position_embeddings={m.max_position_embeddings}")
-        self.parallel = par
-        return self
-
-
-def _parse_scalar(text: str):
-    import yaml
-
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
-
-def apply_overrides(d: dict, overrides: list[str]) -> dict:
-    """Apply dotted ``a.b=value`` overrides (value parsed as YAML) to a nested dict, in place."""
-    for ov in overrides:
-        if "=" not in ov:
-            raise UserError(f"override {ov!r}: expected key=value, e.g. train.train_iters=100")
-        key, _, text = ov.partition("=")
-        parts = key.strip().split(".")
-        node = d
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise UserError(f"override {key}: {p} is not a section")
-        node[parts[-1]] = _parse_scalar(text)
-    return d
-
-
-def load_job_config(path: str | None, overrides: list[str] = ()) -> JobConfig:
-    """YAML file (optional) + dotted overrides -> JobConfig (not yet validated against a world size)."""
-    import yaml
-
-    d: dict = {}
-    if path is not None:
-        try:
-            with open(path) as f:
-                d = yaml.safe_load(f) or {}
-        except FileNotFoundError:
-            raise UserError(f"--config {path}: no such file") from None
-        except yaml.YAMLError as e:
-            raise UserError(f"{path}: invalid YAML: {e}") from None
-        if not isinstance(d, dict):
-            raise UserError(f"{path}: expected a mapping of sections at the top level")
-    apply_overrides(d, list(overrides))
-    return JobConfig.from_dict(d)

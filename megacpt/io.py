@@ -8,6 +8,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from megacpt.errors import UserError
+
 
 def tmp_path_for(path: str | os.PathLike) -> Path:
     """A unique temp name in the same directory (so the final rename is atomic)."""
@@ -49,8 +51,6 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
 
 def check_writable_dir(path: str | os.PathLike) -> Path:
     """Create ``path``'s parent if needed and fail early, clearly, if it cannot be written."""
-    from megacpt.errors import UserError
-
     parent = Path(path).parent if not Path(path).is_dir() else Path(path)
     try:
         parent.mkdir(parents=True, exist_ok=True)

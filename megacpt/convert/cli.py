@@ -4,6 +4,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from megacpt.convert.hf_gpt_neox import hf_to_megacpt, megacpt_to_hf
+from megacpt.errors import UserError
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="direction", required=True, metavar="DIRECTION")
@@ -33,9 +36,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megacpt.convert.hf_gpt_neox import hf_to_megacpt, megacpt_to_hf
-    from megacpt.errors import UserError
-
     if args.direction == "hf-to-megacpt":
         if args.tp < 1 or args.pp < 1:
             raise UserError(f"--tp {args.tp} / --pp {args.pp}: must be >= 1")
@@ -48,3 +48,7 @@ def run(args: argparse.Namespace) -> int:
                             max_shard_bytes=int(args.max_shard_size * 2**30))
     print(f"megacpt convert {args.direction}: wrote {out}", file=sys.stderr)
     return 0
+
+
+# command name -> (add its arguments, run it); dispatched by megacpt.cli
+COMMANDS = {"convert": (add_arguments, run)}

@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from functools import lru_cache
 from typing import Any, Sequence
 
 import numpy as np
 
+from megacpt.data.tokenizer import HFTokenizer, byte_decoder
 from megacpt.optional import optional
 
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -36,20 +36,6 @@ SELF_TEST = [
     "x<|endoftext|>y<|endoftext|><|endoftext|> z",
     "   leading and trailing   ", "\r\n\r\n", "a" * 300, " " * 50, "'S 'LL 're's",
 ]
-
-
-@lru_cache(maxsize=1)
-def _byte_decoder() -> dict[str, int]:
-    """Inverse of GPT-2's bytes_to_unicode (the byte <-> printable char map of byte-level BPE)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
 
 
 class FastBPE:
@@ -76,8 +62,6 @@ class FastBPE:
         tiktoken = optional("tiktoken", "the fast BPE path")
         if tiktoken is None:
             return None, "tiktoken is not installed (a core dependency: reinstall megacpt)"
-        from megacpt.data.tokenizer import HFTokenizer
-
         if not isinstance(tokenizer, HFTokenizer):
             return None, f"{tokenizer.type} is not a byte-level BPE"
         import json
@@ -93,7 +77,7 @@ class FastBPE:
         added_contents = {a.content for a in added}
         vocab: dict[str, int] = {s: i for s, i in model["vocab"].items() if s not in added_contents}
         merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-        dec = _byte_decoder()
+        dec = byte_decoder()
         to_bytes = lambda s: bytes(dec[c] for c in s)  # noqa: E731
         text_of: dict[bytes, str] = {}  # token bytes -> its byte-level string in tokenizer.json
         try:

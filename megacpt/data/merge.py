@@ -1,7 +1,6 @@
-"""`megacpt merge`: join indexed datasets in order (Megatron's ``tools/merge_datasets.py``)."""
+"""Merging (`megacpt merge`, flags in ``megacpt.data.cli``): join indexed datasets in order (Megatron's ``tools/merge_datasets.py``)."""
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -54,20 +53,3 @@ def merge_datasets(prefixes: Sequence[str], out_prefix: str) -> dict[str, Any]:
     meta["skipped_examples"] = [e for m in metas for e in (m or {}).get("skipped_examples", [])][:100]
     write_sidecar(out_prefix, meta)
     return meta
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--input", nargs="+", required=True,
-                        help="dataset prefixes in order, or one directory (all its datasets, sorted by name)")
-    parser.add_argument("--output-prefix", required=True)
-
-
-def run(args: argparse.Namespace) -> int:
-    if len(args.input) == 1 and Path(args.input[0]).is_dir():
-        prefixes = find_prefixes(args.input[0])
-    else:
-        prefixes = [p[:-4] if p.endswith((".bin", ".idx")) else p for p in args.input]
-    meta = merge_datasets(prefixes, args.output_prefix)
-    print(f"{args.output_prefix}: {meta['num_documents']} documents, {meta['num_tokens']} tokens "
-          f"from {len(prefixes)} datasets")
-    return 0

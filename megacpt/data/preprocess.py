@@ -1,4 +1,4 @@
-"""`megacpt preprocess`: raw text -> Megatron indexed datasets ``OUT_{key}_document.{bin,idx}``.
+"""Preprocessing (`megacpt preprocess`, flags in ``megacpt.data.cli``): raw text -> Megatron indexed datasets ``OUT_{key}_document.{bin,idx}``.
 
 Token-for-token what Megatron-LM's ``tools/preprocess_data.py`` writes for the same input, tokenizer and
 flags: each text (or each item of a list-valued text) is tokenized with ``tokenizer(text)`` semantics;
@@ -17,7 +17,6 @@ independent of the corpus size otherwise.
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import math
 import multiprocessing as mp
@@ -30,7 +29,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from megacpt.data.encoder import build_encoder
 from megacpt.data.indexed import IndexedDatasetWriter, optimal_dtype, sidecar_path, write_sidecar
+from megacpt.data.merge import merge_datasets
 from megacpt.data.readers import Chunk, count_records, expand_inputs, iter_chunks, parse_chunk
 from megacpt.errors import InputError, UserError
 from megacpt.io import check_writable_dir
@@ -121,8 +122,6 @@ def _init_worker(cfg: PreprocessConfig, dtype: type, partition_of: tuple[str, in
 
 
 def _build_encoder(cfg: PreprocessConfig):
-    from megacpt.data.encoder import build_encoder
-
     return build_encoder(cfg.tokenizer_model, cfg.tokenizer_type, fast=cfg.fast, vocab_file=cfg.vocab_file,
                          merge_file=cfg.merge_file, gpt2_parse_special=cfg.gpt2_parse_special,
                          vocab_size=cfg.vocab_size, null_eod_id=cfg.null_eod_id)
@@ -254,8 +253,6 @@ def preprocess(cfg: PreprocessConfig) -> dict[str, dict[str, Any]]:
         write_sidecar(prefix, meta)
         metas[prefix] = meta
     if cfg.partitions > 1 and cfg.partition_index is None:
-        from megacpt.data.merge import merge_datasets
-
         for key in cfg.json_keys:
             out = output_prefix(cfg.output_prefix, key)
             metas[out] = merge_datasets([targets[(p, key)] for p in range(cfg.partitions)], out)
@@ -320,83 +317,3 @@ def _tick(bar, r) -> None:
 def _close(bar) -> None:
     if bar is not None:
         bar.close()
-
-
-# --- CLI ---------------------------------------------------------------------------------------------
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("input data")
-    g.add_argument("--input", nargs="+", default=[], help="jsonl/json(.gz/.zst), parquet, dirs, globs, "
-                   "datasets save_to_disk dirs")
-    g.add_argument("--hf-dataset", default=None, help="anything datasets.load_dataset reads locally")
-    g.add_argument("--split", default=None, help="split of --hf-dataset / a DatasetDict on disk")
-    g.add_argument("--json-keys", nargs="+", default=["text"], help="one output dataset per key")
-    g.add_argument("--skip-bad-lines", action="store_true", help="count, report and skip bad records "
-                   "instead of stopping at the first one")
-    g = parser.add_argument_group("tokenizer")
-    g.add_argument("--tokenizer-type", default="auto",
-                   choices=["HuggingFaceTokenizer", "SentencePieceTokenizer", "GPT2BPETokenizer", "NullTokenizer",
-                            "auto"],
-                   help="auto: SentencePieceTokenizer for a .model file, GPT2BPETokenizer for --vocab-file/"
-                   "--merge-file or a GPT-2 vocab.json, else HuggingFaceTokenizer. NullTokenizer: the text is "
-                   "whitespace-separated token ids (needs --vocab-size)")
-    g.add_argument("--tokenizer-model", default=None, help="HF tokenizer dir / tokenizer.json / .model")
-    g.add_argument("--vocab-file", default=None, help="GPT2BPETokenizer: GPT-2-format vocab.json")
-    g.add_argument("--merge-file", default=None, help="GPT2BPETokenizer: GPT-2-format merges.txt")
-    g.add_argument("--legacy-tokenizer", action="store_true",
-                   help="Megatron-LM's flag for its classic tokenizer system, accepted for drop-in scripts: the ids "
-                   "are our defaults (classic GPT2BPETokenizer, NullTokenizer with EOD N); refuses the flags the "
-                   "classic system lacks")
-    g.add_argument("--gpt2-parse-special-tokens", dest="gpt2_parse_special", action="store_true",
-                   help="GPT2BPETokenizer: encode a literal <|endoftext|> in text as the EOD id, as Megatron-LM's "
-                   "tokenizer system since Sept 2025 does (default: the classic _GPT2BPETokenizer, as text)")
-    g.add_argument("--vocab-size", type=int, default=None,
-                   help="NullTokenizer: token ids 0..N-1 in the text, EOD id N (megatron-core 0.16/0.17)")
-    g.add_argument("--null-tokenizer-eod-id", dest="null_eod_id", type=int, default=None,
-                   help="NullTokenizer, Megatron-LM main's convention: vocabulary N including this EOD id "
-                   "(main's default is N-1)")
-    g.add_argument("--append-eod", action="store_true", help="append the EOD token to each non-empty document")
-    g.add_argument("--dtype", default="auto", choices=["auto", "uint16", "int32"],
-                   help="token dtype (auto: Megatron's rule, uint16 when vocab < 65,500)")
-    g.add_argument("--no-fast-tokenizer", dest="fast", action="store_false",
-                   help="always use HF tokenizers (no exact fast BPE path)")
-    g.add_argument("--split-sentences", action="store_true",
-                   help="Megatron's NLTK sentence splitting: not supported (an error says why)")
-    g.add_argument("--keep-newlines", action="store_true", help="with --split-sentences only")
-    g.add_argument("--lang", default="english", help="with --split-sentences only")
-    g = parser.add_argument_group("output data")
-    g.add_argument("--output-prefix", required=True, help="writes PREFIX_{key}_document.{bin,idx,meta.json}")
-    g = parser.add_argument_group("runtime")
-    g.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizing processes (0: in-process)")
-    g.add_argument("--partitions", type=int, default=1, help="split records into K partitions (Megatron order)")
-    g.add_argument("--partition-index", type=int, default=None,
-                   help="process only this partition (a separate job); join with `megacpt merge`")
-    g.add_argument("--keep-sequential-samples", action="store_true",
-                   help="partitions are contiguous blocks instead of round-robin")
-    g.add_argument("--log-interval", type=float, default=1.0, help="seconds between progress updates")
-    g.add_argument("--chunk-bytes", type=int, default=1 << 20, help="raw bytes per work unit")
-    g.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
-def config_from_args(args: argparse.Namespace) -> PreprocessConfig:
-    return PreprocessConfig(
-        inputs=list(args.input), output_prefix=args.output_prefix, tokenizer_model=args.tokenizer_model,
-        tokenizer_type=args.tokenizer_type, vocab_file=args.vocab_file, merge_file=args.merge_file,
-        gpt2_parse_special=args.gpt2_parse_special, vocab_size=args.vocab_size, null_eod_id=args.null_eod_id,
-        legacy_tokenizer=args.legacy_tokenizer,
-        json_keys=list(args.json_keys), append_eod=args.append_eod,
-        workers=args.workers, partitions=args.partitions, partition_index=args.partition_index,
-        keep_sequential_samples=args.keep_sequential_samples, skip_bad_lines=args.skip_bad_lines,
-        hf_dataset=args.hf_dataset, split=args.split, dtype=args.dtype, chunk_bytes=args.chunk_bytes,
-        fast=args.fast, log_interval=args.log_interval, progress=not args.quiet,
-        split_sentences=args.split_sentences, keep_newlines=args.keep_newlines, lang=args.lang,
-    )
-
-
-def run(args: argparse.Namespace) -> int:
-    metas = preprocess(config_from_args(args))
-    for prefix, m in metas.items():
-        if m.get("partition") is None or args.partition_index is not None:
-            print(f"{prefix}: {m['num_documents']} documents, {m['num_tokens']} tokens, dtype {m['dtype']}, "
-                  f"{m['skipped_lines']} skipped")
-    return 0

@@ -27,12 +27,14 @@ import hashlib
 import json
 import os
 import re
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from megacpt.data.readers import iter_documents
 from megacpt.errors import UserError
-from megacpt.optional import require
 from megacpt.io import atomic_path, sha256_file, write_json_atomic
+from megacpt.optional import require
 
 EOD_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|padding|>"
@@ -286,9 +288,7 @@ class GPT2BPETokenizer(HFTokenizer):
 
     def decode(self, ids: Iterable[int]) -> str:
         """GPT-2's decode: token strings -> bytes -> UTF-8 with errors='replace'."""
-        from megacpt.data.fast_bpe import _byte_decoder
-
-        dec = _byte_decoder()
+        dec = byte_decoder()
         try:
             text = "".join(self._inv[int(i)] for i in ids)
         except KeyError as e:
@@ -297,10 +297,18 @@ class GPT2BPETokenizer(HFTokenizer):
         return b"".join(bytes([dec[c]]) if c in dec else c.encode() for c in text).decode("utf-8", "replace")
 
 
-def _byte_chars() -> dict[str, int]:
-    from megacpt.data.fast_bpe import _byte_decoder
-
-    return _byte_decoder()
+@lru_cache(maxsize=1)
+def byte_decoder() -> dict[str, int]:
+    """Inverse of GPT-2's bytes_to_unicode (the byte <-> printable char map of byte-level BPE)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
 
 
 def read_gpt2_vocab(path: Path) -> dict[str, int]:
@@ -328,10 +336,10 @@ def read_gpt2_vocab(path: Path) -> dict[str, int]:
         if i in seen:
             raise UserError(f"--vocab-file {path}: tokens {seen[i]!r} and {t!r} share id {i}")
         seen[i] = t
-    missing = [c for c in _byte_chars() if c not in vocab]
+    missing = [c for c in byte_decoder() if c not in vocab]
     if missing:
         raise UserError(f"--vocab-file {path}: {len(missing)} of the 256 byte-level tokens are missing (first: "
-                        f"{missing[0]!r} = byte 0x{_byte_chars()[missing[0]]:02x}); not a byte-level BPE vocab")
+                        f"{missing[0]!r} = byte 0x{byte_decoder()[missing[0]]:02x}); not a byte-level BPE vocab")
     return vocab
 
 
@@ -355,7 +363,7 @@ def read_gpt2_merges(path: Path, vocab: dict[str, int], vocab_path: Path | str =
     if lines[-1].strip():
         raise UserError(f"--merge-file {path}:{len(lines)}: no newline at the end of the file (Megatron drops the "
                         "last line unread, so this merge would be lost); add a final newline")
-    made = set(_byte_chars())
+    made = set(byte_decoder())
     seen: dict[tuple[str, str], int] = {}
     merges: list[tuple[str, str]] = []
     for n, line in enumerate(lines[1:-1], start=2):
@@ -520,8 +528,6 @@ def _convert_with_transformers(path: Path):
 
 def _iter_training_texts(files_or_texts: Iterable[str | os.PathLike], json_keys: Sequence[str]) -> Iterable[str]:
     """Paths (any input kind `preprocess` reads, or .txt: one text per line) or raw strings."""
-    from megacpt.data.readers import iter_documents
-
     for item in files_or_texts:
         if isinstance(item, os.PathLike) or (isinstance(item, str) and len(item) < 4096 and "\n" not in item
                                              and os.path.exists(item)):

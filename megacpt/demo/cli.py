@@ -39,3 +39,7 @@ def run(args: argparse.Namespace) -> int:
     check_writable_dir(os.path.join(workdir, "manifest.json"))
     run_demo(workdir, settings, force=args.force, echo=lambda s: print(s, flush=True))
     return 0
+
+
+# command name -> (add its arguments, run it); dispatched by megacpt.cli
+COMMANDS = {"demo": (add_arguments, run)}

@@ -153,3 +153,7 @@ def run(args: argparse.Namespace) -> int:
     write_json_atomic(args.out, results)
     print(one_line_table(results))
     return 0
+
+
+# command name -> (add its arguments, run it); dispatched by megacpt.cli
+COMMANDS = {"eval": (add_arguments, run)}

@@ -2,7 +2,7 @@
 
 The model is megacpt's plain ``GPTNeoX`` (``megacpt.convert.load_model`` reads HF dirs and megacpt
 checkpoints). Single-token continuations are read from one next-token distribution per context; longer
-ones go through the scoring pass's library (``megacpt.score.sequence_nll``: length-sorted
+ones go through the scoring pass's library (``megacpt.score.nll.sequence_nll``: length-sorted
 batches, fused output layer, no [tokens x vocab] logits), so eval and the novelty scorer compute NLL with
 one piece of code. Probabilities are over the real vocabulary only
 (``model.cfg.vocab_size``, set to the tokenizer's when the checkpoint only knows the padded row count).
@@ -115,7 +115,7 @@ class EvalLM:
         ``sequence_nll``. Sequences longer than ``max_length`` lose context tokens on the left (counted in
         ``n_truncated``).
         """
-        from megacpt.score import ScoringConfig, sequence_nll
+        from megacpt.score.nll import ScoringConfig, sequence_nll
 
         out: list[tuple[float, int]] = [(0.0, 0)] * len(requests)
         single: dict[tuple[int, ...], list[tuple[int, int]]] = {}  # context -> [(request, token)]

@@ -1,6 +1,6 @@
 """`megacpt eval perplexity`: token-weighted perplexity of a model on held-out indexed datasets.
 
-Per-document NLL is the scoring pass's (``megacpt.score.score_documents``, docs/method.md's
+Per-document NLL is the scoring pass's (``megacpt.score.nll.score_documents``, docs/method.md's
 definition: documents split into chunks of at most ``seq_length`` tokens, every token but a chunk's first
 predicted from that chunk only); a dataset's perplexity is
 ``exp(sum nll_sum / sum n_pred)`` over its documents, i.e. weighted by tokens, not a mean of per-document
@@ -20,7 +20,8 @@ from megacpt.eval.metrics import bootstrap_ci
 def document_nll(lm: EvalLM, prefix: str, seq_length: int, max_documents: int | None = None):
     """(nll_sum [D] float64, n_pred [D] int64) per document of ``prefix``, by the scoring pass's library."""
     from megacpt.data.indexed import IndexedDataset
-    from megacpt.score import ScoringConfig, check_vocab, score_documents
+    from megacpt.score.job import check_vocab
+    from megacpt.score.nll import ScoringConfig, score_documents
 
     try:
         ds = IndexedDataset(prefix)

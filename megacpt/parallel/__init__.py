@@ -14,6 +14,8 @@ from megacpt.parallel.mesh import MESH_DIMS, build_mesh, check_mesh_matches  # n
 
 def parallelize_part(module: nn.Module, mesh: DeviceMesh, p: ParallelConfig, in_pipeline: bool = False) -> nn.Module:
     """TP then data parallel on one model (or pipeline stage), in place. ``p`` is resolved."""
+    # lazy: torch.distributed.tensor.parallel / fsdp cost about half of `import torch` again (-X importtime);
+    # single-device scoring and evaluation import this package (tp_group_of) and never need them
     from megacpt.parallel.data_parallel import apply_ddp, apply_fsdp
     from megacpt.parallel.tensor_parallel import apply_tp
 

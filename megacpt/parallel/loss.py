@@ -10,6 +10,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from megacpt.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
+
 
 class _CopyToTPRegion(torch.autograd.Function):
     """Identity forward, all-reduce backward (Megatron's ``copy_to_tensor_model_parallel_region``)."""
@@ -92,8 +94,6 @@ def fused_lm_nll_sum(hidden: torch.Tensor, embed_out_weight: torch.Tensor, targe
     """Sum of next-token NLL from final hidden states [..., H] through the fused linear + cross-entropy
     (never [tokens, V] logits). Under TP ``embed_out_weight`` is the vocab-sharded DTensor: its local
     shard is used and the op reduces over ``group``."""
-    from megacpt.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
-
     w = embed_out_weight.to_local() if group is not None else embed_out_weight  # [V_pad/tp, H] under TP
     return fused_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), w, targets.reshape(-1),
                                       reduction="sum", ignore_index=ignore_index, vocab_size=vocab_size,

@@ -23,7 +23,9 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from megacpt.config import ParallelConfig
 from megacpt.errors import UserError
+from megacpt.parallel import parallelize_part
 from megacpt.parallel.loss import fused_lm_nll_sum, lm_loss, tp_group_of
+from megacpt.parallel.mesh import check_mesh_matches
 
 
 def stage_ids(pp_rank: int, pp: int, vpp: int = 1) -> list[int]:
@@ -121,9 +123,6 @@ def build_pipeline(model: nn.Module, mesh: DeviceMesh, pcfg: ParallelConfig, n_m
     from torch.distributed.pipelining import PipelineStage
     from torch.distributed.pipelining.schedules import (Schedule1F1B, ScheduleGPipe,
                                                         ScheduleInterleaved1F1B)
-
-    from megacpt.parallel import parallelize_part
-    from megacpt.parallel.mesh import check_mesh_matches
 
     p = check_mesh_matches(mesh, pcfg)
     p.validate_model(model.cfg)

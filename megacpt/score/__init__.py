@@ -6,11 +6,8 @@
 - ``parallel``: tensor/pipeline-parallel layouts of the model for the pass.
 - ``files``: score files (Parquet keyed by ``doc_id`` + metadata) and their resumable sharded writer,
   shared by every scorer (``selection``'s POS entropy, similarity and DSIR too).
-- ``cli``: `megacpt score perplexity`.
-"""
-from megacpt.score.job import check_vocab, score_dataset
-from megacpt.score.nll import ScoringConfig, chunk_nll, chunk_spans, score_documents, sequence_nll
-from megacpt.score.parallel import PipelineStageScorer, parallel_scoring_model
+- ``cli``: `megacpt score perplexity`; ``flags``: the flags every scorer shares.
 
-__all__ = ["ScoringConfig", "chunk_nll", "sequence_nll", "score_documents", "score_dataset", "chunk_spans",
-           "check_vocab", "PipelineStageScorer", "parallel_scoring_model"]
+Nothing is imported here: ``files`` and ``flags`` are what the text scorers of ``selection`` need, and they
+must not pay for torch and the model stack that ``nll``/``job``/``parallel`` import.
+"""

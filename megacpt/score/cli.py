@@ -13,7 +13,8 @@ from megacpt.convert import find_tokenizer, load_config, load_model
 from megacpt.data.indexed import IndexedDataset, read_sidecar
 from megacpt.errors import UserError
 from megacpt.score.job import check_vocab, model_identity, score_dataset
-from megacpt.score.nll import ScoringConfig
+from megacpt.score.flags import add_scorer_arguments
+from megacpt.score.nll import COLUMNS, ScoringConfig
 from megacpt.score.parallel import init_distributed, parallel_scoring_model, pick_device
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -22,10 +23,9 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = ScoringConfig()
     p.add_argument("--model", required=True, help="HF GPT-NeoX dir or megacpt checkpoint (root or iter dir)")
-    p.add_argument("--data", required=True, metavar="PREFIX", help="indexed dataset prefix (PREFIX.bin/.idx)")
+    add_scorer_arguments(p, COLUMNS[1:], shard_docs=4096)
     p.add_argument("--seq-length", type=int, required=True, help="L: chunk length; first token of a chunk "
                    "is not predicted")
-    p.add_argument("--out", required=True, help="output Parquet: doc_id, n_pred, nll_sum, nll_mean")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--micro-batch-size", type=int, default=None, help="chunks per forward pass")
     g.add_argument("--tokens-per-batch", type=int, default=d.tokens_per_batch,
@@ -45,7 +45,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch.compile each transformer layer and (CPU) the output layer's log-sum-exp "
                         "(implies --compile-loss; ~10%% faster on CPU once compiled: compile time per "
                         "process, amortised over a long pass)")
-    p.add_argument("--shard-docs", type=int, default=4096, help="documents per committed (resumable) shard")
     p.add_argument("--resume", action="store_true", help="finish an interrupted run from OUT.shards/")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 

@@ -191,16 +191,3 @@ def run_sharded(writer: ShardedScoreWriter, name: str, compute: Callable[[int, i
         prog.update(b - a)
     prog.update(0, force=True)
     writer.finalize()
-
-
-# -- flags every sharded scorer shares (`megacpt score pos-entropy|similarity|dsir`) -------------------
-def add_sharded_output_args(p, shard_docs: int) -> None:
-    p.add_argument("--shard-docs", type=int, default=shard_docs, help="documents per committed (resumable) shard")
-    p.add_argument("--tokenizer", default=None, help="override the tokenizer path named in PREFIX.meta.json")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT and discard shards of another config")
-
-
-def add_task_data_args(p) -> None:
-    """The target/task examples of the task-aware scorers (similarity, DSIR)."""
-    p.add_argument("--task-data", required=True, metavar="TASKS.jsonl", help="task (target) examples, JSONL")
-    p.add_argument("--json-keys", nargs="+", default=["text"], help="keys of a task example (joined by newline)")

@@ -14,14 +14,18 @@ The raw counts of pass 1 are kept beside the shards, so a resumed run goes strai
 """
 from __future__ import annotations
 
-import argparse
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from megacpt.data.identity import dataset_identity
 from megacpt.errors import UserError
+from megacpt.io import atomic_path, sha256_file
+from megacpt.score.files import Progress, ShardedScoreWriter, run_sharded, score_metadata
+from megacpt.selection.documents import DocumentTexts
+from megacpt.selection.similarity import read_task_texts
 
 
 @dataclass
@@ -75,11 +79,6 @@ def score_counts(x, lr: np.ndarray, normalize: str = "sum") -> tuple[np.ndarray,
 
 def score_dataset(prefix: str, task_data: str, out: str, cfg: DsirConfig, json_keys: Sequence[str] = ("text",),
                   tokenizer: str | None = None, overwrite: bool = False) -> str:
-    from megacpt.io import atomic_path, sha256_file
-    from megacpt.data.identity import dataset_identity
-    from megacpt.selection.documents import DocumentTexts
-    from megacpt.score.files import Progress, ShardedScoreWriter, run_sharded, score_metadata
-    from megacpt.selection.similarity import read_task_texts
 
     cfg.validate()
     docs = DocumentTexts(prefix, tokenizer)
@@ -118,28 +117,3 @@ def score_dataset(prefix: str, task_data: str, out: str, cfg: DsirConfig, json_k
 
     run_sharded(writer, "dsir", compute)
     return out
-
-
-# -- `megacpt score dsir` --------------------------------------------------------------------------
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    from megacpt.score.files import add_sharded_output_args, add_task_data_args
-
-    d = DsirConfig()
-    p.add_argument("--data", required=True, metavar="PREFIX", help="indexed dataset prefix (the raw distribution)")
-    add_task_data_args(p)
-    p.add_argument("--out", required=True, help="output Parquet: doc_id, dsir_log_weight, n_ngrams")
-    p.add_argument("--num-buckets", type=int, default=d.num_buckets, help="hashed n-gram buckets")
-    p.add_argument("--ngram", type=int, default=d.ngram, help="largest n-gram order")
-    p.add_argument("--smoothing", type=float, default=d.smoothing, help="add-k pseudo-count per bucket")
-    p.add_argument("--normalize", choices=("mean", "sum"), default=d.normalize,
-                   help="mean: log weight per n-gram (default); sum: DSIR's sum over the document")
-    p.add_argument("--raw-sample-docs", type=int, default=d.raw_sample_docs, help="docs fitting p_R (0: all)")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed of the raw sample")
-    add_sharded_output_args(p, d.shard_docs)
-
-
-def run(args: argparse.Namespace) -> int:
-    cfg = DsirConfig(num_buckets=args.num_buckets, ngram=args.ngram, smoothing=args.smoothing, normalize=args.normalize,
-                     raw_sample_docs=args.raw_sample_docs, seed=args.seed, shard_docs=args.shard_docs)
-    score_dataset(args.data, args.task_data, args.out, cfg, args.json_keys, args.tokenizer, args.overwrite)
-    return 0

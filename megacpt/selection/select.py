@@ -8,24 +8,22 @@ counts them. Selected documents are written in ascending doc_id order.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime
 import json
 import os
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from megacpt import __version__
+from megacpt.data.identity import dataset_identity, same_dataset
 from megacpt.data.indexed import IndexedDataset, IndexedDatasetWriter, data_paths, sidecar_path, write_sidecar
 from megacpt.errors import UserError
 from megacpt.io import check_writable_dir, sha256_file, write_json_atomic
-from megacpt.selection.combine import (STRATEGIES, combined_score, load_metrics, metric_of, parse_weights,
-                                       strategy_weights)
-from megacpt.data.identity import dataset_identity, same_dataset
+from megacpt.selection.combine import STRATEGIES, combined_score, load_metrics, metric_of, strategy_weights
 from megacpt.selection.sample import Budget, hard_order, random_order, soft_order, take_budget
 from megacpt.score.files import read_scores
 
@@ -168,11 +166,9 @@ def select(cfg: SelectConfig, command: list[str] | None = None) -> dict[str, Any
                 "selection": {"source": info["data"]["prefix"], "manifest": str(manifest_path(out).resolve()),
                               "strategy": cfg.strategy}}
         write_sidecar(out, meta)
-        import megacpt
-
         manifest = {
             "format": MANIFEST_FORMAT, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-            "megacpt_version": megacpt.__version__, "numpy_version": np.__version__, "command": command,
+            "megacpt_version": __version__, "numpy_version": np.__version__, "command": command,
             **info,
             "output": {"prefix": str(Path(out).resolve()), "idx_sha256": sha256_file(out + ".idx"),
                        "num_tokens": w.n_tokens},
@@ -228,39 +224,3 @@ def replay(manifest: str, output_prefix: str, data: str | None = None, overwrite
         raise UserError(f"{manifest}: replay selected different documents (numpy {np.__version__} vs "
                         f"{m.get('numpy_version')}?)")
     return new
-
-
-# -- `megacpt select` ------------------------------------------------------------------------------
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", metavar="PREFIX", help="indexed dataset to select from")
-    p.add_argument("--scores", nargs="+", default=[], metavar="F.parquet", help="score files (megacpt score ...)")
-    p.add_argument("--strategy", choices=list(STRATEGIES), help="ets | eta-ppl | eta-ent | combined | dsir | random | full")
-    p.add_argument("--weights", default=None, help="combined only: e.g. sim=1,ppl=1,ent=1 (default: equal)")
-    p.add_argument("--sampling", choices=("hard", "soft"), default="hard", help="top of ranking, or weighted sampling")
-    p.add_argument("--temperature", type=float, default=1.0, help="soft sampling: weight = score^(1/T)")
-    b = p.add_mutually_exclusive_group()
-    b.add_argument("--budget-fraction", type=float, help="fraction of the corpus tokens, e.g. 0.1")
-    b.add_argument("--budget-tokens", type=float, help="number of tokens")
-    b.add_argument("--budget-docs", type=float, help="number of documents")
-    p.add_argument("--seed", type=int, default=1234, help="seed of soft and random sampling")
-    p.add_argument("--output-prefix", required=True, metavar="OUT", help="writes OUT.bin/.idx/.meta.json/.manifest.json")
-    p.add_argument("--from-manifest", metavar="M", help="re-run the selection recorded in manifest M (hashes checked)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing selection at OUT")
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.from_manifest:
-        m = replay(args.from_manifest, args.output_prefix, args.data, args.overwrite)
-    else:
-        if not args.data or not args.strategy:
-            raise UserError("--data and --strategy are required (or --from-manifest)")
-        kind = next((k for k in ("fraction", "tokens", "docs") if getattr(args, f"budget_{k}") is not None), None)
-        budget = Budget(kind, getattr(args, f"budget_{kind}")) if kind else None
-        cfg = SelectConfig(data=args.data, output_prefix=args.output_prefix, strategy=args.strategy,
-                           scores=args.scores, weights=parse_weights(args.weights), sampling=args.sampling,
-                           temperature=args.temperature, budget=budget, seed=args.seed, overwrite=args.overwrite)
-        m = select(cfg, command=sys.argv[1:])
-    b = m["budget"]
-    print(f"selected {b['achieved_documents']}/{b['corpus_documents']} documents, {b['achieved_tokens']:,}/"
-          f"{b['corpus_tokens']:,} tokens ({100 * b['fraction_of_tokens']:.2f}%) -> {args.output_prefix}")
-    return 0

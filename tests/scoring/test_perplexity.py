@@ -144,7 +144,7 @@ def test_cli_bf16_on_cpu_close_to_fp32_reference(setup, tmp_path, monkeypatch):
 
 def test_sequence_nll_batching_and_target_starts(setup):
     from megacpt.convert import load_model
-    from megacpt.score import ScoringConfig, sequence_nll
+    from megacpt.score.nll import ScoringConfig, sequence_nll
 
     d, hf, prefix = setup
     model, _ = load_model(d / "hf")
@@ -168,7 +168,9 @@ def test_sequence_nll_batching_and_target_starts(setup):
 def _dp_worker(rank, world, model_dir, prefix, out, tp=1):
     """Score with the library: a whole replica per rank, or (tp > 1) TP-sharded replicas."""
     from megacpt.convert import load_config, load_model
-    from megacpt.score import ScoringConfig, parallel_scoring_model, score_dataset
+    from megacpt.score.job import score_dataset
+    from megacpt.score.nll import ScoringConfig
+    from megacpt.score.parallel import parallel_scoring_model
 
     if tp == 1:
         model, _ = load_model(model_dir)
@@ -298,7 +300,7 @@ def test_bad_inputs(setup, tmp_path):
     assert not (tmp_path / "b.parquet.shards").exists()
     # tokens outside the model vocab without a sidecar check still fail cleanly, not with an index error
     from megacpt.convert import load_model
-    from megacpt.score import sequence_nll
+    from megacpt.score.nll import sequence_nll
 
     model, _ = load_model(d / "hf")
     with pytest.raises(UserError, match="outside the model's vocabulary"):

@@ -21,6 +21,10 @@ FROZEN = {
                               "--tokenizer", "--overwrite"},
     ("score", "dsir"): {"--data", "--task-data", "--json-keys", "--out", "--num-buckets", "--ngram", "--smoothing",
                         "--normalize", "--raw-sample-docs", "--seed", "--shard-docs", "--tokenizer", "--overwrite"},
+    ("score", "perplexity"): {"--model", "--data", "--seq-length", "--out", "--micro-batch-size", "--tokens-per-batch",
+                              "--tensor-model-parallel-size", "--pipeline-model-parallel-size", "--dtype",
+                              "--device", "--impl", "--compile-loss", "--compile", "--shard-docs", "--resume",
+                              "--no-progress"},
     ("report", "selection"): {"--manifests", "--out", "--scores", "--data", "--snippets", "--snippet-chars",
                               "--random-seed", "--tokenizer"},
 }
@@ -28,8 +32,6 @@ FROZEN = {
 
 @pytest.mark.parametrize("path", list(FROZEN), ids=" ".join)
 def test_flags_frozen(path):
-    import importlib
-
     parser = build_command_parser(path[0])
     if len(path) == 1:
         assert _flags(parser) == FROZEN[path]
@@ -37,15 +39,15 @@ def test_flags_frozen(path):
     action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     sub = action._name_parser_map[path[1]]
     if path[0] == "score":  # scorer options are added lazily, on first use
-        from megacpt.selection.score_cli import SCORERS
+        from megacpt.selection.cli import SCORERS
 
-        importlib.import_module(SCORERS[path[1]][0]).add_arguments(sub)
+        SCORERS[path[1]].add_arguments(sub)
     assert _flags(sub) == FROZEN[path]
 
 
 def test_select_strategies_and_scorers():
     from megacpt.selection.combine import STRATEGIES
-    from megacpt.selection.score_cli import SCORERS
+    from megacpt.selection.cli import SCORERS
 
     assert set(STRATEGIES) == {"ets", "eta-ppl", "eta-ent", "combined", "random", "dsir", "full"}
     assert set(SCORERS) == {"perplexity", "pos-entropy", "similarity", "dsir"}

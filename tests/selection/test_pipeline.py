@@ -15,7 +15,7 @@ def test_perplexity_scores_drive_eta_ppl(tmp_path, tokenizer_dir, mixed_corpus):
     torch = pytest.importorskip("torch")
     from megacpt.model.gpt_neox import GPTNeoX
     from megacpt.model.presets import PRESETS
-    from megacpt.score import score_dataset
+    from megacpt.score.job import score_dataset
 
     prefix, texts, _ = mixed_corpus
     # an empty text and a one-token text: documents with n_pred = 0

@@ -50,7 +50,7 @@ def test_torchrun_launch_matches_single_process(tiny_data, tmp_path):
     import subprocess
     import sys
 
-    from megacpt.config import load_job_config
+    from megacpt.train.job import load_job_config
     from megacpt.train import trainer
 
     over = job_overrides(tiny_data, "train.train_iters=3")

@@ -1,7 +1,7 @@
 """Job config: YAML + dotted overrides, types, and validation errors that name the field."""
 import pytest
 
-from megacpt.config import JobConfig, apply_overrides, load_job_config
+from megacpt.train.job import JobConfig, apply_overrides, load_job_config
 from megacpt.errors import UserError
 
 BASE = ["model_preset=tiny", "data.blend=[some/prefix]", "data.seq_length=32",

@@ -7,7 +7,8 @@ import pytest
 import yaml
 
 from megacpt.cli import main
-from megacpt.config import ModelConfig, load_job_config
+from megacpt.config import ModelConfig
+from megacpt.train.job import load_job_config
 from megacpt.errors import UserError
 from megacpt.train.plan import build_plan, count_parameters, estimate_memory, parse_dataset_tokens
 
@@ -167,7 +168,7 @@ def test_activation_terms_match_what_the_layer_saves(recompute, precision):
         return sum(storages.values())
 
     measured = (saved(4) - saved(2)) / 2
-    from megacpt.config import JobConfig
+    from megacpt.train.job import JobConfig
 
     job = JobConfig.from_dict({**over, "model": {**over["model"], "num_layers": 2}})
     est = activation_bytes_per_layer(job)

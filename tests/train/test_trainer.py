@@ -9,7 +9,7 @@ import textwrap
 import pytest
 import torch
 
-from megacpt.config import load_job_config
+from megacpt.train.job import load_job_config
 from megacpt.errors import UserError
 from megacpt.testing import run_distributed
 from megacpt.train import trainer
@@ -100,7 +100,7 @@ def test_data_validation_errors(tiny_data, tmp_path):
 
 _CHILD = textwrap.dedent("""
     import os, signal, sys
-    from megacpt.config import load_job_config
+    from megacpt.train.job import load_job_config
     from megacpt.train.trainer import train
     kill_at = int(sys.argv[1])
     job = load_job_config(None, sys.argv[2:])
