@@ -225,7 +225,7 @@ def build_model(job: JobConfig, rt: Runtime, cfg: ModelConfig, weights_from: str
     elif job.parallel.pipeline_model_parallel_size > 1:
         n_micro = job.train.global_batch_size // (job.train.micro_batch_size * rt.dp_size)
         pipeline = build_pipeline(model, rt.mesh, job.parallel, n_micro, vocab_size=cfg.vocab_size,
-                                  fused_loss=_use_fused(job, rt))
+                                  fused_loss=job.train.fused_loss)
         parts = list(pipeline.parts)
     else:
         parts = [parallelize(model, rt.mesh, job.parallel)]
@@ -319,10 +319,6 @@ def local_batches(dataset, consumed: int, job: JobConfig, rt: Runtime, device) -
 
 # ------------------------------------------------------------------------------------------------ loss
 
-def _tp_group(module):
-    return tp_group_of(module)
-
-
 def loss_sum(module: torch.nn.Module, tokens: torch.Tensor, cfg: ModelConfig, fused: bool,
              doc_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Sum of next-token NLL over ``tokens`` [b, s+1]; padded vocab rows never get probability.
@@ -333,10 +329,10 @@ def loss_sum(module: torch.nn.Module, tokens: torch.Tensor, cfg: ModelConfig, fu
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     if fused:
         h = module.hidden_states(inputs, doc_ids=doc_ids)  # [b, s, H] (full H under TP)
-        return fused_lm_nll_sum(h, module.embed_out.weight, targets, group=_tp_group(module),
+        return fused_lm_nll_sum(h, module.embed_out.weight, targets, group=tp_group_of(module),
                                 vocab_size=cfg.vocab_size)
     logits = module(inputs, doc_ids=doc_ids)  # [b, s, V_pad] or local [b, s, V_pad/tp]
-    return vocab_parallel_cross_entropy(logits.flatten(0, -2), targets.flatten(), group=_tp_group(module),
+    return vocab_parallel_cross_entropy(logits.flatten(0, -2), targets.flatten(), group=tp_group_of(module),
                                         vocab_size=cfg.vocab_size).sum()
 
 
@@ -476,6 +472,7 @@ class MetricsLogger:
     def __init__(self, job: JobConfig, rt: Runtime):
         self.enabled = rt.is_main
         self.jsonl = self.tb = None
+        self._window_loss, self._window_n = 0.0, 0  # losses of the applied steps since the last record
         if not self.enabled:
             return
         path = job.logging.jsonl or (str(Path(job.checkpoint.save) / "metrics.jsonl") if job.checkpoint.save else None)
@@ -488,6 +485,15 @@ class MetricsLogger:
                 log.warning("logging.tensorboard_dir: tensorboard is not installed; JSONL only")
             else:
                 self.tb = tb.SummaryWriter(job.logging.tensorboard_dir)
+
+    def add_loss(self, loss: float) -> None:
+        self._window_loss, self._window_n = self._window_loss + loss, self._window_n + 1
+
+    def window_mean(self) -> float | None:
+        """Mean loss of the applied steps since the last call (None if every one was skipped); resets."""
+        mean = self._window_loss / self._window_n if self._window_n else None
+        self._window_loss, self._window_n = 0.0, 0
+        return mean
 
     def write(self, rec: dict, console: str | None = None) -> None:
         if not self.enabled:
@@ -508,22 +514,34 @@ class MetricsLogger:
             self.tb.close()
 
 
-def _use_fused(job: JobConfig, rt: Runtime) -> bool:
-    """The fused loss runs on the final hidden states: single process, TP (vocab-parallel over the local
-    ``embed_out`` shard, reduced over the tp group inside the op), FSDP (the root's ``embed_out`` stays
-    gathered after ``hidden_states``) and PP (the last stage outputs hidden states; the schedule's loss
-    function applies the fused op to its ``embed_out``)."""
-    if not job.train.fused_loss:
-        return False
-    try:
-        import megacpt.kernels.fused_linear_cross_entropy  # noqa: F401
-    except ImportError as e:
-        raise UserError(f"train.fused_loss: the fused kernel cannot be imported ({e}); set train.fused_loss=false")
-    return True
+# ------------------------------------------------------------------------------------------ the run
+
+@dataclass
+class TrainState:
+    """Where the run stands between steps; a checkpoint's ``extra`` records it (with the LR schedule)."""
+
+    iteration: int = 0          # optimizer steps taken (skipped non-finite ones included)
+    consumed_samples: int = 0   # the data position: the next step reads train_dataset[consumed_samples:]
+    skipped_steps: int = 0      # non-finite steps, in total
+    nan_streak: int = 0         # ... in a row up to now
+
+    def extra(self, sched: LRSchedule) -> dict:
+        return {"iteration": self.iteration, "consumed_samples": self.consumed_samples,
+                "skipped_steps": self.skipped_steps, "nan_streak": self.nan_streak,
+                "lr_schedule": sched.state_dict()}
 
 
-def train(job: JobConfig, on_step: Callable[[int, float], None] | None = None) -> TrainResult:
-    """Run (or resume) a training job. All validation happens before any process-group work."""
+@dataclass
+class StepResult:
+    loss: float          # global mean loss (non-finite when the step was skipped)
+    grad_norm: float
+    lr: float
+    applied: bool        # False: non-finite loss or gradient norm, the optimizer did not step
+
+
+def prepare_job(job: JobConfig) -> str | None:
+    """Every check that needs no process group: config, resume source, architecture, data, export.
+    Sets ``job.model`` to the architecture the run trains; returns the checkpoint to resume from (or None)."""
     job.validate(world_size_from_env())
     resume = resume_dir(job)
     cfg = resolve_model_config(job, resume)
@@ -535,36 +553,129 @@ def train(job: JobConfig, on_step: Callable[[int, float], None] | None = None) -
     validate_data(job, cfg)
     if job.checkpoint.export_hf and not job.checkpoint.save:
         raise UserError("checkpoint.export_hf: needs checkpoint.save (the export reads the final checkpoint)")
+    return resume
+
+
+def init_from_weights(model: Model, path: str) -> None:
+    """``checkpoint.init_from``: the weights (HF dir or megacpt checkpoint) of a fresh run, at this layout."""
+    for part in model.parts:
+        load_weights(part, path)
+    log.info("initialised from %s", path)
+
+
+def restore(resume: str, model: Model, optimizers: list, sched: LRSchedule, job: JobConfig,
+            rt: Runtime) -> TrainState:
+    """Model, optimizer, position and this rank's RNG state from the checkpoint at ``resume``."""
+    ck = load_checkpoint(resume, model.parts, optimizers)
+    extra = ck.extra
+    state = TrainState(int(extra["iteration"]), int(extra["consumed_samples"]), int(extra.get("skipped_steps", 0)),
+                       int(extra.get("nan_streak", 0)))
+    for d in sched.differences(extra.get("lr_schedule", {})):
+        log.warning("LR schedule changed since the checkpoint (%s); the config is used", d)
+    if ck.rank_extra is not None:
+        set_rng_state(ck.rank_extra["rng"])
+    else:  # a rank that did not exist in the saved layout: a distinct, reproducible stream
+        seed_everything(job.train.seed + 1000 * rt.rank + state.iteration)
+    log.info("resumed from %s at iteration %d (%d samples consumed)", ck.path, state.iteration,
+             state.consumed_samples)
+    return state
+
+
+def train_step(model: Model, optimizers: list, sched: LRSchedule, train_ds, state: TrainState, job: JobConfig,
+               rt: Runtime, fused: bool) -> StepResult:
+    """One optimizer step over the global batch at ``state``: LR, forward/backward of this rank's
+    micro-batches, global gradient norm, clip and step, or a skip when the loss or norm is not finite
+    (``TrainingDiverged`` after too many in a row). Advances ``state``."""
+    t = job.train
+    lr = 0.0
+    for opt in optimizers:
+        lr = sched.apply(opt, state.iteration + 1)
+        opt.zero_grad(set_to_none=True)
+    batches = local_batches(train_ds, state.consumed_samples, job, rt, rt.device)
+    loss = forward_backward(model, batches, job, rt, state.iteration, fused, t.global_batch_size * job.data.seq_length)
+    params = model.parameters()
+    gnorm = grad_norm(params, rt)
+    applied = math.isfinite(loss) and math.isfinite(gnorm)
+    if applied:
+        if job.optimizer.clip_grad > 0:
+            clip_gradients(params, job.optimizer.clip_grad, gnorm)
+        for opt in optimizers:
+            opt.step()
+        state.nan_streak = 0
+    else:
+        state.skipped_steps, state.nan_streak = state.skipped_steps + 1, state.nan_streak + 1
+        log.warning("iteration %d: non-finite loss/grad norm (loss=%s, grad_norm=%s); step skipped "
+                    "(%d in a row, %d total)", state.iteration + 1, loss, gnorm, state.nan_streak,
+                    state.skipped_steps)
+        if state.nan_streak >= t.max_consecutive_nan_skips:
+            raise TrainingDiverged(
+                f"train.max_consecutive_nan_skips: {state.nan_streak} non-finite steps in a row at iteration "
+                f"{state.iteration + 1} (lr={lr:.3g}); stopping. Lower optimizer.lr or check the data; the last "
+                f"checkpoint is untouched")
+    state.iteration += 1
+    state.consumed_samples += t.global_batch_size
+    return StepResult(loss, gnorm, lr, applied)
+
+
+def log_step(logger: MetricsLogger, meter: Throughput, state: TrainState, step: StepResult, job: JobConfig,
+             rt: Runtime) -> None:
+    """The step's console line and JSONL/TensorBoard record; the loss is the mean over the window."""
+    perf = meter.report()
+    rec = {"kind": "train", "iteration": state.iteration, "consumed_samples": state.consumed_samples,
+           "loss": logger.window_mean(), "lr": step.lr, "grad_norm": step.grad_norm,
+           "skipped_steps": state.skipped_steps, **perf, **memory_stats(rt.device)}
+    loss_txt = "n/a" if rec["loss"] is None else f"{rec['loss']:.4f}"
+    mfu = f" | MFU {100 * perf['mfu']:.1f}%" if perf["mfu"] is not None else ""
+    logger.write(rec, f"iter {state.iteration}/{job.train.train_iters} | loss {loss_txt} | lr {step.lr:.3e} | "
+                      f"grad_norm {step.grad_norm:.3f} | {perf['tokens_per_s']:,.0f} tok/s | "
+                      f"{perf['tflops_per_device']:.3g} TFLOP/s/dev{mfu} | skipped {state.skipped_steps}")
+
+
+def log_eval(logger: MetricsLogger, iteration: int, results: dict[str, dict]) -> None:
+    for name, r in results.items():
+        logger.write({"kind": f"eval/{name}", "iteration": iteration, **r},
+                     f"eval {name} @ {iteration}: loss {r['loss']:.4f} ppl {r['ppl']:.2f}")
+
+
+def agree_to_stop(stop: "_StopFlag", rt: Runtime) -> bool:
+    """True on every rank if any rank got a termination signal (or the savers would wait forever)."""
+    if rt.world_size == 1:
+        return stop.set
+    flag = torch.tensor(float(stop.set), device=rt.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def log_start(job: JobConfig, rt: Runtime, model: Model, state: TrainState, fused: bool) -> None:
+    if not rt.is_main:
+        return
+    t = job.train
+    n_params = sum(p.numel() for p in model.parameters())  # DTensor numel is the global size
+    log.info("training %s params for %d iterations from %d: global batch %d x %d tokens, dp=%d tp=%d pp=%d, "
+             "%s, %s loss", f"{n_params:,}", t.train_iters, state.iteration, t.global_batch_size,
+             job.data.seq_length, rt.dp_size, job.parallel.tensor_model_parallel_size, rt.pp_size,
+             "bf16 autocast" if rt.autocast_dtype is not None else "fp32", "fused" if fused else "plain")
+
+
+def train(job: JobConfig, on_step: Callable[[int, float], None] | None = None) -> TrainResult:
+    """Run (or resume) a training job. All validation happens before any process-group work."""
+    resume = prepare_job(job)
+    cfg, t, lg = job.model, job.train, job.logging
 
     rt = init_runtime(job)
-    t, lg = job.train, job.logging
     seed_everything(t.seed)
     model = build_model(job, rt, cfg, resume or job.checkpoint.init_from)
     if resume is None and job.checkpoint.init_from:
-        for part in model.parts:
-            load_weights(part, job.checkpoint.init_from)
-        log.info("initialised from %s", job.checkpoint.init_from)
+        init_from_weights(model, job.checkpoint.init_from)
     model.train(True)
     optimizers = [build_optimizer(part, job.optimizer) for part in model.parts]
-    params = model.parameters()
     sched = LRSchedule(job.optimizer, job.scheduler, t.train_iters)
     train_ds, eval_ds = build_datasets(job)
-    fused = _use_fused(job, rt)
-    tokens_per_iter = t.global_batch_size * job.data.seq_length
-
-    it, consumed, nan_total, nan_streak = 0, 0, 0, 0
-    if resume is not None:
-        ck = load_checkpoint(resume, model.parts, optimizers)
-        extra = ck.extra
-        it, consumed = int(extra["iteration"]), int(extra["consumed_samples"])
-        nan_total, nan_streak = int(extra.get("skipped_steps", 0)), int(extra.get("nan_streak", 0))
-        for d in sched.differences(extra.get("lr_schedule", {})):
-            log.warning("LR schedule changed since the checkpoint (%s); the config is used", d)
-        if ck.rank_extra is not None:
-            set_rng_state(ck.rank_extra["rng"])
-        else:  # a rank that did not exist in the saved layout: a distinct, reproducible stream
-            seed_everything(t.seed + 1000 * rt.rank + it)
-        log.info("resumed from %s at iteration %d (%d samples consumed)", ck.path, it, consumed)
+    # the fused linear + cross-entropy runs on the final hidden states in every layout: single process, TP
+    # (over the local embed_out shard, reduced over the tp group inside the op), FSDP (the root's embed_out
+    # stays gathered after hidden_states) and PP (the last stage's loss function applies it)
+    fused = t.fused_loss
+    state = restore(resume, model, optimizers, sched, job, rt) if resume is not None else TrainState()
     ckpt = None
     if job.checkpoint.save:
         ckpt = CheckpointManager(job.checkpoint.save, keep_last=job.checkpoint.keep_last,
@@ -575,79 +686,36 @@ def train(job: JobConfig, on_step: Callable[[int, float], None] | None = None) -
     peak = peak_flops(torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else "cpu",
                       "bf16" if rt.autocast_dtype is not None else "fp32", t.peak_flops)
     meter = Throughput(flops_per_token(cfg, job.data.seq_length), rt.world_size, peak)
-    result = TrainResult(iteration=it, skipped_steps=nan_total)
-    if rt.is_main:
-        n_params = sum(p.numel() for p in params)  # DTensor numel is the global size
-        log.info("training %s params for %d iterations from %d: global batch %d x %d tokens, dp=%d tp=%d pp=%d, "
-                 "%s, %s loss", f"{n_params:,}", t.train_iters, it, t.global_batch_size, job.data.seq_length,
-                 rt.dp_size, job.parallel.tensor_model_parallel_size, rt.pp_size,
-                 "bf16 autocast" if rt.autocast_dtype is not None else "fp32", "fused" if fused else "plain")
-    window_loss, window_n = 0.0, 0
+    result = TrainResult(iteration=state.iteration, skipped_steps=state.skipped_steps)
+    log_start(job, rt, model, state, fused)
     try:
-        while it < t.train_iters:
-            lr = 0.0
-            for opt in optimizers:
-                lr = sched.apply(opt, it + 1)
-                opt.zero_grad(set_to_none=True)
-            batches = local_batches(train_ds, consumed, job, rt, rt.device)
-            loss = forward_backward(model, batches, job, rt, it, fused, tokens_per_iter)
-            gnorm = grad_norm(params, rt)
-            if math.isfinite(loss) and math.isfinite(gnorm):
-                if job.optimizer.clip_grad > 0:
-                    clip_gradients(params, job.optimizer.clip_grad, gnorm)
-                for opt in optimizers:
-                    opt.step()
-                nan_streak = 0
-                result.losses[it + 1] = loss
-                window_loss, window_n = window_loss + loss, window_n + 1
-            else:
-                nan_total, nan_streak = nan_total + 1, nan_streak + 1
-                log.warning("iteration %d: non-finite loss/grad norm (loss=%s, grad_norm=%s); step skipped "
-                            "(%d in a row, %d total)", it + 1, loss, gnorm, nan_streak, nan_total)
-                if nan_streak >= t.max_consecutive_nan_skips:
-                    raise TrainingDiverged(
-                        f"train.max_consecutive_nan_skips: {nan_streak} non-finite steps in a row at iteration "
-                        f"{it + 1} (lr={lr:.3g}); stopping. Lower optimizer.lr or check the data; the last "
-                        f"checkpoint is untouched")
-            it += 1
-            consumed += t.global_batch_size
-            meter.add(tokens_per_iter)
+        while state.iteration < t.train_iters:
+            step = train_step(model, optimizers, sched, train_ds, state, job, rt, fused)
+            if step.applied:
+                result.losses[state.iteration] = step.loss
+                logger.add_loss(step.loss)
+            meter.add(t.global_batch_size * job.data.seq_length)
             if on_step is not None:
-                on_step(it, loss)
-            if it % lg.log_interval == 0 or it == t.train_iters:
-                perf = meter.report()
-                rec = {"kind": "train", "iteration": it, "consumed_samples": consumed,
-                       "loss": (window_loss / window_n) if window_n else None, "lr": lr, "grad_norm": gnorm,
-                       "skipped_steps": nan_total, **perf, **memory_stats(rt.device)}
-                loss_txt = "n/a" if rec["loss"] is None else f"{rec['loss']:.4f}"
-                mfu = f" | MFU {100 * perf['mfu']:.1f}%" if perf["mfu"] is not None else ""
-                logger.write(rec, f"iter {it}/{t.train_iters} | loss {loss_txt} | lr {lr:.3e} | grad_norm "
-                                  f"{gnorm:.3f} | {perf['tokens_per_s']:,.0f} tok/s | "
-                                  f"{perf['tflops_per_device']:.3g} TFLOP/s/dev{mfu} | skipped {nan_total}")
-                window_loss, window_n = 0.0, 0
-            if eval_ds and ((lg.eval_interval and it % lg.eval_interval == 0) or it == t.train_iters):
+                on_step(state.iteration, step.loss)
+            if state.iteration % lg.log_interval == 0 or state.iteration == t.train_iters:
+                log_step(logger, meter, state, step, job, rt)
+            if eval_ds and ((lg.eval_interval and state.iteration % lg.eval_interval == 0)
+                            or state.iteration == t.train_iters):
                 result.eval = evaluate(model, eval_ds, job, rt, fused)
-                for name, r in result.eval.items():
-                    logger.write({"kind": f"eval/{name}", "iteration": it, **r},
-                                 f"eval {name} @ {it}: loss {r['loss']:.4f} ppl {r['ppl']:.2f}")
-            want_stop = stop.set
-            if rt.world_size > 1:  # every rank must agree, or the savers would wait forever
-                flag = torch.tensor(float(stop.set), device=rt.device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                want_stop = bool(flag.item())
-            periodic = job.checkpoint.save_interval and it % job.checkpoint.save_interval == 0
-            if ckpt is not None and (periodic or it == t.train_iters or want_stop):
-                extra = {"iteration": it, "consumed_samples": consumed, "skipped_steps": nan_total,
-                         "nan_streak": nan_streak, "lr_schedule": sched.state_dict()}
+                log_eval(logger, state.iteration, result.eval)
+            want_stop = agree_to_stop(stop, rt)
+            periodic = job.checkpoint.save_interval and state.iteration % job.checkpoint.save_interval == 0
+            if ckpt is not None and (periodic or state.iteration == t.train_iters or want_stop):
                 result.checkpoint = str(ckpt.save(
-                    it, model.parts, optimizers, extra=extra, rank_extra={"rng": rng_state()}, model_config=cfg,
-                    tokenizer=job.data.tokenizer, run_config=job.to_dict()))
+                    state.iteration, model.parts, optimizers, extra=state.extra(sched),
+                    rank_extra={"rng": rng_state()}, model_config=cfg, tokenizer=job.data.tokenizer,
+                    run_config=job.to_dict()))
             if want_stop:
                 result.stop_reason = "signal"
-                log.warning("stopping at iteration %d after a termination signal%s", it,
+                log.warning("stopping at iteration %d after a termination signal%s", state.iteration,
                             f"; checkpoint {result.checkpoint}" if ckpt is not None else " (no checkpoint.save)")
                 break
-        result.iteration, result.skipped_steps = it, nan_total
+        result.iteration, result.skipped_steps = state.iteration, state.skipped_steps
         if ckpt is not None:
             ckpt.wait()  # an async save must be complete before export / exit
         if result.stop_reason == "done" and job.checkpoint.export_hf:
