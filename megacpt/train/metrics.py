@@ -7,6 +7,10 @@ FLOPs formula (model FLOPs, as in PaLM's MFU and Megatron's Narayanan et al. 202
 plus the output layer 2*h*V. Training = 3 x forward (backward = 2 x forward). Activation recomputation
 is *not* counted: MFU measures useful work, so recompute lowers MFU, as it should.
 With f = 4h this is 72*l*h^2 + 12*l*s*h + 6*h*V per token, Narayanan's formula divided by B*s.
+``attention=False`` drops the 4sh attention term (the "6N" count of Kaplan et al. / Chinchilla, matmul
+parameters only): the two MFU figures bracket how much of the work the attention kernel does. Causal
+attention needs only half the s x s square; the full-square convention (as Megatron, PaLM, torchtitan) is
+kept so numbers compare with theirs.
 """
 from __future__ import annotations
 
@@ -17,9 +21,9 @@ from megacpt.config import ModelConfig
 # Dense (no sparsity) peak FLOP/s per device from vendor datasheets. Keys are matched as substrings of
 # torch.cuda.get_device_name(); order matters (more specific first).
 PEAK_FLOPS: dict[str, dict[str, float]] = {
-    "H200": {"bf16": 989e12, "fp32": 67e12},          # H200 SXM: same tensor cores as H100 SXM
-    "H100 PCIe": {"bf16": 756e12, "fp32": 51e12},
-    "H100": {"bf16": 989e12, "fp32": 67e12},          # H100 SXM5 (also H100 80GB HBM3)
+    "H200": {"bf16": 989e12, "fp8": 1979e12, "fp32": 67e12},  # H200 SXM: same tensor cores as H100 SXM
+    "H100 PCIe": {"bf16": 756e12, "fp8": 1513e12, "fp32": 51e12},
+    "H100": {"bf16": 989e12, "fp8": 1979e12, "fp32": 67e12},  # H100 SXM5 (also H100 80GB HBM3)
     "A100": {"bf16": 312e12, "fp32": 19.5e12},        # A100 SXM/PCIe, fp32 without TF32
 }
 
@@ -34,9 +38,9 @@ def peak_flops(device_name: str, dtype: str, override: float | None = None) -> f
     return None
 
 
-def flops_per_token(cfg: ModelConfig, seq_length: int, training: bool = True) -> float:
+def flops_per_token(cfg: ModelConfig, seq_length: int, training: bool = True, attention: bool = True) -> float:
     h, l, f, v = cfg.hidden_size, cfg.num_layers, cfg.intermediate_size, cfg.padded_vocab()
-    fwd = l * (8 * h * h + 4 * h * f + 4 * seq_length * h) + 2 * h * v
+    fwd = l * (8 * h * h + 4 * h * f + (4 * seq_length * h if attention else 0)) + 2 * h * v
     return 3.0 * fwd if training else float(fwd)
 
 

@@ -63,6 +63,10 @@ def test_flops_formula_matches_narayanan():
     assert flops_per_token(cfg, s) == pytest.approx(narayanan)
     assert flops_per_token(cfg, s) / flops_per_token(cfg, s, training=False) == 3
     assert 6 * 6.86e9 < flops_per_token(cfg, s) < 6 * 6.86e9 * 1.1  # ~6N plus attention
+    # without attention: 6 x the matmul parameters (everything but the input embedding and the norms/biases)
+    n_matmul = l * (4 * h * h + 2 * h * 4 * h) + v * h
+    assert flops_per_token(cfg, s, attention=False) == pytest.approx(6 * n_matmul)
+    assert flops_per_token(cfg, s) - flops_per_token(cfg, s, attention=False) == pytest.approx(12 * l * s * h)
 
 
 def test_peak_table_and_mfu():
