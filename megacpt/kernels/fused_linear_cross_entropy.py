@@ -13,12 +13,16 @@ Layout of this file (Liger-Kernel structure, one op per file):
                              (or a ``torch.compile``d two-pass log-sum-exp with ``compile_lse``);
                              16-bit weights on CPU: ``_cpu16_lse_target``, vocab blocks of a chunk in
                              reused cache-sized buffers folded into an online log-sum-exp.
-  4. ``FusedLinearCrossEntropyFunction`` autograd: forward = (2) or (3); backward is CHUNKED (not fused):
-                             it recomputes one token chunk of logits at a time from the saved lse,
-                             ``dlogits = (softmax - onehot) * grad``, then ``dh = dlogits @ W``,
-                             ``dW += dlogits^T @ h`` (and ``db``). Memory O(chunk x V), never O(N x V).
-                             Softmax/dlogits/accumulators are fp32; the matmuls take bf16/fp16 inputs on
-                             GPU (tensor cores) and fp32 elsewhere.
+  4. ``FusedLinearCrossEntropyFunction`` autograd: forward = (2) or (3); backward per token chunk,
+                             from the saved lse: ``dlogits = (softmax - onehot) * grad``, then
+                             ``dh = dlogits @ W``, ``dW += dlogits^T @ h`` (and ``db``). Memory
+                             O(chunk x V), never O(N x V). Triton (``_flce_bwd_kernel`` +
+                             ``_triton_backward``): the kernel recomputes each logits tile in fp32
+                             registers and writes only the finished dlogits tile, in the matmul dtype;
+                             cuBLAS does the two gradient GEMMs, accumulating dW in fp32. Torch
+                             (``_torch_backward``, the reference): fp32 [chunk, V] logits from cuBLAS,
+                             softmax/onehot/scale as in-place passes. The matmuls take bf16/fp16
+                             inputs on GPU (tensor cores) and fp32 elsewhere.
   5. ``fused_linear_cross_entropy`` functional API and ``FusedLinearCrossEntropy`` module.
 
 Vocab parallel (``process_group``): each rank holds rows [r*V/tp, (r+1)*V/tp) of W (and b); targets are
@@ -56,12 +60,12 @@ _IMPLS = ("auto", "triton", "torch")
 # ----------------------------------------------------------------------------------------------------
 # 1. Triton kernel
 # ----------------------------------------------------------------------------------------------------
-_KERNEL: list = []  # [the jitted kernel] once defined
+_KERNEL: list = []  # [(forward kernel, backward kernel)] once defined
 
 
-def _triton_kernel():
-    """Import triton and define the kernel on first use (module globals ``triton``/``tl``, which the JIT
-    resolves names from)."""
+def _triton_kernel(which: str = "fwd"):
+    """Import triton and define the kernels on first use (module globals ``triton``/``tl``, which the JIT
+    resolves names from); ``which``: "fwd" or "bwd"."""
     if not _KERNEL:
         global triton, tl
         import triton
@@ -120,8 +124,53 @@ def _triton_kernel():
             tl.store(lse_ptr + out, lse, mask=row_ok)
             tl.store(tgt_ptr + out, t_logit, mask=row_ok)
 
-        _KERNEL.append(_flce_fwd_kernel)
-    return _KERNEL[0]
+        @triton.jit
+        def _flce_bwd_kernel(
+            h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, g_ptr, dl_ptr,
+            N, H, V_valid, V_rows, v_offset, ignore_index,
+            stride_hn, stride_wv, stride_dn,
+            HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+            BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+        ):
+            # one [BLOCK_N, BLOCK_V] tile of dlogits = (softmax - onehot(target)) * grad, the logits
+            # recomputed in fp32 from h and W and normalised by the saved (global) log-sum-exp
+            pid_n = tl.program_id(0)
+            pid_v = tl.program_id(1)
+            rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            row_ok = rows < N
+            cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+            col_ok = cols < V_valid      # real vocab rows of this shard
+            col_in = cols < V_rows       # rows of W (padded ones get dlogits 0)
+            acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+            for k in range(0, H, BLOCK_H):
+                ks = k + tl.arange(0, BLOCK_H)
+                k_ok = ks < H
+                h = tl.load(h_ptr + rows[:, None] * stride_hn + ks[None, :],
+                            mask=row_ok[:, None] & k_ok[None, :], other=0.0)            # [BLOCK_N, BLOCK_H]
+                w = tl.load(w_ptr + cols[None, :] * stride_wv + ks[:, None],
+                            mask=col_in[None, :] & k_ok[:, None], other=0.0)            # [BLOCK_H, BLOCK_V]
+                if UPCAST:
+                    h = h.to(tl.float32)
+                    w = w.to(tl.float32)
+                if IEEE:
+                    acc = tl.dot(h, w, acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(h, w, acc)
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + cols, mask=col_in, other=0.0).to(tl.float32)[None, :]
+            lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+            tgt = tl.load(t_ptr + rows, mask=row_ok, other=ignore_index)
+            g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
+            g = tl.where(tgt == ignore_index, 0.0, g)                   # ignored rows: no gradient
+            local_tgt = tl.where(tgt == ignore_index, -1, tgt - v_offset)
+            p = tl.where(col_ok[None, :], tl.exp(acc - lse[:, None]), 0.0)
+            p = p - tl.where((cols[None, :] == local_tgt[:, None]) & col_ok[None, :], 1.0, 0.0)
+            p = p * g[:, None]
+            tl.store(dl_ptr + rows[:, None] * stride_dn + cols[None, :], p.to(dl_ptr.dtype.element_ty),
+                     mask=row_ok[:, None] & col_in[None, :])
+
+        _KERNEL.append((_flce_fwd_kernel, _flce_bwd_kernel))
+    return _KERNEL[0][0 if which == "fwd" else 1]
 
 # ----------------------------------------------------------------------------------------------------
 # 2. launcher
@@ -178,6 +227,105 @@ def _triton_lse_target(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tenso
     if n_splits == 1:
         return lse[:, 0], tgt[:, 0]
     return _merge_lse(lse, dim=1), tgt.sum(1)
+
+
+def _triton_bwd_config(device: torch.device, dtype: torch.dtype) -> tuple[int, int, int, int, int]:
+    """(BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages) of the dlogits kernel: the forward's tile (the
+    same GEMM, no online reduction); ``MEGACPT_FLCE_TRITON_BWD_CONFIG`` ("BN,BV,BH,warps,stages")
+    overrides it (``benchmarks/kernel_tune.py --backward`` sweeps it)."""
+    if device.type != "cuda":
+        return 16, 32, 16, 1, 1
+    env = os.environ.get("MEGACPT_FLCE_TRITON_BWD_CONFIG")
+    if env:
+        bn, bv, bh, warps, stages = (int(x) for x in env.split(","))
+        return bn, bv, bh, warps, stages
+    if dtype == torch.float32:
+        return 64, 64, 32, 4, 2
+    return 128, 256, 64, 8, 3
+
+
+def _triton_dlogits(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], t: torch.Tensor,
+                    lse: torch.Tensor, g: torch.Tensor, v_valid: int, v_offset: int, ignore_index: int,
+                    out: torch.Tensor) -> torch.Tensor:
+    """dlogits [n, V_rows] of a token chunk into ``out`` (the compute dtype: 16-bit on GPU, else fp32)."""
+    kernel = _triton_kernel("bwd")
+    n, hdim = h.shape
+    bn, bv, bh, warps, stages = _triton_bwd_config(h.device, h.dtype)
+    if n:
+        kernel[(triton.cdiv(n, bn), triton.cdiv(w.shape[0], bv))](
+            h, w, b if b is not None else h, t, lse, g, out,
+            n, hdim, v_valid, w.shape[0], v_offset, ignore_index,
+            h.stride(0), w.stride(0), out.stride(0),
+            HAS_BIAS=b is not None, IEEE=h.dtype == torch.float32, UPCAST=h.device.type != "cuda",
+            BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, num_warps=warps, num_stages=stages,
+        )
+    return out
+
+
+_ADDMM_OUT_DTYPE: list = []  # [True/False] once probed: does torch.addmm take out_dtype=float32 here?
+
+
+def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` with fp32 ``acc`` and 16-bit CUDA ``a``/``b``: cuBLAS accumulates into the fp32
+    buffer itself (beta = 1) where torch has ``addmm(out_dtype=)``, else one fp32 product and an add."""
+    if a.dtype == torch.float32:
+        torch.addmm(acc, a, b, out=acc)
+        return
+    if a.is_cuda and _ADDMM_OUT_DTYPE != [False]:
+        try:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            if not _ADDMM_OUT_DTYPE:
+                _ADDMM_OUT_DTYPE.append(True)
+            return
+        except (TypeError, RuntimeError, NotImplementedError):
+            _ADDMM_OUT_DTYPE[:] = [False]
+    acc += _mm_fp32(a, b)
+
+
+def _triton_backward(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], t: torch.Tensor,
+                     lse: torch.Tensor, grad_nll: torch.Tensor, v_valid: int, v_offset: int,
+                     ignore_index: int, need_dh: bool, need_dw: bool, need_db: bool, chunk_size: int,
+                     compute_dtype: Optional[torch.dtype] = None):
+    """The backward with the dlogits tiles made by the Triton kernel, a token chunk at a time.
+
+    Per chunk of ``chunk_size`` tokens: the kernel recomputes the fp32 logits tile by tile (tl.dot, fp32
+    accumulation), turns them into ``(exp(logit - lse) - onehot) * grad`` and writes them once, in the
+    compute dtype (bf16/fp16 on GPU, as the torch path's matmul inputs; fp32 elsewhere), into a reused
+    [chunk, V] buffer; cuBLAS then adds ``dlogits @ W`` into dh and ``dlogits^T @ h`` into the fp32 dW
+    (and the column sums into db). No fp32 [chunk, V] logits, no elementwise passes over them, no
+    [N, V] buffer. Same arguments and results as ``_torch_backward`` (its reference).
+    """
+    n, hdim = h.shape
+    cdt = compute_dtype or _backward_compute_dtype(w)
+    dh = torch.zeros(n, hdim, dtype=torch.float32, device=h.device) if need_dh else None
+    dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_dw else None
+    db = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device) if need_db else None
+    if n == 0 or v_valid <= 0:
+        return dh, dw, db
+    hc_all = h.to(cdt).contiguous()
+    wc = w.to(cdt)
+    wc = wc if wc.stride(1) == 1 else wc.contiguous()
+    bc = None if b is None else b.contiguous()
+    tc = t.contiguous()
+    g = grad_nll.float().contiguous()  # the kernel zeroes ignored rows
+    lse = lse.float().contiguous()
+    c = max(1, min(chunk_size, n))
+    buf = torch.empty(c, w.shape[0], dtype=cdt, device=h.device)
+    for s in range(0, n, c):
+        e = min(s + c, n)
+        hc = hc_all[s:e]
+        dl = _triton_dlogits(hc, wc, bc, tc[s:e], lse[s:e], g[s:e], v_valid, v_offset, ignore_index,
+                             buf[: e - s])                                   # [c, V] compute dtype
+        if db is not None:
+            db += dl.float().sum(0)
+        if dh is not None:
+            if cdt == torch.float32:
+                torch.mm(dl, wc, out=dh[s:e])
+            else:
+                dh[s:e] = _mm_fp32(dl, wc)
+        if dw is not None:
+            _addmm_fp32_(dw, dl.t(), hc)
+    return dh, dw, db
 
 
 def _merge_lse(lse: torch.Tensor, dim: int) -> torch.Tensor:
@@ -463,7 +611,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, ignore_index, vocab_size, impl, group, chunk_size,
-                compile_lse=False):
+                compile_lse=False, backward_impl=None):
         v_offset, v_valid = _shard_range(weight.shape[0], vocab_size, group)
         if impl == "triton":
             lse, tgt = _triton_lse_target(hidden, weight, bias, targets, v_valid, v_offset, ignore_index)
@@ -480,23 +628,24 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         ignored = targets == ignore_index
         nll = (lse - tgt).masked_fill(ignored, 0.0)
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
-        ctx.cfg = (ignore_index, v_offset, v_valid, group, chunk_size)
+        ctx.cfg = (ignore_index, v_offset, v_valid, group, chunk_size, backward_impl or impl)
         ctx.mark_non_differentiable(lse)
         return nll, lse
 
     @staticmethod
     def backward(ctx, grad_nll, _grad_lse):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
-        ignore_index, v_offset, v_valid, group, chunk_size = ctx.cfg
+        ignore_index, v_offset, v_valid, group, chunk_size, bwd = ctx.cfg
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_db = bias is not None and ctx.needs_input_grad[2]
+        backward = _triton_backward if bwd == "triton" else _torch_backward
         with torch.autocast(hidden.device.type, enabled=False):
-            dh, dw, db = _torch_backward(hidden, weight, bias, targets, lse, grad_nll, v_valid, v_offset,
-                                         ignore_index, need_dh, need_dw, need_db, chunk_size)
+            dh, dw, db = backward(hidden, weight, bias, targets, lse, grad_nll, v_valid, v_offset,
+                                  ignore_index, need_dh, need_dw, need_db, chunk_size)
         if dh is not None and group is not None and dist.get_world_size(group) > 1:
             dist.all_reduce(dh, op=dist.ReduceOp.SUM, group=group)  # h is replicated over the TP group
         return (None if dh is None else dh.to(hidden.dtype), None if dw is None else dw.to(weight.dtype),
-                None if db is None else db.to(bias.dtype), None, None, None, None, None, None, None)
+                None if db is None else db.to(bias.dtype), None, None, None, None, None, None, None, None)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -516,7 +665,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
                                bias: Optional[torch.Tensor] = None, ignore_index: int = -100,
                                reduction: str = "none", impl: str = "auto", vocab_size: Optional[int] = None,
                                process_group=None, chunk_size: Optional[int] = None,
-                               return_lse: bool = False, compile_lse: bool = False):
+                               return_lse: bool = False, compile_lse: bool = False, backward: str = "auto"):
     """Per-token NLL of ``targets`` under ``softmax(hidden @ weight.T + bias)[:, :vocab_size]``.
 
     hidden [N, H] (fp32/bf16/fp16), weight [V_local, H] (same dtype; V_local = V / tp with a
@@ -524,7 +673,9 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     ``reduction="none"`` (0 at ignored positions), else a scalar (mean over non-ignored tokens; NaN if
     there are none, like ``F.cross_entropy``). With ``return_lse`` also the fp32 log-partition [N].
     ``impl``: "auto" (Triton on CUDA, chunked torch elsewhere), "triton" (also under TRITON_INTERPRET=1
-    on CPU, for tests) or "torch". Differentiable wrt hidden, weight and bias. Torch path knobs:
+    on CPU, for tests) or "torch". ``backward``: "auto" (the forward's impl), "triton" (dlogits tiles
+    recomputed by the Triton kernel, cuBLAS for dh/dW) or "torch" (chunked recompute in torch, the
+    reference). Differentiable wrt hidden, weight and bias. Torch path knobs:
     ``chunk_size`` tokens per fp32 [chunk, V] buffer (default 1024 on CPU, 4096 on GPU; the backward
     uses it on both paths); ``compile_lse`` compiles its log-sum-exp.
 
@@ -553,11 +704,13 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
             raise ValueError(f"target {int(targets[i])} at position {i} is outside [0, {limit}) and is not "
                              f"ignore_index={ignore_index}")
     impl = _pick_impl(impl, hidden.device)
+    backward = impl if backward == "auto" else _pick_impl(backward, hidden.device)
     hidden, weight, bias = _common_dtype(hidden, weight, bias)
     with torch.autocast(hidden.device.type, enabled=False):  # the op picks its own precisions
         nll, lse = FusedLinearCrossEntropyFunction.apply(hidden, weight, bias, targets.long(), ignore_index,
                                                          vocab_size, impl, group,
-                                                         _resolve_chunk(chunk_size, hidden.device), compile_lse)
+                                                         _resolve_chunk(chunk_size, hidden.device), compile_lse,
+                                                         backward)
     if reduction == "sum":
         nll = nll.sum()
     elif reduction == "mean":
