@@ -38,8 +38,15 @@ class ModelConfig:
     padded_vocab_size: int | None = None  # None: vocab_size rounded up to a multiple of divisible_by * tp
     # runtime choices (not architecture; never exported to HF configs)
     recompute_granularity: str | None = None  # activation checkpointing: None | "full" | "selective"
-    attention_backend: str = "auto"    # auto (flash-attn if installed, else SDPA) | sdpa | flash
+    attention_backend: str = "auto"    # auto (flash-attn if installed, else SDPA) | sdpa | sdpa_flash | cudnn | flash
     layernorm_backend: str = "torch"   # torch | apex | te
+    # which implementation runs the layers (same parameters, same checkpoints; see megacpt/model/fast_paths.py):
+    impl: str = "torch"                # torch | te (transformer-engine fused layers, CUDA only)
+    fp8: bool = False                  # impl=te: fp8 GEMMs under TE's delayed scaling (E4M3 fwd / E5M2 bwd)
+
+    # How the model is run, not what it is: never written with the config (to_dict), so a checkpoint
+    # saved from either implementation loads into both
+    IMPL_FIELDS = ("impl", "fp8")
 
     def __post_init__(self) -> None:
         if self.intermediate_size is None:
@@ -72,14 +79,23 @@ class ModelConfig:
                f"{self.padded_vocab_size} < vocab_size {self.vocab_size}")
         check(self.recompute_granularity in (None, "none", "full", "selective"), "model.recompute_granularity",
                f"{self.recompute_granularity!r} is not one of none, full, selective")
-        check(self.attention_backend in ("auto", "sdpa", "flash"), "model.attention_backend",
-               f"{self.attention_backend!r} is not one of auto, sdpa, flash")
+        check(self.attention_backend in ("auto", "sdpa", "sdpa_flash", "cudnn", "flash"), "model.attention_backend",
+               f"{self.attention_backend!r} is not one of auto, sdpa, sdpa_flash, cudnn, flash")
+        check(self.impl in ("torch", "te"), "model.impl", f"{self.impl!r} is not one of torch, te")
+        check(not self.fp8 or self.impl == "te", "model.fp8", "fp8 needs model.impl=te (transformer-engine)")
+        check(not (self.fp8 and self.recompute_granularity == "full"), "model.fp8",
+               "fp8 with full recompute is not supported (the recomputed forward would run outside TE's fp8 "
+               "scaling context); use recompute_granularity=selective or none")
         check(self.layernorm_backend in ("torch", "auto", "apex", "te"), "model.layernorm_backend",
                f"{self.layernorm_backend!r} is not one of torch, auto, apex, te")
         return self
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The config without ``IMPL_FIELDS`` (what is stored with checkpoints and score files)."""
+        d = dataclasses.asdict(self)
+        for k in self.IMPL_FIELDS:
+            d.pop(k, None)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
@@ -146,6 +162,9 @@ class ParallelConfig:
                "(set model.make_vocab_size_divisible_by or model.padded_vocab_size)")
         check(not (model.tie_word_embeddings and (tp > 1 or pp > 1)), "model.tie_word_embeddings",
                "tied input/output embeddings are not supported with tensor or pipeline parallelism")
+        check(not (model.impl == "te" and tp > 1), "model.impl",
+               "impl=te runs tp=1 only (the DTensor tensor-parallel plan shards nn.Linear modules, not TE's "
+               "fused ones); use FSDP for data parallelism, or impl=torch with TP")
 
 
 # --------------------------------------------------------------------------------------------

@@ -4,6 +4,11 @@ Parameter names equal HF's minus the ``gpt_neox.`` prefix (HF's on-disk ``embed_
 layer). Parallelism is applied from outside (``megacpt.parallel``); the code here stays TP-agnostic by
 deriving the number of local heads from the width of the (possibly column-sharded) QKV output.
 
+Two implementations of the layer, one set of parameters: ``Layer`` (plain torch, the reference) and
+``TELayer`` (``model.impl=te``: transformer-engine's fused LayerNorm+Linear, Linear, LayerNorm+MLP and
+attention kernels, optional fp8), whose parameters carry the same names (``fast_paths.TE_NAME_MAP``), so
+checkpoints, the HF name map and parallelism are shared.
+
 Shapes in comments: b batch, s sequence, H hidden, nh heads (local under TP), hd head dim, V padded vocab.
 """
 from __future__ import annotations
@@ -48,12 +53,13 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary on the first ``rotary_dim`` dims of each head. x [b, nh, s, hd]; cos/sin [b, s, rotary_dim]."""
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads_dim: int = 1) -> torch.Tensor:
+    """Rotary on the first ``rotary_dim`` dims of each head. x [b, nh, s, hd] (``heads_dim=1``) or
+    [b, s, nh, hd] (``heads_dim=2``); cos/sin [b, s, rotary_dim]."""
     rd = cos.shape[-1]
     if rd == 0:
         return x
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # broadcast over heads
+    cos, sin = cos.unsqueeze(heads_dim), sin.unsqueeze(heads_dim)  # broadcast over heads
     x_rot, x_pass = x[..., :rd], x[..., rd:]
     return torch.cat((x_rot * cos + _rotate_half(x_rot) * sin, x_pass), dim=-1)
 
@@ -106,6 +112,30 @@ class KVCache:
         self.max_len = max_len
 
 
+def attention_core(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                   cache: "LayerCache | None", head_dim: int, backend: str) -> torch.Tensor:
+    """qkv [b, s, nh*3*hd] -> context [b, s, nh*hd]: rotary + softmax(QK^T/sqrt(hd)) V (``Attention.core``)."""
+    b, s, _ = qkv.shape
+    qkv = qkv.view(b, s, -1, 3 * head_dim).transpose(1, 2)  # [b, nh, s, 3*hd]
+    q, k, v = qkv.split(head_dim, dim=-1)
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    if cache is not None:
+        end = cache.start + s
+        cache.k[:, :, cache.start:end] = k
+        cache.v[:, :, cache.start:end] = v
+        out = F.scaled_dot_product_attention(q, cache.k[:, :, :end], cache.v[:, :, :end], attn_mask=mask)
+        return out.transpose(1, 2).reshape(b, s, -1)
+    out = None
+    if backend in ("auto", "flash") and mask is None:
+        out = fast_paths.flash_attention(q, k, v, required=backend == "flash")
+    if out is None:
+        if backend == "flash":  # flash-attn has no document masks
+            raise UserError("model.attention_backend=flash: flash-attn runs causal attention without a "
+                            "document mask only (data.reset_attention_mask=false); use sdpa or auto")
+        out = fast_paths.sdpa(q, k, v, backend, is_causal=mask is None, attn_mask=mask)
+    return out.transpose(1, 2).reshape(b, s, -1)  # [b, s, nh*hd]
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -125,25 +155,7 @@ class Attention(nn.Module):
         With ``cache`` (generation) the new keys/values are written at columns [start, start + s) of the
         layer's buffers and the queries attend over columns [0, start + s) under ``mask`` [b, 1, s, start+s].
         """
-        b, s, _ = qkv.shape
-        qkv = qkv.view(b, s, -1, 3 * self.head_dim).transpose(1, 2)  # [b, nh, s, 3*hd]
-        q, k, v = qkv.split(self.head_dim, dim=-1)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if cache is not None:
-            end = cache.start + s
-            cache.k[:, :, cache.start:end] = k
-            cache.v[:, :, cache.start:end] = v
-            out = F.scaled_dot_product_attention(q, cache.k[:, :, :end], cache.v[:, :, :end], attn_mask=mask)
-            return out.transpose(1, 2).reshape(b, s, -1)
-        out = None
-        if self.attention_backend in ("auto", "flash") and mask is None:
-            out = fast_paths.flash_attention(q, k, v, required=self.attention_backend == "flash")
-        if out is None:
-            if mask is None:
-                out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            else:
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return out.transpose(1, 2).reshape(b, s, -1)  # [b, s, nh*hd]
+        return attention_core(qkv, cos, sin, mask, cache, self.head_dim, self.attention_backend)
 
     def forward(self, x, cos, sin, mask, cache=None):
         qkv = self.query_key_value(x)  # [b, s, 3*H/tp]
@@ -191,6 +203,101 @@ class Layer(nn.Module):
         return self._forward(x, cos, sin, mask, cache)
 
 
+# TE computes these activations itself (its "gelu" is the tanh approximation: transformer_engine/common/
+# util/math.h); any other (Pythia's exact "gelu") runs in torch between two TE linears
+_TE_ACTIVATIONS = {"gelu_new": "gelu", "gelu_fast": "gelu", "gelu_pytorch_tanh": "gelu", "relu": "relu",
+                   "silu": "silu"}
+
+
+class TEAttention(nn.Module):
+    """``model.impl=te`` attention: LayerNormLinear (input LayerNorm + QKV), rotary, DotProductAttention
+    (TE picks its fused cuDNN / flash kernel), Linear (dense). Same parameters as ``Attention`` plus the
+    input LayerNorm's (aliased to ``input_layernorm``, see ``fast_paths.TE_NAME_MAP``)."""
+
+    def __init__(self, cfg: ModelConfig, te, device):
+        super().__init__()
+        self.head_dim = cfg.head_dim
+        h = cfg.hidden_size
+        self.query_key_value = te.LayerNormLinear(h, 3 * h, eps=cfg.layernorm_eps, bias=cfg.attention_bias,
+                                                  device=device)
+        self.dense = te.Linear(h, h, bias=cfg.attention_bias, device=device)
+        self.core_attention = te.DotProductAttention(cfg.num_heads, cfg.head_dim, attention_dropout=0.0,
+                                                     qkv_format="bshd", attn_mask_type="causal")
+        self.recompute_core = False  # selective recompute: TE's checkpoint_core_attention
+
+    def forward(self, x, cos, sin, mask, cache=None):
+        qkv = self.query_key_value(x)  # LayerNorm(x) @ W_qkv^T + b, one kernel pair      [b, s, 3H]
+        if cache is not None:  # decoding: the torch core (TE's module keeps no KV cache); same math
+            return self.dense(attention_core(qkv, cos, sin, mask, cache, self.head_dim, "sdpa"))
+        b, s, _ = qkv.shape
+        q, k, v = qkv.view(b, s, -1, 3 * self.head_dim).split(self.head_dim, dim=-1)  # [b, s, nh, hd] each
+        q = apply_rotary(q, cos, sin, heads_dim=2).contiguous()
+        k = apply_rotary(k, cos, sin, heads_dim=2).contiguous()
+        # TE's mask convention is the opposite of ours: True = masked out
+        kw = {} if mask is None else {"attention_mask": ~mask, "attn_mask_type": "arbitrary"}
+        ctx = self.core_attention(q, k, v.contiguous(),
+                                  checkpoint_core_attention=self.recompute_core and self.training, **kw)
+        return self.dense(ctx)  # ctx [b, s, nh*hd]
+
+
+class TEMLP(nn.Module):
+    """``model.impl=te`` MLP, its LayerNorm fused in: one LayerNormMLP when TE computes the activation,
+    else LayerNormLinear (fc1) + the torch activation + Linear (fc2) (Pythia's exact GELU)."""
+
+    def __init__(self, cfg: ModelConfig, te, device):
+        super().__init__()
+        h, f = cfg.hidden_size, cfg.intermediate_size
+        act = _TE_ACTIVATIONS.get(cfg.hidden_act)
+        if act is not None:
+            self.dense_h_to_4h = fast_paths.ParamHolder()   # fc1/fc2 parameters, under the torch names
+            self.dense_4h_to_h = fast_paths.ParamHolder()
+            self.fused = te.LayerNormMLP(h, f, eps=cfg.layernorm_eps, bias=True, activation=act, device=device)
+            self.act = None
+        else:
+            if cfg.hidden_act not in _ACTIVATIONS:
+                raise UserError(f"model.hidden_act: unknown {cfg.hidden_act!r}; known: {sorted(_ACTIVATIONS)}")
+            self.dense_h_to_4h = te.LayerNormLinear(h, f, eps=cfg.layernorm_eps, bias=True, device=device)
+            self.dense_4h_to_h = te.Linear(f, h, bias=True, device=device)
+            self.fused = None
+            self.act = _ACTIVATIONS[cfg.hidden_act]
+
+    def forward(self, x):  # x: the residual stream; the MLP's LayerNorm runs inside
+        if self.fused is not None:
+            return self.fused(x)
+        return self.dense_4h_to_h(self.act(self.dense_h_to_4h(x)))
+
+
+class TELayer(nn.Module):
+    """``Layer`` on transformer-engine's fused modules. Parallel residual ``x + attn(ln1(x)) + mlp(ln2(x))``:
+    both branches read the same x, each through its own fused LayerNorm (LayerNormLinear for QKV,
+    LayerNorm+fc1 for the MLP), so fusing the LayerNorms into the branches loses nothing; a sequential
+    residual fuses ln2 into the MLP the same way on ``x + attn``."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        te = fast_paths.transformer_engine()
+        device = fast_paths.te_device()
+        self.use_parallel_residual = cfg.use_parallel_residual
+        self.input_layernorm = fast_paths.ParamHolder()            # read by attention.query_key_value
+        self.post_attention_layernorm = fast_paths.ParamHolder()   # read by the MLP's first module
+        self.attention = TEAttention(cfg, te, device)
+        self.mlp = TEMLP(cfg, te, device)
+        fast_paths.alias_parameters(self)
+        self.recompute = False
+
+    def _forward(self, x, cos, sin, mask, cache=None):
+        attn = self.attention(x, cos, sin, mask, cache)
+        if self.use_parallel_residual:
+            return x + attn + self.mlp(x)
+        h = x + attn
+        return h + self.mlp(h)
+
+    def forward(self, x, cos, sin, mask, cache=None):
+        if self.recompute and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(self._forward, x, cos, sin, mask, use_reentrant=False)
+        return self._forward(x, cos, sin, mask, cache)
+
+
 class GPTNeoX(nn.Module):
     """GPT-NeoX causal LM. ``model(input_ids [b, s]) -> logits [b, s, V_pad]``.
 
@@ -205,7 +312,8 @@ class GPTNeoX(nn.Module):
         self.cfg = cfg
         v_pad = cfg.padded_vocab()
         self.embed_in = nn.Embedding(v_pad, cfg.hidden_size)
-        self.layers = nn.ModuleDict({str(i): Layer(cfg) for i in range(cfg.num_layers)})
+        layer = TELayer if cfg.impl == "te" else Layer
+        self.layers = nn.ModuleDict({str(i): layer(cfg) for i in range(cfg.num_layers)})
         self.final_layer_norm = fast_paths.layer_norm(cfg.hidden_size, cfg.layernorm_eps, cfg.layernorm_backend)
         self.embed_out = nn.Linear(cfg.hidden_size, v_pad, bias=False)
         if cfg.tie_word_embeddings:
@@ -216,24 +324,30 @@ class GPTNeoX(nn.Module):
         # forward() returns the final hidden states [b, s, H] instead of logits (the pipeline's last stage
         # when its loss is the fused linear + cross-entropy, which reads embed_out.weight itself)
         self.output_hidden_states = False
+        self.fp8_group = None  # impl=te, fp8: the group TE reduces fp8 amaxes over (data parallel sets it)
+        if cfg.impl == "te":
+            fast_paths.drop_te_extra_state(self)
         self.init_weights()
 
     @torch.no_grad()
     def init_weights(self) -> None:
         """N(0, init_std) weights; output projections of each residual branch scaled by 1/sqrt(2L)
-        (Megatron's scaled init); zero biases; LayerNorm 1/0. Also used after ``to_empty`` from meta."""
+        (Megatron's scaled init); zero biases; LayerNorm 1/0. Also used after ``to_empty`` from meta.
+
+        By parameter name, in parameter order (a tied weight twice), so both implementations (``Layer``,
+        ``TELayer``) draw the same values from the same seed."""
         std = self.cfg.init_std
         out_std = std / math.sqrt(2.0 * self.cfg.num_layers)
-        for name, mod in self.named_modules():
-            if isinstance(mod, nn.Linear):
-                is_out = name.endswith("attention.dense") or name.endswith("mlp.dense_4h_to_h")
-                nn.init.normal_(mod.weight, 0.0, out_std if is_out else std)
-                if mod.bias is not None:
-                    nn.init.zeros_(mod.bias)
-            elif isinstance(mod, nn.Embedding):
-                nn.init.normal_(mod.weight, 0.0, std)
-            elif hasattr(mod, "reset_parameters") and "norm" in type(mod).__name__.lower():
-                mod.reset_parameters()
+        for name, p in self.named_parameters(remove_duplicate=False):
+            if name.endswith(("layernorm.weight", "layer_norm.weight")):
+                nn.init.ones_(p)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(p)
+            elif p.dim() == 2:
+                is_out = name.endswith(("attention.dense.weight", "mlp.dense_4h_to_h.weight"))
+                nn.init.normal_(p, 0.0, out_std if is_out else std)
+            else:
+                raise RuntimeError(f"init_weights: no initialisation rule for parameter {name}")
 
     def set_recompute(self, granularity: str | None) -> None:
         """Activation checkpointing: None (off), "full" (each layer), "selective" (core attention only)."""
@@ -252,6 +366,9 @@ class GPTNeoX(nn.Module):
         change. ``dynamic=None``: static shapes first, dynamic after the first shape change (scoring
         batches of varying length do not recompile per length).
         """
+        if self.cfg.impl == "te":
+            raise UserError("train.compile / --compile with model.impl=te: transformer-engine's modules are "
+                            "fused kernels already and do not trace under torch.compile; use one or the other")
         for layer in self.layers.values():
             layer.forward = torch.compile(layer.forward, dynamic=dynamic)
 
@@ -292,8 +409,9 @@ class GPTNeoX(nn.Module):
             position_ids = position_ids[None]
         cos, sin = rotary_cos_sin(position_ids, self.cfg.rotary_dim, self.cfg.rotary_base, h.dtype)
         mask = doc_attention_mask(doc_ids) if doc_ids is not None else None
-        for layer in self.layers.values():
-            h = layer(h, cos, sin, mask)
+        with fast_paths.fp8_autocast(self.cfg.impl == "te" and self.cfg.fp8, self.fp8_group):
+            for layer in self.layers.values():
+                h = layer(h, cos, sin, mask)
         if self.final_layer_norm is not None:
             h = self.final_layer_norm(h)
         return h

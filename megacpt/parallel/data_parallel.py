@@ -23,6 +23,7 @@ def apply_fsdp(module: nn.Module, dp_mesh: DeviceMesh, param_dtype: str = "float
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=_DTYPES[param_dtype], reduce_dtype=_DTYPES[reduce_dtype])
+    _set_fp8_group(module, dp_mesh)
     layers = list(module.layers.values())
     for i, layer in enumerate(layers):
         # the last layer's params are needed again right away by backward: keep them gathered
@@ -40,6 +41,13 @@ def apply_fsdp(module: nn.Module, dp_mesh: DeviceMesh, param_dtype: str = "float
     return module
 
 
+def _set_fp8_group(module: nn.Module, dp_mesh: DeviceMesh) -> None:
+    """fp8 (model.impl=te): TE reduces its amaxes over the data-parallel group, so every replica quantizes
+    with the same scales."""
+    if hasattr(module, "fp8_group"):
+        module.fp8_group = dp_mesh.get_group()
+
+
 def apply_ddp(module: nn.Module, dp_mesh: DeviceMesh) -> nn.Module:
     """Replicate ``module`` over ``dp_mesh`` with gradient all-reduce (bucketed, overlapped with backward)."""
     from torch.distributed._composable.replicate import replicate
@@ -47,5 +55,6 @@ def apply_ddp(module: nn.Module, dp_mesh: DeviceMesh) -> nn.Module:
     if any(hasattr(p, "device_mesh") for p in module.parameters()):
         raise UserError("parallel.data_parallel_type=ddp: the model has DTensor (tensor-parallel) parameters; "
                         "use fsdp")
+    _set_fp8_group(module, dp_mesh)
     replicate(module, device_mesh=dp_mesh, bucket_cap_mb=100)
     return module

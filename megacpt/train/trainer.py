@@ -52,7 +52,7 @@ from megacpt.train.optim import LRSchedule, build_optimizer
 log = logging.getLogger("megacpt.train")
 
 # knobs of ModelConfig that are runtime choices of the job, not architecture of a loaded model
-RUNTIME_MODEL_FIELDS = ("recompute_granularity", "attention_backend", "layernorm_backend")
+RUNTIME_MODEL_FIELDS = ("recompute_granularity", "attention_backend", "layernorm_backend", "impl", "fp8")
 ARCH_FIELDS = ("hidden_size", "num_layers", "num_heads", "intermediate_size", "rotary_pct",
                "use_parallel_residual", "vocab_size")
 
