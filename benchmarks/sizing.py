@@ -31,7 +31,7 @@ def read_measurement(path: str) -> tuple[str, sizing.Measurement]:
     meas = sizing.Measurement(micro_batch=int(d["micro_batch"]), seq=int(d["seq"]), recompute=d["recompute"],
                               step_seconds={int(k): float(v) for k, v in d["step_seconds"].items()},
                               source=f"{path} ({d.get('date', '?')}, {d.get('command', '?')})",
-                              device=d.get("device", "?"))
+                              device=d.get("device", "?"), opt_seconds_per_param=d.get("opt_seconds_per_param"))
     return d["preset"], meas
 
 

@@ -55,7 +55,8 @@ Three models, each stated here with its assumptions so a reader can check them a
    layer counts; the full model costs ``alpha + L * beta`` per micro-batch on one GPU. TP over t divides
    the compute by t (an ideal-scaling assumption: thinner GEMMs are somewhat slower in practice, so the
    result is a lower bound on time). Step time = micro-batches x (compute + TP comm + exposed FSDP comm)
-   + optimizer step (memory-bound: ``OPT_BYTES_PER_PARAM`` bytes per local parameter at HBM bandwidth).
+   + optimizer step (measured seconds per parameter when the measurement has it, else memory-bound:
+   ``OPT_BYTES_PER_PARAM`` bytes per local parameter at HBM bandwidth).
    Days per token budget = tokens / (tokens per second of the whole job) / 86,400.
 
 Everything here is arithmetic on its inputs: it runs on CPU and is tested there; the measured inputs come
@@ -266,6 +267,7 @@ class Measurement:
     step_seconds: dict[int, float]
     source: str = "unmeasured"
     device: str = ""
+    opt_seconds_per_param: float | None = None  # measured fused AdamW step time per parameter, if any
 
     def fit(self) -> tuple[float, float]:
         """(alpha, beta): least-squares line ``t(L) = alpha + beta * L``."""
@@ -343,7 +345,8 @@ def plan(cfg: ModelConfig, seq: int, global_batch: int, layout: Layout, meas: Me
     n_reduce = n_micro if (layout.fsdp and layout.reduce_every_micro) else 1
     dp_total = (n_micro * comm["dp_gather"] if layout.fsdp else 0.0) + n_reduce * comm["dp_reduce"]
     local = total_params(cfg) / (layout.tp * (layout.dp if layout.fsdp else 1))
-    opt = OPT_BYTES_PER_PARAM * local / net.hbm_bandwidth
+    opt = local * (meas.opt_seconds_per_param if meas.opt_seconds_per_param
+                   else OPT_BYTES_PER_PARAM / net.hbm_bandwidth)
     busy = n_micro * (compute + comm["tp"])
     step_lo = busy + max(0.0, dp_total - n_micro * compute) + opt
     step_hi = busy + dp_total + opt
