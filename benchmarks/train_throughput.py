@@ -252,64 +252,86 @@ def _base_overrides(preset, prefix, tmp, seq, iters, mb, gb, device, gpu, fused,
 
 
 def throughput(args, device, gpu) -> list[dict]:
-    rows = []
+    """The variants of each preset; each variant's row is printed (and ``--json-out`` rewritten) as soon as
+    it is measured, so a run cut short by its time limit keeps what it finished."""
+    rows: list[dict] = []
+    peak, peak_src = _peak(args, device, gpu)
+    name = torch.cuda.get_device_name() if gpu else f"CPU x{args.threads} threads"
     for preset in args.presets:
         cfg = get_preset(preset)
         seq, mb, gb, iters, warmup = args.seq, args.micro_batch, args.global_batch, args.iters, args.warmup
-        with tempfile.TemporaryDirectory() as tmp:
-            prefix = Path(tmp) / "bench"
-            make_corpus(prefix, cfg.vocab_size, n_tokens=iters * gb * (seq + 1) * 2 + 10_000)
-            base = _base_overrides(preset, prefix, tmp, seq, iters, mb, gb, args.device, gpu, not args.no_fused_loss,
-                                   args.recompute)
-            runs: dict[str, list[dict]] = {v: [] for v in args.variants}
-            for _ in range(args.repeats):
-                for v in args.variants:
-                    r = run_variant(v, base, warmup, device, gpu)
-                    runs[v].append(r)
-                    print(f"  {preset} {v}: " + (r["error"] if "error" in r else f"{r['tokens_per_s']:,.0f} tok/s"),
-                          flush=True)
-        peak, peak_src = _peak(args, device, gpu)
         fpt, fpt_noattn = flops_per_token(cfg, seq), flops_per_token(cfg, seq, attention=False)
         mem_pred = sizing.memory_per_gpu(cfg, seq, sizing.Layout(n_gpus=1, micro_batch=mb, fused_loss=not args.no_fused_loss,
                                                                  recompute=args.recompute or "none"))["total"] / 2**30
-        base_v = "hf-compile" if "hf-compile" in runs else ("hf" if "hf" in runs else None)
-        base_tps = None
-        if base_v and all("error" not in r for r in runs[base_v]):
-            base_tps = max(r["tokens_per_s"] for r in runs[base_v])
-        name = torch.cuda.get_device_name() if gpu else f"CPU x{args.threads} threads"
         print(f"\ndevice: {name} | preset {preset} | seq {seq} | micro {mb} | global {gb} | "
               f"{'bf16' if gpu else 'fp32'} | {iters} iters ({warmup} warm-up) | best of {args.repeats}")
         print(f"model FLOPs/token: {fpt / 1e6:.1f} MFLOP with attention, {fpt_noattn / 1e6:.1f} without; "
               f"peak {peak / 1e12:.3f} TFLOP/s ({peak_src})"
               + (f"; megacpt.train.sizing predicts {mem_pred:.1f} GiB peak for the torch variant" if gpu else ""))
-        print(f"{'variant':<14} {'tok/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'MFU-noattn':>10} {'peak GiB':>9} "
-              f"{'vs ' + (base_v or '-'):>14} {'data share':>10}")
-        for v, rs in runs.items():
-            ok = [r for r in rs if "error" not in r]
-            row = {"preset": preset, "variant": v, "device": name, "seq": seq, "micro_batch": mb, "global_batch": gb,
-                   "iters": iters, "warmup": warmup, "peak_flops": peak, "flops_per_token": fpt,
-                   "flops_per_token_no_attention": fpt_noattn, "mem_predicted_gib": mem_pred}
-            if not ok:
-                row["error"] = rs[0]["error"]
-                print(f"{v:<14} not measured: {row['error']}")
-                rows.append(row)
-                continue
-            best = max(ok, key=lambda r: r["tokens_per_s"])
-            tps = best["tokens_per_s"]
-            row.update({k: best[k] for k in best if k != "losses"}, all_tokens_per_s=[r["tokens_per_s"] for r in ok],
-                       tflops=tps * fpt / 1e12, mfu=tps * fpt / peak, mfu_no_attention=tps * fpt_noattn / peak,
-                       ratio_vs_baseline=tps / base_tps if base_tps else None)
-            rows.append(row)
-            mem = "" if math.isnan(best["peak_mem_gib"]) else f"{best['peak_mem_gib']:.1f}"
-            ratio = f"{tps / base_tps:.2f}x" if base_tps else "-"
-            share = f"{100 * best['data_share']:.2f}%" if "data_share" in best else "-"
-            print(f"{v:<14} {tps:>10,.0f} {tps * fpt / 1e12:>8.1f} {100 * tps * fpt / peak:>5.1f}% "
-                  f"{100 * tps * fpt_noattn / peak:>9.1f}% {mem:>9} {ratio:>14} {share:>10}")
+        header = (f"{'variant':<14} {'tok/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'MFU-noattn':>10} {'peak GiB':>9} "
+                  f"{'vs baseline':>12} {'data share':>10}")
+        print(header, flush=True)
+        runs: dict[str, list[dict]] = {v: [] for v in args.variants}
+        with tempfile.TemporaryDirectory() as tmp:
+            prefix = Path(tmp) / "bench"
+            make_corpus(prefix, cfg.vocab_size, n_tokens=iters * gb * (seq + 1) * 2 + 10_000)
+            base = _base_overrides(preset, prefix, tmp, seq, iters, mb, gb, args.device, gpu, not args.no_fused_loss,
+                                   args.recompute)
+            for _ in range(args.repeats):
+                for v in args.variants:
+                    runs[v].append(run_variant(v, base, warmup, device, gpu))
+                    row = _row(preset, v, runs, name, args, peak, fpt, fpt_noattn, mem_pred)
+                    print(_format_row(row), flush=True)
+                    rows = [r for r in rows if (r["preset"], r["variant"]) != (preset, v)] + [row]
+                    if args.json_out:
+                        Path(args.json_out).write_text(json.dumps(rows, indent=1, default=str))
+        print(f"\n{preset}, best of {args.repeats}, ratios against {_baseline(runs) or 'no baseline'}:")
+        print(header)
+        for v in args.variants:
+            row = _row(preset, v, runs, name, args, peak, fpt, fpt_noattn, mem_pred)
+            rows = [r for r in rows if (r["preset"], r["variant"]) != (preset, v)] + [row]
+            print(_format_row(row))
         if not gpu:
             cpu = {v: max(r["tokens_per_cpu_s"] for r in rs if "error" not in r) for v, rs in runs.items()
                    if any("error" not in r for r in rs)}
             print("tokens per CPU-second (load-independent): " + ", ".join(f"{v} {x:,.0f}" for v, x in cpu.items()))
     return rows
+
+
+def _baseline(runs: dict) -> str | None:
+    for v in ("hf-compile", "hf"):
+        if any("error" not in r for r in runs.get(v, [])):
+            return v
+    return None
+
+
+def _row(preset, v, runs, name, args, peak, fpt, fpt_noattn, mem_pred) -> dict:
+    row = {"preset": preset, "variant": v, "device": name, "seq": args.seq, "micro_batch": args.micro_batch,
+           "global_batch": args.global_batch, "iters": args.iters, "warmup": args.warmup, "peak_flops": peak,
+           "flops_per_token": fpt, "flops_per_token_no_attention": fpt_noattn, "mem_predicted_gib": mem_pred}
+    ok = [r for r in runs[v] if "error" not in r]
+    if not ok:
+        row["error"] = runs[v][0]["error"] if runs[v] else "not run"
+        return row
+    best = max(ok, key=lambda r: r["tokens_per_s"])
+    tps = best["tokens_per_s"]
+    base_v = _baseline(runs)
+    base_tps = max(r["tokens_per_s"] for r in runs[base_v] if "error" not in r) if base_v else None
+    row.update({k: best[k] for k in best if k != "losses"}, all_tokens_per_s=[r["tokens_per_s"] for r in ok],
+               tflops=tps * fpt / 1e12, mfu=tps * fpt / peak, mfu_no_attention=tps * fpt_noattn / peak,
+               baseline=base_v, ratio_vs_baseline=tps / base_tps if base_tps else None)
+    return row
+
+
+def _format_row(row: dict) -> str:
+    v = row["variant"]
+    if "error" in row:
+        return f"{v:<14} not measured: {row['error']}"
+    mem = "" if math.isnan(row["peak_mem_gib"]) else f"{row['peak_mem_gib']:.1f}"
+    ratio = f"{row['ratio_vs_baseline']:.2f}x" if row["ratio_vs_baseline"] else "-"
+    share = f"{100 * row['data_share']:.2f}%" if "data_share" in row else "-"
+    return (f"{v:<14} {row['tokens_per_s']:>10,.0f} {row['tflops']:>8.1f} {100 * row['mfu']:>5.1f}% "
+            f"{100 * row['mfu_no_attention']:>9.1f}% {mem:>9} {ratio:>12} {share:>10}")
 
 
 def _peak(args, device, gpu) -> tuple[float, str]:
@@ -480,7 +502,8 @@ def main(argv=None) -> int:
     args.iters = args.iters or (5 if args.sizing else (12 if gpu else 12))
     args.warmup = args.warmup if args.warmup is not None else (2 if args.sizing else (4 if gpu else 2))
     if args.variants is None:
-        args.variants = ["hf-compile", "torch", "torch-compile", "te", "te-fp8"] if gpu else ["hf", "torch"]
+        # the trainer first (the figure that matters most if a time limit cuts the run), then the baseline
+        args.variants = ["torch", "hf-compile", "torch-compile", "te", "te-fp8"] if gpu else ["hf", "torch"]
     if args.compile:
         args.variants = ["torch-compile" if v == "torch" else v for v in args.variants]
     if args.sizing:
