@@ -2,37 +2,21 @@
 
 Three models, each stated here with its assumptions so a reader can check them against a measurement:
 
-1. **Memory per GPU** (``memory_per_gpu``): model states, mixed-precision copies, activations and the loss
-   buffers of the *torch path* of ``megacpt.model.gpt_neox`` under bf16 autocast. Activation bytes per
-   layer per micro-batch, with ``sbh`` = (sequence x micro-batch x hidden) elements, read off what
-   autograd saves (Korthikanti et al. 2022, "Reducing Activation Recomputation", §4, redone for this model:
-   no dropout, flash/SDPA attention so no s x s term, parallel residual, fp32 residual stream):
-
-       residual stream x (fp32, saved once by both LayerNorms)               4 sbh   (/t with SP)
-       LN1 and LN2 outputs cast to bf16 (inputs of QKV and fc1)              4 sbh   (/t with SP)
-       QKV output (bf16; attention keeps its storage alive through v)       6 sbh / t
-       rotary q, k and the attention output (bf16)                          6 sbh / t
-       the attention output re-laid out [b, s, nh*hd] for the dense layer   2 sbh / t
-       fc1 output = GELU input, GELU output = fc2 input (bf16, 4h wide)    16 sbh / t
-       --------------------------------------------------------------------------------
-       no recompute                                       8 sbh + 30 sbh / t  (38 sbh / t with SP)
-       selective (core attention recomputed: q, k, out dropped)  8 sbh + 24 sbh / t
-       full (only each layer's input kept; one layer live while recomputing)  4 sbh per layer + one layer
-       sequential residual (use_parallel_residual=False): + 4 sbh (x + attn is a second fp32 stream),
-       except under full recompute
-
-   Checked on CPU by summing the storages autograd saves for one layer under bf16 autocast (torch's CPU
-   flash-attention kernel; tests/train/test_sizing.py): within 7% for every mode.
-
-   Model states: fp32 master weights, fp32 gradients and two fp32 Adam moments = 16 bytes per parameter,
-   sharded over tp and, with FSDP, over dp. Autocast keeps a bf16 copy of every weight it casts for the
-   whole forward (its cast cache), unless FSDP already hands out bf16 parameters. FSDP also holds the
-   unsharded parameters and gradients of the layer in flight (and the prefetched one) and of the root
-   (embeddings, final norm, output layer), which stays gathered between forward and backward.
-
-   Checked against a measured peak: Pythia-1B, micro 8 x 2048, bf16, fused loss, one H100: 38.5 GiB
-   measured (docs/benchmarks.md, 2026-11-26) vs ``memory_per_gpu`` (see tests/train/test_sizing.py).
-   ``benchmarks/train_throughput.py`` prints predicted beside measured for every GPU run.
+1. **Memory per GPU** (``memory_per_gpu``): the dry-run estimate of ``megacpt.train.plan.estimate_memory``
+   (model states, FSDP working set, activations per layer as autograd saves them, autocast's bf16 weight
+   copies, unfused logits; derivation and the test against the real layer's saved tensors there), plus the
+   terms a *peak* adds on top of what is held for backward:
+   - the output layer's bf16 copy (the fused loss casts ``embed_out`` under autocast and saves it);
+   - under FSDP, the root (embeddings, final norm, output layer) gathered from forward to backward with its
+     unsharded gradient, and every layer gathered when ``fsdp_reshard_after_forward`` is false;
+   - the final LayerNorm's fp32 input and the loss's bf16 input (6 sbh bytes);
+   - the loss's backward working set: fused, a [chunk, V] fp32 tile + its bf16 copy, the fp32 dW and dh
+     accumulators; unfused, the bf16 logits and the fp32 incoming gradient beside plan's fp32 logits and
+     logit gradient;
+   - 1 GiB of cuBLAS/NCCL workspaces and allocator slack.
+   Checked against measured peaks: Pythia-1B, micro 8 x 2048, bf16, one H100 (docs/benchmarks.md,
+   2026-11-26): 38.5 GiB measured with the fused loss, 46.8 GiB with logits + cross-entropy
+   (tests/train/test_sizing.py); ``benchmarks/train_throughput.py`` prints the prediction beside every GPU run.
 
 2. **Communication** (``comm_seconds``): ring collectives, time = bytes x (factor) / bus bandwidth, with
    factor 2(n-1)/n for all-reduce and (n-1)/n for all-gather / reduce-scatter (NCCL's "bus bandwidth"
@@ -68,13 +52,13 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from megacpt.config import ModelConfig
+from megacpt.config import DataConfig, JobConfig, ModelConfig, ParallelConfig, TrainConfig
 from megacpt.errors import UserError
 from megacpt.train.metrics import flops_per_token
+from megacpt.train.plan import count_parameters, estimate_memory
 
 GiB = 2 ** 30
 FP32, BF16 = 4, 2
-MODEL_STATE_BYTES = 16          # fp32 weight + fp32 grad + Adam exp_avg + exp_avg_sq
 OPT_BYTES_PER_PARAM = 36        # fused AdamW: read w, g, m, v (16 B), write w, m, v (12 B), + grad zeroing 8 B
 FIXED_OVERHEAD_BYTES = 1.0 * GiB  # cuBLAS/cuDNN workspaces, NCCL buffers, rotary tables, allocator slack
 RECOMPUTE = ("none", "selective", "full")
@@ -148,74 +132,61 @@ INTERCONNECTS = {
 
 # ------------------------------------------------------------------------------------------------ counts
 
+def total_params(cfg: ModelConfig) -> int:
+    return count_parameters(cfg)
+
+
 def layer_params(cfg: ModelConfig) -> int:
-    """Parameters of one transformer layer (QKV, dense, fc1, fc2 with biases; two LayerNorms)."""
-    h, f = cfg.hidden_size, cfg.intermediate_size
-    b = 1 if cfg.attention_bias else 0
-    return (3 * h * h + 3 * h * b) + (h * h + h * b) + (h * f + f) + (f * h + h) + 4 * h
+    """Parameters of one transformer layer."""
+    return count_parameters(dataclasses.replace(cfg, num_layers=1)) - count_parameters(dataclasses.replace(cfg, num_layers=0))
 
 
 def root_params(cfg: ModelConfig) -> int:
-    """Embedding, final LayerNorm and output layer (untied unless the config ties them)."""
-    v, h = cfg.padded_vocab(), cfg.hidden_size
-    return v * h * (1 if cfg.tie_word_embeddings else 2) + 2 * h
-
-
-def total_params(cfg: ModelConfig) -> int:
-    return cfg.num_layers * layer_params(cfg) + root_params(cfg)
+    """Embedding, final LayerNorm and output layer."""
+    return count_parameters(dataclasses.replace(cfg, num_layers=0))
 
 
 # ------------------------------------------------------------------------------------------------ memory
 
-def activation_bytes_per_layer(cfg: ModelConfig, seq: int, layout: Layout) -> float:
-    """Bytes one layer keeps for backward per micro-batch (module docstring, table)."""
-    sbh = seq * layout.micro_batch * cfg.hidden_size
-    t = layout.tp
-    rep = 1 / t if layout.sequence_parallel else 1.0     # the replicated part shrinks with SP only
-    if layout.recompute == "full":
-        return 4 * sbh * rep
-    seq_res = 0 if cfg.use_parallel_residual else 4      # sequential residual: x and x + attn both saved
-    sharded = 30 if layout.recompute == "none" else 24
-    return (8 + seq_res) * sbh * rep + sharded * sbh / t
+def job_for(cfg: ModelConfig, seq: int, layout: Layout) -> JobConfig:
+    """The training job ``layout`` describes (bf16 on CUDA), for ``megacpt.train.plan``."""
+    dtype = {FP32: "float32", BF16: "bfloat16"}
+    par = ParallelConfig(tensor_model_parallel_size=layout.tp, data_parallel_size=layout.dp,
+                         sequence_parallel=layout.sequence_parallel,
+                         data_parallel_type="fsdp" if layout.fsdp else "ddp",
+                         mixed_precision_param=dtype[layout.param_dtype_bytes],
+                         mixed_precision_reduce=dtype[layout.reduce_dtype_bytes],
+                         fsdp_reshard_after_forward=layout.reshard_after_forward)
+    model = dataclasses.replace(cfg, recompute_granularity=None if layout.recompute == "none" else layout.recompute)
+    train = TrainConfig(micro_batch_size=layout.micro_batch, global_batch_size=layout.micro_batch * layout.dp,
+                        precision="bf16", device="cuda", fused_loss=layout.fused_loss)
+    return JobConfig(model=model, parallel=par, data=DataConfig(seq_length=seq), train=train)
 
 
 def memory_per_gpu(cfg: ModelConfig, seq: int, layout: Layout) -> dict[str, float]:
     """Estimated peak bytes per GPU by component, and ``total`` (module docstring, model 1)."""
     layout.check(cfg)
     t, d = layout.tp, layout.dp
-    shard = t * (d if layout.fsdp else 1)
+    out = estimate_memory(job_for(cfg, seq, layout), d)
+    out.pop("total")
+    v_local, h = cfg.padded_vocab() // t, cfg.hidden_size
     n_layer, n_root = layer_params(cfg), root_params(cfg)
-    n_all = cfg.num_layers * n_layer + n_root
-    out: dict[str, float] = {"model_states": MODEL_STATE_BYTES * n_all / shard}
-    # bf16 weight copies: autocast's cast cache lives for the whole forward (every layer's weights), unless
-    # FSDP all-gathers bf16 params already (no cast); then only the gathered layers below
-    if layout.param_dtype_bytes == FP32:  # linear weights only: embedding lookups and LayerNorms run fp32
-        out["autocast_weight_cache"] = BF16 * (cfg.num_layers * n_layer + cfg.padded_vocab() * cfg.hidden_size) / t
+    if layout.param_dtype_bytes == FP32:  # autocast's copy of embed_out, saved by the loss
+        out["output_layer_copy"] = BF16 * v_local * h
     if layout.fsdp and d > 1:
-        # the layer in flight + the prefetched one, and the root (gathered from forward to backward), or
-        # every layer when they stay gathered after forward; unsharded gradients of one layer and of the
-        # root before their reduce-scatter
-        gathered = (2 * n_layer + n_root) if layout.reshard_after_forward else n_all
-        out["fsdp_unsharded_params"] = layout.param_dtype_bytes * gathered / t
-        out["fsdp_unsharded_grads"] = layout.reduce_dtype_bytes * (n_layer + n_root) / t
-        if not layout.reduce_every_micro:  # gradient accumulation in unsharded fp32 until the last micro
-            out["fsdp_accumulated_grads"] = FP32 * n_all / t
-    act = activation_bytes_per_layer(cfg, seq, layout)
-    out["activations"] = cfg.num_layers * act
-    sbh = seq * layout.micro_batch * cfg.hidden_size
-    if layout.recompute == "full":  # one layer's full activations while it is recomputed
-        out["activations"] += activation_bytes_per_layer(cfg, seq, dataclasses.replace(layout, recompute="none"))
-    out["final_norm_and_hidden"] = (FP32 + BF16) * sbh  # final LN input (fp32) + the loss's bf16 input
+        out["fsdp_root"] = (layout.param_dtype_bytes + layout.reduce_dtype_bytes) * n_root / t
+        if not layout.reshard_after_forward:  # every layer stays gathered, not two at a time
+            out["fsdp_all_layers"] = layout.param_dtype_bytes * (cfg.num_layers - 2) * n_layer / t
+        if not layout.reduce_every_micro:  # gradients accumulate unsharded until the last micro-batch
+            out["fsdp_accumulated_grads"] = FP32 * cfg.num_layers * n_layer / t
+    sbh = seq * layout.micro_batch * h
+    out["final_norm_and_hidden"] = (FP32 + BF16) * sbh
     n_tok = seq * layout.micro_batch
-    v_local = cfg.padded_vocab() // t
     if layout.fused_loss:
         c = min(layout.loss_chunk, n_tok)
-        # backward: fp32 softmax tile + its bf16 copy, fp32 dW and dh accumulators
-        out["loss"] = (FP32 + BF16) * c * v_local + FP32 * v_local * cfg.hidden_size + FP32 * n_tok * cfg.hidden_size
+        out["loss"] = (FP32 + BF16) * c * v_local + FP32 * v_local * h + FP32 * n_tok * h
     else:
-        # backward of logits + cross-entropy: the saved fp32 log-softmax, the fp32 incoming gradient and
-        # the fp32 logit gradient, then its bf16 cast, live at once
-        out["loss"] = (BF16 + 3 * FP32) * n_tok * v_local
+        out["loss"] = (BF16 + FP32) * n_tok * v_local
     out["fixed_overhead"] = FIXED_OVERHEAD_BYTES
     out["total"] = sum(out.values())
     return out

@@ -1,51 +1,24 @@
-"""The sizing arithmetic (megacpt.train.sizing): parameter counts against the real model, activation bytes
-against what autograd actually saves on CPU, the memory model against a measured GPU peak, the ring
-collective formulas, the per-layer fit and the plan's days."""
+"""The sizing arithmetic (megacpt.train.sizing): layer counts against the real model, the peak-memory model
+(megacpt.train.plan's estimate + peak terms) against measured GPU peaks, the ring collective formulas, the
+per-layer fit, the plan's days and the CLI."""
 import dataclasses
 
 import pytest
 import torch
 
 from megacpt.errors import UserError
-from megacpt.model.gpt_neox import GPTNeoX, rotary_cos_sin
+from megacpt.model.gpt_neox import GPTNeoX
 from megacpt.model.presets import get_preset
 from megacpt.train import sizing
 from megacpt.train.sizing import GiB, Interconnect, Layout, Measurement
 
 
-@pytest.mark.parametrize("preset", ["tiny", "toy-4m", "pythia-1b", "pythia-6.9b"])
-def test_param_counts_match_the_model(preset):
-    cfg = get_preset(preset)
+def test_layer_and_root_counts_match_the_model():
+    cfg = get_preset("pythia-1b")
     with torch.device("meta"):
         model = GPTNeoX(cfg)
-    assert sizing.total_params(cfg) == model.num_params()
-    layer = sum(p.numel() for p in model.layers["0"].parameters())
-    assert sizing.layer_params(cfg) == layer
-
-
-@pytest.mark.parametrize("parallel_residual", [True, False])
-@pytest.mark.parametrize("recompute", ["none", "selective", "full"])
-def test_activation_bytes_match_what_autograd_saves(parallel_residual, recompute):
-    """Sum the distinct storages autograd keeps for one layer's backward (bf16 CPU autocast, CPU flash
-    attention) and compare with the table in the sizing docstring."""
-    torch.manual_seed(0)
-    cfg = get_preset("tiny", hidden_size=256, num_heads=4, use_parallel_residual=parallel_residual)
-    model = GPTNeoX(cfg).train()
-    model.set_recompute(recompute)
-    b, s = 2, 128
-    x = torch.randn(b, s, cfg.hidden_size, requires_grad=True)
-    cos, sin = rotary_cos_sin(torch.arange(s)[None], cfg.rotary_dim, cfg.rotary_base, torch.bfloat16)
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model.layers["0"](x, cos, sin, None)
-    saved = sum(storages.values())
-    predicted = sizing.activation_bytes_per_layer(cfg, s, Layout(n_gpus=1, micro_batch=b, recompute=recompute))
-    assert saved == pytest.approx(predicted, rel=0.07)
+    assert sizing.layer_params(cfg) == sum(p.numel() for p in model.layers["0"].parameters())
+    assert sizing.root_params(cfg) + cfg.num_layers * sizing.layer_params(cfg) == model.num_params()
 
 
 def test_memory_model_against_measured_h100_peaks():
@@ -57,6 +30,11 @@ def test_memory_model_against_measured_h100_peaks():
     assert fused["total"] / GiB == pytest.approx(38.5, rel=0.05)
     assert plain["total"] / GiB == pytest.approx(46.8, rel=0.05)
     assert fused["total"] == pytest.approx(sum(v for k, v in fused.items() if k != "total"))
+    # the dry-run estimate (megacpt.train.plan) is its base: what is held for backward
+    from megacpt.train.plan import estimate_memory
+
+    base = estimate_memory(sizing.job_for(cfg, 2048, Layout(n_gpus=1, micro_batch=8)), 1)
+    assert all(fused[k] == base[k] for k in base if k != "total")
 
 
 def test_memory_sharding_and_options():
@@ -64,13 +42,13 @@ def test_memory_sharding_and_options():
     base = Layout(n_gpus=32, tp=2, micro_batch=4, recompute="selective", sequence_parallel=True)
     m32 = sizing.memory_per_gpu(cfg, 2048, base)
     m8 = sizing.memory_per_gpu(cfg, 2048, dataclasses.replace(base, n_gpus=8))
-    assert m8["model_states"] == pytest.approx(4 * m32["model_states"])          # FSDP over dp 4 vs 16
+    assert m8["model_state"] == pytest.approx(4 * m32["model_state"])            # FSDP over dp 4 vs 16
     ddp = sizing.memory_per_gpu(cfg, 2048, dataclasses.replace(base, fsdp=False))
-    assert ddp["model_states"] == pytest.approx(16 * sizing.total_params(cfg) / 2)
+    assert ddp["model_state"] > 15 * sizing.total_params(cfg) / 2 and "fsdp_root" not in ddp
     bf16 = sizing.memory_per_gpu(cfg, 2048, dataclasses.replace(base, param_dtype_bytes=2))
-    assert "autocast_weight_cache" not in bf16 and bf16["total"] < m32["total"]
+    assert "output_layer_copy" not in bf16 and bf16["total"] < m32["total"]
     keep = sizing.memory_per_gpu(cfg, 2048, dataclasses.replace(base, reshard_after_forward=False))
-    assert keep["fsdp_unsharded_params"] > m32["fsdp_unsharded_params"]
+    assert keep["fsdp_all_layers"] > 0 and keep["total"] > m32["total"]
     full = sizing.memory_per_gpu(cfg, 2048, dataclasses.replace(base, recompute="full"))
     assert full["activations"] < m32["activations"]
     no_sp = sizing.memory_per_gpu(cfg, 2048, dataclasses.replace(base, sequence_parallel=False))
