@@ -48,17 +48,22 @@ BWD_CONFIGS = [  # BN, BV, BH, warps, stages
 ]
 
 
+def _problem(args, hid: int, dev):
+    """bf16 hidden states [N, hid], output weights [V, hid], targets, and the forward's FLOPs."""
+    g = torch.Generator(device=dev).manual_seed(0)
+    h = torch.randn(args.n, hid, device=dev, generator=g, dtype=torch.bfloat16)
+    w = (torch.randn(args.vocab, hid, device=dev, generator=g) * 0.02).to(torch.bfloat16)
+    t = torch.randint(0, args.vocab, (args.n,), device=dev, generator=g)
+    return h, w, t, 2 * args.n * hid * args.vocab
+
+
 def sweep_backward(args, dev) -> None:
     import triton.testing
 
     from megacpt.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
 
     for hid in (int(x) for x in args.hidden.split(",")):
-        g = torch.Generator(device=dev).manual_seed(0)
-        h = torch.randn(args.n, hid, device=dev, generator=g, dtype=torch.bfloat16)
-        w = (torch.randn(args.vocab, hid, device=dev, generator=g) * 0.02).to(torch.bfloat16)
-        t = torch.randint(0, args.vocab, (args.n,), device=dev, generator=g)
-        flops = 2 * args.n * hid * args.vocab
+        h, w, t, flops = _problem(args, hid, dev)
 
         def grads(backward, chunk):
             hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
@@ -105,11 +110,7 @@ def main() -> int:
         return 0
     best = {}
     for hid in (int(x) for x in args.hidden.split(",")):
-        g = torch.Generator(device=dev).manual_seed(0)
-        h = torch.randn(args.n, hid, device=dev, generator=g, dtype=torch.bfloat16)
-        w = (torch.randn(args.vocab, hid, device=dev, generator=g) * 0.02).to(torch.bfloat16)
-        t = torch.randint(0, args.vocab, (args.n,), device=dev, generator=g)
-        flops = 2 * args.n * hid * args.vocab
+        h, w, t, flops = _problem(args, hid, dev)
         with torch.inference_mode():
             ref = fused_linear_cross_entropy(h, w, t, impl="torch", chunk_size=4096)
             ms_torch = triton.testing.do_bench(lambda: fused_linear_cross_entropy(h, w, t, impl="torch",

@@ -48,7 +48,7 @@ import torch.distributed as dist
 # use of the Triton path only (~0.2 s and ~75 MB of shared-library pages; torch._dynamo, which some torch
 # paths import, may still load it)
 HAS_TRITON = importlib.util.find_spec("triton") is not None
-triton = tl = None  # set by _triton_kernel()
+triton = tl = _logits_tile = None  # set by _triton_kernel()
 
 __all__ = ["fused_linear_cross_entropy", "FusedLinearCrossEntropy", "FusedLinearCrossEntropyFunction",
            "reference_cross_entropy", "HAS_TRITON"]
@@ -67,9 +67,31 @@ def _triton_kernel(which: str = "fwd"):
     """Import triton and define the kernels on first use (module globals ``triton``/``tl``, which the JIT
     resolves names from); ``which``: "fwd" or "bwd"."""
     if not _KERNEL:
-        global triton, tl
+        global triton, tl, _logits_tile  # the JIT resolves names in this module's globals
         import triton
         import triton.language as tl
+
+        @triton.jit
+        def _logits_tile(h_ptr, w_ptr, rows, cols, row_ok, col_ok, H, stride_hn, stride_wv,
+                         IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+            """h[rows] @ W[cols]^T, fp32 accumulation over H in BLOCK_H steps (both kernels' GEMM)."""
+            acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+            for k in range(0, H, BLOCK_H):
+                ks = k + tl.arange(0, BLOCK_H)
+                k_ok = ks < H
+                h = tl.load(h_ptr + rows[:, None] * stride_hn + ks[None, :],
+                            mask=row_ok[:, None] & k_ok[None, :], other=0.0)            # [BLOCK_N, BLOCK_H]
+                w = tl.load(w_ptr + cols[None, :] * stride_wv + ks[:, None],
+                            mask=col_ok[None, :] & k_ok[:, None], other=0.0)            # [BLOCK_H, BLOCK_V]
+                if UPCAST:  # Triton 3.9's CPU interpreter computes bf16 tl.dot wrongly; fp32 is exact
+                    h = h.to(tl.float32)
+                    w = w.to(tl.float32)
+                if IEEE:  # fp32 inputs: no TF32 rounding, so fp32 results match torch's fp32 matmul
+                    acc = tl.dot(h, w, acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(h, w, acc)
+            return acc
 
         @triton.jit
         def _flce_fwd_kernel(
@@ -96,21 +118,8 @@ def _triton_kernel(which: str = "fwd"):
             for vt in range(tile_lo, tile_hi):
                 cols = vt * BLOCK_V + tl.arange(0, BLOCK_V)
                 col_ok = cols < V_valid
-                acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)  # logits tile, fp32 accumulation
-                for k in range(0, H, BLOCK_H):
-                    ks = k + tl.arange(0, BLOCK_H)
-                    k_ok = ks < H
-                    h = tl.load(h_ptr + rows[:, None] * stride_hn + ks[None, :],
-                                mask=row_ok[:, None] & k_ok[None, :], other=0.0)        # [BLOCK_N, BLOCK_H]
-                    w = tl.load(w_ptr + cols[None, :] * stride_wv + ks[:, None],
-                                mask=col_ok[None, :] & k_ok[:, None], other=0.0)        # [BLOCK_H, BLOCK_V]
-                    if UPCAST:  # Triton 3.9's CPU interpreter computes bf16 tl.dot wrongly; fp32 is exact
-                        h = h.to(tl.float32)
-                        w = w.to(tl.float32)
-                    if IEEE:  # fp32 inputs: no TF32 rounding, so fp32 results match torch's fp32 matmul
-                        acc = tl.dot(h, w, acc, input_precision="ieee")
-                    else:
-                        acc = tl.dot(h, w, acc)
+                acc = _logits_tile(h_ptr, w_ptr, rows, cols, row_ok, col_ok, H, stride_hn, stride_wv,
+                                   IEEE, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H)  # [BLOCK_N, BLOCK_V] fp32
                 if HAS_BIAS:
                     acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
                 acc = tl.where(col_ok[None, :], acc, float("-inf"))
@@ -141,21 +150,8 @@ def _triton_kernel(which: str = "fwd"):
             cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
             col_ok = cols < V_valid      # real vocab rows of this shard
             col_in = cols < V_rows       # rows of W (padded ones get dlogits 0)
-            acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
-            for k in range(0, H, BLOCK_H):
-                ks = k + tl.arange(0, BLOCK_H)
-                k_ok = ks < H
-                h = tl.load(h_ptr + rows[:, None] * stride_hn + ks[None, :],
-                            mask=row_ok[:, None] & k_ok[None, :], other=0.0)            # [BLOCK_N, BLOCK_H]
-                w = tl.load(w_ptr + cols[None, :] * stride_wv + ks[:, None],
-                            mask=col_in[None, :] & k_ok[:, None], other=0.0)            # [BLOCK_H, BLOCK_V]
-                if UPCAST:
-                    h = h.to(tl.float32)
-                    w = w.to(tl.float32)
-                if IEEE:
-                    acc = tl.dot(h, w, acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(h, w, acc)
+            acc = _logits_tile(h_ptr, w_ptr, rows, cols, row_ok, col_in, H, stride_hn, stride_wv,
+                               IEEE, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H)      # [BLOCK_N, BLOCK_V] fp32
             if HAS_BIAS:
                 acc += tl.load(b_ptr + cols, mask=col_in, other=0.0).to(tl.float32)[None, :]
             lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)

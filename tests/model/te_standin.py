@@ -44,17 +44,22 @@ def _p(*shape, device=None):
     return nn.Parameter(torch.empty(*shape, device=device))
 
 
+def _linear_params(mod, in_features, out_features, bias, device):
+    """TE's ``weight`` [out, in] and ``bias`` [out] (an empty plain tensor without bias, as TE does)."""
+    mod.register_parameter("weight", _p(out_features, in_features, device=device), init_fn="normal")
+    if bias:
+        mod.register_parameter("bias", _p(out_features, device=device), init_fn="zeros")
+    else:
+        mod.bias = torch.Tensor()
+
+
 class LayerNormLinear(_Base):
     def __init__(self, in_features, out_features, eps=1e-5, bias=True, device="cuda", **kw):
         super().__init__()
         self.eps = eps
         self.register_parameter("layer_norm_weight", _p(in_features, device=device), init_fn="ones")
         self.register_parameter("layer_norm_bias", _p(in_features, device=device), init_fn="zeros")
-        self.register_parameter("weight", _p(out_features, in_features, device=device), init_fn="normal")
-        if bias:
-            self.register_parameter("bias", _p(out_features, device=device), init_fn="zeros")
-        else:
-            self.bias = torch.Tensor()
+        _linear_params(self, in_features, out_features, bias, device)
 
     def forward(self, x):
         y = F.layer_norm(x, x.shape[-1:], self.layer_norm_weight, self.layer_norm_bias, self.eps)
@@ -64,11 +69,7 @@ class LayerNormLinear(_Base):
 class Linear(_Base):
     def __init__(self, in_features, out_features, bias=True, device="cuda", **kw):
         super().__init__()
-        self.register_parameter("weight", _p(out_features, in_features, device=device), init_fn="normal")
-        if bias:
-            self.register_parameter("bias", _p(out_features, device=device), init_fn="zeros")
-        else:
-            self.bias = torch.Tensor()
+        _linear_params(self, in_features, out_features, bias, device)
 
     def forward(self, x):
         return F.linear(x, self.weight, self.bias if self.bias.numel() else None)
