@@ -5,8 +5,8 @@
 #   gpu_tests   pytest: the Triton forward and backward compiled for real against the fp32 reference,
 #               bf16 paths, TE vs torch parity and TE fp8 (`-m gpu`, skipped without transformer-engine)
 #   train       benchmarks/train_throughput.py, Pythia-1B then 1.4B, seq 2048, micro 8 x global 16, bf16:
-#               hf-compile (plain HF loop + torch.compile), torch, torch-compile (per-block compile), te,
-#               te-fp8 -> tokens/s, TFLOP/s, MFU with and without attention FLOPs, peak memory (+ the
+#               torch (megacpt train), hf-compile (plain HF loop + torch.compile), torch-tritonbwd (the
+#               fused loss's Triton backward), torch-compile (per-block compile), te, te-fp8 -> tokens/s, TFLOP/s, MFU with and without attention FLOPs, peak memory (+ the
 #               sizing model's prediction), ratio to hf-compile, data-loader share of step time
 #   flce        benchmarks/score.py --output-layer-only: fused linear+CE fwd and fwd+bwd at Pythia-1B/6.9B
 #               output shapes (N 16,384, V 50,304): Triton backward vs chunked torch backward vs Liger vs

@@ -202,8 +202,8 @@ def _output_layer_impls():
     from megacpt.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
 
     impls = {
-        "megacpt-triton": lambda h, w, t: fused_linear_cross_entropy(h, w, t, impl="triton"),
-        # the Triton forward with the chunked torch backward (the backward before issue 18's kernel)
+        "megacpt-triton": lambda h, w, t: fused_linear_cross_entropy(h, w, t, impl="triton", backward="triton"),
+        # the Triton forward with the chunked torch backward (the default until the line above is measured)
         "megacpt-tri/torchbwd": lambda h, w, t: fused_linear_cross_entropy(h, w, t, impl="triton", backward="torch"),
         "megacpt-torch": lambda h, w, t: fused_linear_cross_entropy(h, w, t, impl="torch", chunk_size=4096),
         "full-logits": lambda h, w, t: torch.nn.functional.cross_entropy((h @ w.t()).float(), t,

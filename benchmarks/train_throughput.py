@@ -8,6 +8,7 @@ them and keeps each one's best):
   hf / hf-compile   plain loop: HF ``GPTNeoXForCausalLM`` (SDPA attention, its own full-logits loss) +
                     torch AdamW (fused on CUDA), gradient accumulation; ``hf-compile``: ``torch.compile``d
   torch             ``megacpt train`` (``trainer.train``), model.impl=torch, fused linear+CE loss
+  torch-tritonbwd   the same with the fused loss's Triton backward (its default once measured faster)
   torch-compile     the same with train.compile=true (per-block torch.compile)
   te / te-fp8       model.impl=te (transformer-engine fused layers), bf16 / fp8 delayed scaling
 
@@ -61,6 +62,7 @@ from megacpt.train.metrics import flops_per_token, peak_flops  # noqa: E402
 
 MEGACPT_VARIANTS = {  # variant -> overrides
     "torch": [],
+    "torch-tritonbwd": [],  # the fused loss's Triton backward (flce.DEFAULT_BACKWARD = "triton" for the run)
     "torch-compile": ["train.compile=true"],
     "te": ["model.impl=te"],
     "te-fp8": ["model.impl=te", "model.fp8=true"],
@@ -230,6 +232,14 @@ def run_variant(variant: str, base: list[str], warmup: int, device, gpu: bool) -
     try:
         if variant in HF_VARIANTS:
             return run_hf(base, warmup, device, bf16=gpu, compile_model=variant == "hf-compile")
+        if variant == "torch-tritonbwd":
+            from megacpt.kernels import fused_linear_cross_entropy as flce
+
+            old, flce.DEFAULT_BACKWARD = flce.DEFAULT_BACKWARD, "triton"
+            try:
+                return run_megacpt(base, warmup, device)
+            finally:
+                flce.DEFAULT_BACKWARD = old
         return run_megacpt(base + MEGACPT_VARIANTS[variant], warmup, device)
     except UserError as e:  # e.g. transformer-engine not installed: say so, measure the rest
         return {"error": str(e)}
@@ -469,7 +479,7 @@ def main(argv=None) -> int:
                                                   "pythia-6.9b with --sizing)")
     p.add_argument("--presets", nargs="+", default=None, help="several presets, one table each")
     p.add_argument("--variants", nargs="+", default=None, choices=list(HF_VARIANTS) + list(MEGACPT_VARIANTS),
-                   help="default: hf torch (CPU); hf-compile torch torch-compile te te-fp8 (GPU)")
+                   help="default: hf torch (CPU); torch hf-compile torch-tritonbwd torch-compile te te-fp8 (GPU)")
     p.add_argument("--seq-length", dest="seq", type=int, default=None)
     p.add_argument("--micro-batch", type=int, default=None)
     p.add_argument("--global-batch", type=int, default=None)
@@ -503,7 +513,8 @@ def main(argv=None) -> int:
     args.warmup = args.warmup if args.warmup is not None else (2 if args.sizing else (4 if gpu else 2))
     if args.variants is None:
         # the trainer first (the figure that matters most if a time limit cuts the run), then the baseline
-        args.variants = ["torch", "hf-compile", "torch-compile", "te", "te-fp8"] if gpu else ["hf", "torch"]
+        args.variants = (["torch", "hf-compile", "torch-tritonbwd", "torch-compile", "te", "te-fp8"] if gpu
+                         else ["hf", "torch"])
     if args.compile:
         args.variants = ["torch-compile" if v == "torch" else v for v in args.variants]
     if args.sizing:

@@ -333,6 +333,10 @@ def _merge_lse(lse: torch.Tensor, dim: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------
 # 3. pure-torch chunked path (CPU, reference)
 # ----------------------------------------------------------------------------------------------------
+# backward="auto": the chunked torch backward (measured on an H100, 2026-11) until the Triton backward has
+# been timed on a GPU against it and Liger (benchmarks/gpu_checks.sh, issue 18); then "triton" here.
+# MEGACPT_FLCE_BACKWARD=triton selects it for whole runs meanwhile.
+DEFAULT_BACKWARD = os.environ.get("MEGACPT_FLCE_BACKWARD", "torch")
 DEFAULT_CHUNK = int(os.environ.get("MEGACPT_FLCE_CHUNK", "1024"))  # tokens per [chunk, V] fp32 buffer
 # GPU: bigger chunks keep the backward's three matmuls per chunk large (measured on an H100, bf16,
 # Pythia-6.9B output layer: fwd+bwd 76 ms at 1024 vs 58 ms at 4096); [4096, 50k] fp32 is 0.8 GB
@@ -669,7 +673,8 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     ``reduction="none"`` (0 at ignored positions), else a scalar (mean over non-ignored tokens; NaN if
     there are none, like ``F.cross_entropy``). With ``return_lse`` also the fp32 log-partition [N].
     ``impl``: "auto" (Triton on CUDA, chunked torch elsewhere), "triton" (also under TRITON_INTERPRET=1
-    on CPU, for tests) or "torch". ``backward``: "auto" (the forward's impl), "triton" (dlogits tiles
+    on CPU, for tests) or "torch". ``backward``: "auto" (``DEFAULT_BACKWARD`` when the forward is Triton,
+    else torch), "triton" (dlogits tiles
     recomputed by the Triton kernel, cuBLAS for dh/dW) or "torch" (chunked recompute in torch, the
     reference). Differentiable wrt hidden, weight and bias. Torch path knobs:
     ``chunk_size`` tokens per fp32 [chunk, V] buffer (default 1024 on CPU, 4096 on GPU; the backward
@@ -700,7 +705,10 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
             raise ValueError(f"target {int(targets[i])} at position {i} is outside [0, {limit}) and is not "
                              f"ignore_index={ignore_index}")
     impl = _pick_impl(impl, hidden.device)
-    backward = impl if backward == "auto" else _pick_impl(backward, hidden.device)
+    if backward == "auto":
+        backward = "triton" if (impl == "triton" and DEFAULT_BACKWARD == "triton") else "torch"
+    else:
+        backward = _pick_impl(backward, hidden.device)
     hidden, weight, bias = _common_dtype(hidden, weight, bias)
     with torch.autocast(hidden.device.type, enabled=False):  # the op picks its own precisions
         nll, lse = FusedLinearCrossEntropyFunction.apply(hidden, weight, bias, targets.long(), ignore_index,
