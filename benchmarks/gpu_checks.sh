@@ -97,13 +97,13 @@ EOF
 cat "$SUMMARY"
 
 TT="python3 benchmarks/train_throughput.py --device cuda"
-step gpu_tests gpu_tests.log 150 60 python3 -m pytest -q -p no:cacheprovider -x tests/kernels tests/model \
+step gpu_tests gpu_tests.log 120 60 python3 -m pytest -q -p no:cacheprovider -x tests/kernels tests/model \
   -k "cuda or gpu or real_te"
-step train train.log 170 90 $TT --presets pythia-1b --json-out "$OUT/train.json"
+step train train.log 200 90 $TT --presets pythia-1b --json-out "$OUT/train.json"
 step flce flce.log 100 45 python3 benchmarks/score.py --device cuda --output-layer-only
 step sizing sizing.log 90 45 $TT --sizing --preset pythia-6.9b --layers 2 4 8 --json-out "$OUT/sizing_6.9b.json"
 step sizing sizing.log 20 5 python3 benchmarks/sizing.py "$OUT/sizing_6.9b.json" --gpus 8 32
-step train_1.4b train.log 170 90 $TT --presets pythia-1.4b --json-out "$OUT/train_1.4b.json"
+step train_1.4b train.log 200 90 $TT --presets pythia-1.4b --json-out "$OUT/train_1.4b.json"
 if python3 -c "import transformer_engine.pytorch" >/dev/null 2>&1; then
   step fp8_curve train.log 150 90 $TT --loss-curve 200 --preset pythia-1b --micro-batch 4 --json-out "$OUT/fp8_curve.json"
 else
