@@ -68,10 +68,14 @@ def sdpa(q, k, v, backend: str, is_causal: bool = False, attn_mask=None):
 
 
 def transformer_engine():
-    """``transformer_engine.pytorch`` for ``model.impl=te``: not installed / installed but broken -> UserError."""
-    return require("transformer_engine.pytorch", "model.impl=te",
-                   "pip install --no-build-isolation 'transformer-engine[pytorch]' on a CUDA machine "
-                   "(benchmarks/gpu_checks.sh says what can be carried to a GPU box without network)")
+    """``transformer_engine.pytorch`` for ``model.impl=te``: not installed / installed but broken / no CUDA
+    device -> UserError."""
+    te = require("transformer_engine.pytorch", "model.impl=te",
+                 "pip install --no-build-isolation 'transformer-engine[pytorch]' on a CUDA machine "
+                 "(benchmarks/gpu_checks.sh says what can be carried to a GPU box without network)")
+    if not torch.cuda.is_available():
+        raise UserError("model.impl=te runs on CUDA GPUs only (transformer-engine's kernels); use impl=torch here")
+    return te
 
 
 def te_device() -> torch.device:
