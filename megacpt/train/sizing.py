@@ -52,8 +52,9 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from megacpt.config import DataConfig, JobConfig, ModelConfig, ParallelConfig, TrainConfig
+from megacpt.config import DataConfig, ModelConfig, ParallelConfig, TrainConfig
 from megacpt.errors import UserError
+from megacpt.train.job import JobConfig
 from megacpt.train.metrics import flops_per_token
 from megacpt.train.plan import count_parameters, estimate_memory
 
