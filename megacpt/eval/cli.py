@@ -34,8 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="NER protocol: entity types kept (default PER,ORG,LOC as BloombergGPT; add MISC to keep it)")
     f.add_argument("--ner-sentences", default=None, choices=["with-entities", "all"],
                    help="NER protocol: evaluate only sentences with a kept entity (default, BloombergGPT) or all")
-    f.add_argument("--label-scoring", default="sum", choices=["sum", "mean"],
-                   help="compare summed (default) or per-token mean log-probs of label verbalisations")
+    f.add_argument("--label-scoring", default="sum", choices=["sum", "mean", "contextual", "pmi"],
+                   help="compare summed (default) or per-token mean log-probs of label verbalisations, or "
+                        "calibrated ones: contextual calibration, domain-conditional PMI (docs/method.md §3)")
     f.add_argument("--predictions", action="store_true",
                    help="also keep per-example predictions in the results JSON (they are always written to "
                         "OUT.predictions.jsonl with gold, prediction and label scores)")

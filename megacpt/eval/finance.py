@@ -26,6 +26,7 @@ from typing import Sequence
 import numpy as np
 
 from megacpt.errors import UserError
+from megacpt.eval.calibration import CALIBRATIONS
 from megacpt.eval.data import Example, write_jsonl
 from megacpt.eval.metrics import bootstrap_indices, percentile_ci
 from megacpt.eval.prompts import Template, load_template
@@ -40,7 +41,7 @@ class FinanceConfig:
     data_dir: str
     shots: int | None = None        # None: each task's default (FPB/FiQA/Headline 5, NER 20)
     seed: int = 0
-    label_scoring: str = "sum"      # sum | mean (per-token) of the label verbalisation's log-probs
+    label_scoring: str = "sum"      # sum | mean (per-token) of the label log-probs | contextual | pmi
     bootstrap: int = 1000           # resamples for the 95% CI
     predictions: bool = False       # also keep per-example predictions (first draw) inside the results JSON
     task_shots: dict[str, int] = field(default_factory=dict)  # per-task k, over `shots` and the task's own
@@ -70,8 +71,8 @@ def load_tasks(cfg: FinanceConfig) -> list[LoadedTask]:
     loaded."""
     if not cfg.tasks:
         raise UserError("--tasks is empty")
-    if cfg.label_scoring not in ("sum", "mean"):
-        raise UserError(f"--label-scoring {cfg.label_scoring!r}: expected sum or mean")
+    if cfg.label_scoring not in ("sum", "mean", *CALIBRATIONS):
+        raise UserError(f"--label-scoring {cfg.label_scoring!r}: expected sum, mean, {', '.join(CALIBRATIONS)}")
     if cfg.shot_seeds < 1:
         raise UserError(f"--shot-seeds {cfg.shot_seeds} must be >= 1")
     unknown = sorted(set(cfg.task_shots) - set(cfg.tasks))

@@ -24,6 +24,7 @@ import numpy as np
 import yaml
 
 from megacpt.errors import UserError
+from megacpt.eval.calibration import CALIBRATIONS, calibrate
 from megacpt.eval.data import HEADLINE_QUESTIONS, NER_TYPES, SENTIMENT_LABELS, Example, load_examples
 from megacpt.eval.metrics import (accuracy, confusion, encode, entity_counts_per_example, f1_from_counts, weighted_f1,
                                   weighted_f1_resampled)
@@ -159,21 +160,18 @@ class DrawResult:
 def score_labels(lm, template: Template, queries: Sequence[dict[str, str]], shots: Sequence[Sequence[tuple[dict, str]]],
                  verbal: dict[str, str], label_scoring: str = "sum") -> list[dict[str, float]]:
     """Per query, {label: score}: log p(verbalisation | prompt), summed over its tokens (``sum``) or divided
-    by their number (``mean``)."""
+    by their number (``mean``), or the calibrated score (``contextual`` | ``pmi``: megacpt.eval.calibration)."""
     labels = list(verbal)
     requests = []
     for q, sh in zip(queries, shots):
         ctx, lead = build_prompt(template, sh, q)
         requests += [(ctx, lead + verbal[lab]) for lab in labels]
     ll = lm.loglikelihood(requests)
-    out = []
-    for i in range(len(queries)):
-        row = {}
-        for j, lab in enumerate(labels):
-            s, n = ll[i * len(labels) + j]
-            row[lab] = s / max(n, 1) if label_scoring == "mean" else s
-        out.append(row)
-    return out
+    scores = np.array([s / max(n, 1) if label_scoring == "mean" else s for s, n in ll],
+                      dtype=np.float64).reshape(len(queries), len(labels))
+    if label_scoring in CALIBRATIONS:  # docs/method.md §3: contextual calibration or domain-conditional PMI
+        scores = calibrate(lm, label_scoring, scores, template, queries, shots, verbal)
+    return [dict(zip(labels, map(float, row))) for row in scores]
 
 
 def argmax_label(scores: dict[str, float]) -> str:
