@@ -19,7 +19,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="eval_command", required=True, metavar="{finance,perplexity,compare,convert-data,lm-eval}")
+    sub = parser.add_subparsers(dest="eval_command", required=True, metavar="{finance,perplexity,probe,compare,convert-data,lm-eval}")
     f = sub.add_parser("finance", help="FPB / FiQA SA / Headline / NER / custom classification tasks")
     _model_args(f)
     f.add_argument("--tasks", default="fpb,fiqa_sa,headline,ner", help="comma-separated task names")
@@ -44,6 +44,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _model_args(p)
     p.add_argument("--data", nargs="+", required=True, metavar="PREFIX", help="indexed dataset prefixes")
     p.add_argument("--max-documents", type=int, default=None, help="score only the first N documents of each")
+    pr = sub.add_parser("probe", help="linear probe on frozen features of classification tasks (macro-F1)")
+    _model_args(pr)
+    pr.add_argument("--tasks", required=True, help="comma-separated classification task names")
+    pr.add_argument("--data-dir", required=True, help="DIR/<task>/{train,test}.jsonl (+ optional task.yaml)")
+    pr.add_argument("--C", type=float, default=1.0, help="inverse L2 strength of the logistic regression")
+    pr.add_argument("--predictions", action="store_true", help="keep per-example predictions in the JSON")
     c = sub.add_parser("compare", help="markdown table + PNG bar plot of several results JSONs")
     c.add_argument("results", nargs="+")
     c.add_argument("--names", default=None, help="comma-separated column names (default: model dir names)")
@@ -142,6 +148,16 @@ def run(args: argparse.Namespace) -> int:
         pred = write_run(run, args.out)
         print(f"[eval] per-example predictions: {pred}")
         print(one_line_table(run.results))
+        return 0
+    if cmd == "probe":
+        from megacpt.eval.finance import one_line_table, task_list
+        from megacpt.eval.probe import ProbeConfig, run_probe
+
+        cfg = ProbeConfig(task_list(args.tasks), args.data_dir, C=args.C, seed=args.seed, bootstrap=args.bootstrap,
+                          max_tokens=args.seq_length, predictions=args.predictions)
+        results = run_probe(load(), cfg)
+        write_json_atomic(args.out, results)
+        print(one_line_table(results))
         return 0
     from megacpt.eval.finance import one_line_table, results_document
     from megacpt.eval.perplexity import heldout_perplexity

@@ -53,6 +53,8 @@ FLAGS = {
                 "--shot-seeds", "--ner-types", "--ner-sentences"},
     "perplexity": {"--model", "--tokenizer", "--dtype", "--device", "--micro-batch-size", "--seq-length", "--seed",
                    "--bootstrap", "--out", "--data", "--max-documents"},
+    "probe": {"--model", "--tokenizer", "--dtype", "--device", "--micro-batch-size", "--seq-length", "--seed",
+              "--bootstrap", "--out", "--tasks", "--data-dir", "--C", "--predictions"},
     "compare": {"--names", "--out-md", "--out-png"},
     "convert-data": {"--task", "--input", "--test-input", "--test-fraction", "--seed", "--out-dir"},
     "lm-eval": {"--model", "--tasks", "--include-path", "--micro-batch-size", "--dtype", "--device", "--limit", "--log-samples",
