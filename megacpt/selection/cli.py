@@ -16,7 +16,7 @@ from megacpt.score.flags import add_scorer_arguments, add_task_data_arguments, a
 from megacpt.selection import dsir, pos_entropy, similarity
 from megacpt.selection.combine import STRATEGIES, parse_weights
 from megacpt.selection.report import build_report
-from megacpt.selection.sample import Budget
+from megacpt.selection.sample import DEFAULT_SOFT_WEIGHTING, SOFT_WEIGHTINGS, Budget
 from megacpt.selection.select import SelectConfig, replay, select
 
 
@@ -152,7 +152,11 @@ def add_select_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategy", choices=list(STRATEGIES), help="ets | eta-ppl | eta-ent | combined | dsir | random | full")
     p.add_argument("--weights", default=None, help="combined only: e.g. sim=1,ppl=1,ent=1 (default: equal)")
     p.add_argument("--sampling", choices=("hard", "soft"), default="hard", help="top of ranking, or weighted sampling")
-    p.add_argument("--temperature", type=float, default=1.0, help="soft sampling: weight = score^(1/T)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="soft sampling temperature T (default: 0.1 for exp, 1.0 for power; docs/method.md §2.6)")
+    p.add_argument("--soft-weighting", choices=list(SOFT_WEIGHTINGS), default=DEFAULT_SOFT_WEIGHTING,
+                   help="soft sampling weight of a percentile-rank score r: exp = exp(r/T) (default), "
+                        "power = r^(1/T)")
     b = p.add_mutually_exclusive_group()
     b.add_argument("--budget-fraction", type=float, help="fraction of the corpus tokens, e.g. 0.1")
     b.add_argument("--budget-tokens", type=float, help="number of tokens")
@@ -173,7 +177,7 @@ def run_select(args: argparse.Namespace) -> int:
         budget = Budget(kind, getattr(args, f"budget_{kind}")) if kind else None
         cfg = SelectConfig(data=args.data, output_prefix=args.output_prefix, strategy=args.strategy,
                            scores=args.scores, weights=parse_weights(args.weights), sampling=args.sampling,
-                           temperature=args.temperature, budget=budget, seed=args.seed, overwrite=args.overwrite)
+                           temperature=args.temperature, soft_weighting=args.soft_weighting, budget=budget, seed=args.seed, overwrite=args.overwrite)
         m = select(cfg, command=sys.argv[1:])
     b = m["budget"]
     print(f"selected {b['achieved_documents']}/{b['corpus_documents']} documents, {b['achieved_tokens']:,}/"

@@ -43,21 +43,36 @@ def hard_order(score: np.ndarray) -> np.ndarray:
     return np.argsort(-np.asarray(score, dtype=np.float64), kind="stable")
 
 
-def soft_order(score: np.ndarray, temperature: float, seed: int) -> np.ndarray:
-    """Weighted sampling without replacement, weight w = score^(1/T): order by keys u^(1/w) (descending).
+# Soft-sampling weight w(d) of a document's score r (a percentile rank in (0, 1) for every strategy),
+# name -> (log w as a function of (r, T), default T). docs/method.md §2.6: "exp" with T = 0.1 puts ~56%
+# of a 10% sample in the score's top decile, halfway between random (10%) and hard (100%); the
+# former default "power" (w = r^(1/T), T = 1) puts ~18% there, barely more than random.
+SOFT_WEIGHTINGS = {
+    "exp": (lambda r, t: r / t, 0.1),                  # w = exp(r / T)
+    "power": (lambda r, t: np.log(r) / t, 1.0),        # w = r^(1/T); r = 0 never drawn before r > 0
+}
+DEFAULT_SOFT_WEIGHTING = "exp"
+
+
+def soft_order(score: np.ndarray, temperature: float, seed: int, *, weighting: str) -> np.ndarray:
+    """Weighted sampling without replacement, weight w(score) of ``weighting``: Efraimidis–Spirakis keys
+    u^(1/w), in descending order.
 
     Successive draws of this order follow the sequential-sampling law: the first is i with probability
-    w_i / sum(w), the next among the rest likewise. Keys are compared as log(u)/w to stay finite.
+    w_i / sum(w), the next among the rest likewise. Keys are compared as log w − log(−log u) (the same
+    order as u^(1/w)), finite for any weight, so exp(r / T) never overflows.
     """
     if not temperature > 0:
         raise UserError(f"--temperature must be > 0, got {temperature}")
+    if weighting not in SOFT_WEIGHTINGS:
+        raise UserError(f"--soft-weighting {weighting!r}: expected one of {', '.join(SOFT_WEIGHTINGS)}")
     score = np.asarray(score, dtype=np.float64)
     if (score < 0).any():
         raise UserError("soft sampling needs non-negative scores")
+    u = np.random.default_rng(seed).random(score.size)
     with np.errstate(divide="ignore"):
-        w = score ** (1.0 / temperature)
-        u = np.random.default_rng(seed).random(score.size)
-        keys = np.where(w > 0, np.log(u) / np.where(w > 0, w, 1.0), -np.inf)
+        log_w = SOFT_WEIGHTINGS[weighting][0](score, temperature)
+        keys = np.where(np.isfinite(log_w), log_w - np.log(-np.log(u)), -np.inf)
     return np.argsort(-keys, kind="stable")
 
 

@@ -24,7 +24,8 @@ from megacpt.data.indexed import IndexedDataset, IndexedDatasetWriter, data_path
 from megacpt.errors import UserError
 from megacpt.io import check_writable_dir, sha256_file, write_json_atomic
 from megacpt.selection.combine import STRATEGIES, combined_score, load_metrics, metric_of, strategy_weights
-from megacpt.selection.sample import Budget, hard_order, random_order, soft_order, take_budget
+from megacpt.selection.sample import (DEFAULT_SOFT_WEIGHTING, SOFT_WEIGHTINGS, Budget, hard_order, random_order,
+                                      soft_order, take_budget)
 from megacpt.score.files import read_scores
 
 MANIFEST_FORMAT = 1
@@ -38,7 +39,8 @@ class SelectConfig:
     scores: list[str] = field(default_factory=list)
     weights: dict[str, float] | None = None
     sampling: str = "hard"          # hard | soft (random/full ignore it)
-    temperature: float = 1.0
+    temperature: float | None = None  # soft sampling; None: the weighting's default (docs/method.md §2.6)
+    soft_weighting: str = DEFAULT_SOFT_WEIGHTING
     budget: Budget | None = None
     seed: int = 1234
     overwrite: bool = False
@@ -55,6 +57,10 @@ class SelectConfig:
             raise UserError("a budget is needed: --budget-fraction, --budget-tokens or --budget-docs")
         if self.budget is not None:
             self.budget.validate()
+        if self.soft_weighting not in SOFT_WEIGHTINGS:
+            raise UserError(f"--soft-weighting {self.soft_weighting!r}: expected one of {', '.join(SOFT_WEIGHTINGS)}")
+        if self.temperature is None:
+            self.temperature = SOFT_WEIGHTINGS[self.soft_weighting][1]
         if not self.temperature > 0:
             raise UserError(f"--temperature must be > 0, got {self.temperature}")
         return self
@@ -88,7 +94,8 @@ def compute_selection(cfg: SelectConfig, ds: IndexedDataset | None = None) -> tu
     else:
         weights = strategy_weights(cfg.strategy, metrics, cfg.weights)
         score = combined_score(metrics, weights)[eligible]
-        local = hard_order(score) if cfg.sampling == "hard" else soft_order(score, cfg.temperature, cfg.seed)
+        local = hard_order(score) if cfg.sampling == "hard" else soft_order(score, cfg.temperature, cfg.seed,
+                                                                                  weighting=cfg.soft_weighting)
         order, sampling = eligible[local], cfg.sampling
 
     if cfg.strategy == "full":
@@ -103,7 +110,8 @@ def compute_selection(cfg: SelectConfig, ds: IndexedDataset | None = None) -> tu
         "scores": [{"path": str(Path(sf.path).resolve()), "sha256": sha256_file(sf.path), "metric": metric_of(sf),
                     "scorer": sf.meta.get("scorer"), "config": sf.meta.get("config")} for sf in files],
         "strategy": cfg.strategy, "weights": weights, "sampling": sampling,
-        "temperature": cfg.temperature if sampling == "soft" else None, "seed": cfg.seed,
+        "temperature": cfg.temperature if sampling == "soft" else None,
+        "soft_weighting": cfg.soft_weighting if sampling == "soft" else None, "seed": cfg.seed,
         "budget": {
             "asked": asdict(cfg.budget) if cfg.budget else None, "resolved": resolved,
             "achieved_tokens": achieved, "achieved_documents": int(ids.size),
@@ -209,7 +217,8 @@ def config_from_manifest(m: dict[str, Any], output_prefix: str, data: str | None
         data=data, output_prefix=output_prefix, strategy=m["strategy"], scores=[s["path"] for s in m["scores"]],
         weights=m["weights"] if m["strategy"] == "combined" else None,
         sampling=m["sampling"] if m["sampling"] in ("hard", "soft") else "hard",
-        temperature=m["temperature"] or 1.0, budget=Budget(**asked) if asked else None, seed=m["seed"],
+        # manifests written before the soft-weighting choice existed used w = score^(1/T)
+        temperature=m["temperature"], soft_weighting=m.get("soft_weighting") or "power", budget=Budget(**asked) if asked else None, seed=m["seed"],
         overwrite=overwrite)
 
 

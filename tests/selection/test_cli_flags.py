@@ -11,7 +11,7 @@ def _flags(parser: argparse.ArgumentParser) -> set[str]:
 
 
 FROZEN = {
-    ("select",): {"--data", "--scores", "--strategy", "--weights", "--sampling", "--temperature",
+    ("select",): {"--data", "--scores", "--strategy", "--weights", "--sampling", "--temperature", "--soft-weighting",
                   "--budget-fraction", "--budget-tokens", "--budget-docs", "--seed", "--output-prefix",
                   "--from-manifest", "--overwrite"},
     ("score", "pos-entropy"): {"--data", "--out", "--workers", "--max-chars", "--piece-chars", "--batch-size",

@@ -106,10 +106,10 @@ def test_soft_sampling_seeded_and_excludes_empty(tmp_path, corpus):
 def test_soft_first_draw_follows_weights():
     w = np.array([0.1, 0.2, 0.3, 0.4])
     n = 20000
-    first = np.bincount([soft_order(w, 1.0, s)[0] for s in range(n)], minlength=4) / n
+    first = np.bincount([soft_order(w, 1.0, s, weighting="power")[0] for s in range(n)], minlength=4) / n
     np.testing.assert_allclose(first, w / w.sum(), atol=0.015)
     # temperature flattens: T=2 -> weights sqrt(w)
-    first = np.bincount([soft_order(w, 2.0, s)[0] for s in range(n)], minlength=4) / n
+    first = np.bincount([soft_order(w, 2.0, s, weighting="power")[0] for s in range(n)], minlength=4) / n
     np.testing.assert_allclose(first, np.sqrt(w) / np.sqrt(w).sum(), atol=0.015)
 
 
@@ -122,7 +122,7 @@ def test_soft_inclusion_matches_sequential_sampling_law():
         exact[[i, j]] += p
     freq = np.zeros(5)
     for s in range(n):
-        freq[soft_order(w, 1.0, s)[:k]] += 1
+        freq[soft_order(w, 1.0, s, weighting="power")[:k]] += 1
     np.testing.assert_allclose(freq / n, exact, atol=0.015)
 
 
@@ -230,3 +230,31 @@ def test_bad_inputs_clear_errors_no_outputs(tmp_path, corpus, capsys):
     assert _cli(tmp_path, prefix, "--strategy", "random", "--budget-fraction", "0.1") == 0
     assert _cli(tmp_path, prefix, "--strategy", "random", "--budget-fraction", "0.1") == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_default_soft_sampling_is_halfway_between_random_and_hard():
+    """docs/method.md §2.6: on percentile ranks, a 10% soft sample takes about half its documents from the
+    top decile with the default (exp, T = 0.1); the former default (power, T = 1) barely beats random."""
+    from megacpt.selection.sample import DEFAULT_SOFT_WEIGHTING, SOFT_WEIGHTINGS
+
+    n = 5000
+    r = (np.arange(n) + 0.5) / n
+
+    def share(weighting, t):
+        return np.mean([(r[soft_order(r, t, s, weighting=weighting)[: n // 10]] > 0.9).mean() for s in range(10)])
+
+    default = share(DEFAULT_SOFT_WEIGHTING, SOFT_WEIGHTINGS[DEFAULT_SOFT_WEIGHTING][1])
+    assert 0.50 < default < 0.62
+    assert 0.15 < share("power", 1.0) < 0.22
+    assert share("exp", 1e-6) == 1.0     # no overflow at tiny temperatures: the hard selection
+
+
+def test_manifest_without_soft_weighting_replays_as_power(tmp_path, corpus):
+    prefix, _ = corpus
+    f = _score_file(tmp_path / "s.parquet", prefix, "similarity", "similarity", np.random.default_rng(1).random(30))
+    m = select(SelectConfig(prefix, str(tmp_path / "a"), "ets", [f], sampling="soft", soft_weighting="power",
+                            budget=Budget("fraction", 0.4), seed=5))
+    assert m["temperature"] == 1.0 and m["soft_weighting"] == "power"
+    old = {k: v for k, v in m.items() if k != "soft_weighting"}          # as written before the option existed
+    (tmp_path / "old.manifest.json").write_text(json.dumps(old))
+    assert replay(str(tmp_path / "old.manifest.json"), str(tmp_path / "b"))["selected_doc_ids"] == m["selected_doc_ids"]
