@@ -1,40 +1,63 @@
-"""The embedded default: FinPythia's pipeline end to end at toy scale, as resumable stages.
+"""The embedded study: FinPythia's data-selection experiment end to end at toy scale, as resumable stages.
 
-corpora -> tokenizer -> preprocess -> base pre-training (general text) -> scores of the domain crawl
-(perplexity under the base, POS entropy, task similarity) -> one selection per strategy at the
-token budget (+ random; "full" is the whole crawl) -> CPT of the base on each with the same
-schedule -> eval of every model (domain ppl, general ppl, classification tasks) -> report.
+corpora -> tokenizer -> preprocess -> base pre-training on general text to a plateau (cached by content
+hash across work dirs) -> scores of the domain crawl under the base (perplexity, POS entropy, task
+similarity) -> selections -> CPT of the base on each, for every seed -> evaluation of every model ->
+compute-matched arms (the strategy that is best on the validation split, and random, trained as long as
+the full corpus) -> report (docs/method.md §4).
+
+Arms of the main experiment (the in-domain crawl), each for every seed:
+``full`` (vanilla DACP; = random at 100%), ``random-10/25/50`` (the random-budget curve),
+``<strategy>-hard`` and ``<strategy>-soft`` at the budget for ets, eta-ppl, eta-ent, combined,
+``matched-<best>`` and ``matched-random-10`` (the budget's subsets trained for as many steps as full).
+The noisy-crawl ablation (the crawl plus off-domain noise) runs ``noisy-full``, ``noisy-random-10`` and
+``noisy-<strategy>-hard``. A seed sets the training order and, for random and soft subsets, the draw.
 
 Every stage except building the corpora and writing the report is a public `megacpt` command: the demo
-is the integration test of the system, not a second implementation. By default the commands run in
-this process (``megacpt.cli.main``: no interpreter + torch start-up per command); ``--child-processes``
-runs each as ``python -m megacpt ...`` instead (isolated memory, per-command peak RSS from ``wait4``).
+is the integration test of the system, not a second implementation. Where the commands run (this
+process, a pool of worker processes, or one child process each) is StageRunner's choice (stages.py).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
+import shutil
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from megacpt.demo.corpora.build import PRIMARY_TASK, TASKS, CorpusSizes
+from megacpt.demo.corpora.build import TASKS, CorpusSizes
 from megacpt.demo.stages import Stage, StageContext, StageRunner
 from megacpt.errors import UserError
+from megacpt.io import atomic_path, sha256_file
 
-STRATEGIES = ("ets", "eta-ppl", "eta-ent", "combined", "random", "full")
+SELECTION_STRATEGIES = ("ets", "eta-ppl", "eta-ent", "combined")
+BASELINES = ("random", "full")
+STRATEGIES = SELECTION_STRATEGIES + BASELINES     # what --strategies accepts (the baselines always run)
 # strategy -> the metrics it ranks by (docs/method.md §2): ETS = similarity, ETA = novelty / diversity
 STRATEGY_METRICS = {"ets": ["similarity"], "eta-ppl": ["perplexity"], "eta-ent": ["pos_entropy"],
-                    "combined": ["similarity", "perplexity", "pos_entropy"], "random": []}
-HELDOUT = {"domain": "domain_eval", "general": "general_eval"}
+                    "combined": ["similarity", "perplexity", "pos_entropy"]}
+HELDOUT = ("domain_eval", "domain_val", "general_eval", "task_inputs_eval")
+CRAWLS = {"": "domain_crawl", "noisy-": "domain_crawl_noisy"}
 
 
 @dataclass
 class ModelShape:
     hidden_size: int = 128
-    num_layers: int = 4
+    num_layers: int = 3
     num_heads: int = 4
+
+
+@dataclass
+class CostRates:
+    """Predicted CPU seconds per 1,000 tokens (an idle 2-core x86 CPU, one thread; for the ETA only)."""
+
+    train: float = 0.13
+    forward: float = 0.045
+    pos_entropy: float = 0.06
+    similarity: float = 0.1
 
 
 @dataclass
@@ -42,54 +65,135 @@ class DemoSettings:
     """Every number that determines the demo's results (all of it goes into the stage fingerprints)."""
 
     seed: int = 1234
+    n_seeds: int = 3
     synthetic: bool = False
     quick: bool = False
     budget_fraction: float = 0.1
-    strategies: tuple[str, ...] = STRATEGIES
+    random_fractions: tuple[float, ...] = (0.1, 0.25, 0.5)   # + 1.0 = full
+    strategies: tuple[str, ...] = SELECTION_STRATEGIES
+    samplings: tuple[str, ...] = ("hard", "soft")
+    compute_matched: bool = True
+    ablation: bool = True                 # the noisy-crawl ablation
     sizes: CorpusSizes = field(default_factory=CorpusSizes)
     vocab_size: int = 4096
-    model: ModelShape = field(default_factory=lambda: ModelShape(128, 3, 4))
+    model: ModelShape = field(default_factory=ModelShape)
     seq_length: int = 256
     micro_batch_size: int = 16
     global_batch_size: int = 16
-    base_epochs: float = 1.0        # passes over the general corpus for the base model
+    base_epochs: float = 4.0        # passes over general_train: the held-out loss plateaus (report: the curve)
     base_lr: float = 3e-3
-    cpt_epochs: float = 1.0         # passes over each CPT dataset (full: the whole crawl, 10x the tokens)
+    base_eval_points: int = 20      # held-out losses logged along the base's training
+    cpt_epochs: float = 1.0         # passes over each CPT dataset (full: the whole crawl)
     cpt_lr: float = 1e-3            # CPT re-warms to a lower peak than pre-training (docs/method.md §1)
     warmup_fraction: float = 0.05
     min_lr_ratio: float = 0.1
-    eval_shots: int | None = None   # None: each task's own
-    eval_bootstrap: int = 200
+    eval_bootstrap: int = 200       # per-model CIs of the eval commands
+    stats_bootstrap: int = 400      # test-set resamples of the report's paired intervals
+    probe_C: float = 1.0
+    label_scoring: str = "contextual"
+    # margins of the verdicts, fixed before any run (docs/method.md §4.3)
+    ppl_margin: float = math.log(1.02)   # nats/token: 2% perplexity
+    task_margin: float = 0.02            # macro-F1 points
     # MiniLM costs ~2 x 22M FLOPs per token: embedding whole documents would dominate the demo on a CPU,
     # so each document is represented by its first window(s) of this many tokens (the lead of a news text)
     similarity_chunk_tokens: int = 64
     similarity_max_chunks: int = 1
-    # Toy models are overhead-bound: one intra-op thread is as fast on an idle machine and 10x faster on a
-    # loaded one (OpenMP threads spin-wait for a busy core). Left out of the stage fingerprints.
+    # How the work runs; left out of the fingerprints (results do not depend on it).
+    jobs: int = 2
     threads: int = 1
-    # commands run in this process (no interpreter + torch start-up per command: ~35 commands) or as children
     in_process: bool = True
+    cost: CostRates = field(default_factory=CostRates)
 
     def fingerprint_dict(self) -> dict:
         d = asdict(self)
-        for k in ("threads", "in_process"):
+        for k in ("jobs", "threads", "in_process", "cost"):
             d.pop(k)
         return d
+
+    @property
+    def seeds(self) -> list[int]:
+        return [self.seed + i for i in range(self.n_seeds)]
 
     @classmethod
     def make(cls, quick: bool, **kw) -> "DemoSettings":
         if quick:
             kw = {"sizes": CorpusSizes.quick(), "vocab_size": 2048, "model": ModelShape(64, 2, 4), "seq_length": 128,
-                  "micro_batch_size": 8, "global_batch_size": 8, "base_epochs": 1.0, "cpt_epochs": 1.0,
-                  "eval_shots": 2, "eval_bootstrap": 50, "similarity_chunk_tokens": 32,
-                  **kw}
+                  "micro_batch_size": 8, "global_batch_size": 8, "base_epochs": 2.0, "base_eval_points": 8,
+                  "n_seeds": 2, "random_fractions": (0.1, 0.5), "strategies": ("ets", "eta-ppl"),
+                  "eval_bootstrap": 50, "stats_bootstrap": 100, "similarity_chunk_tokens": 32, **kw}
         s = cls(quick=quick, **kw)
         bad = [x for x in s.strategies if x not in STRATEGIES]
-        if bad or not s.strategies:
+        if bad:
             raise UserError(f"--strategies: unknown {bad} (choose from {','.join(STRATEGIES)})")
+        s.strategies = tuple(x for x in s.strategies if x in SELECTION_STRATEGIES)
         if not 0 < s.budget_fraction < 1:
             raise UserError(f"--budget-fraction {s.budget_fraction} must be in (0, 1)")
+        if s.n_seeds < 1:
+            raise UserError(f"--seeds {s.n_seeds} must be >= 1 (3 or more for intervals worth reading)")
+        s.random_fractions = tuple(sorted({*s.random_fractions, s.budget_fraction}))
         return s
+
+
+# ------------------------------------------------------------------------------------------- arms
+
+def pct(f: float) -> str:
+    return f"{100 * f:g}"
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One CPT configuration of the study; trained once per seed."""
+
+    name: str                  # "full", "random-10", "ets-soft", "matched-random-10", "noisy-ets-hard", ...
+    crawl: str                 # "" (main) or "noisy-"
+    strategy: str              # random | full | ets | ...
+    sampling: str = ""         # hard | soft ("" for the baselines)
+    fraction: float = 1.0      # share of the crawl's tokens selected
+    matched: bool = False      # trained for as many steps as the full arm (compute-matched)
+
+    @property
+    def group(self) -> str:
+        return "ablation" if self.crawl else "main"
+
+    def selection(self, seed: int) -> str | None:
+        """Selection prefix (relative) of this arm for ``seed``; None for the full crawl."""
+        if self.strategy == "full":
+            return None
+        if self.strategy == "random":
+            return f"selections/{self.crawl}random-{pct(self.fraction)}/s{seed}/selected"
+        if self.sampling == "hard":     # deterministic: one selection for every seed
+            return f"selections/{self.crawl}{self.strategy}-hard/selected"
+        return f"selections/{self.crawl}{self.strategy}-soft/s{seed}/selected"
+
+
+def study_arms(s: DemoSettings) -> list[Arm]:
+    """Every arm except the compute-matched ones (decided after the evaluations)."""
+    arms = [Arm("full", "", "full")]
+    arms += [Arm(f"random-{pct(f)}", "", "random", fraction=f) for f in s.random_fractions]
+    arms += [Arm(f"{st}-{sm}", "", st, sm, s.budget_fraction) for st in s.strategies for sm in s.samplings]
+    if s.ablation:
+        b = s.budget_fraction
+        arms += [Arm("noisy-full", "noisy-", "full"), Arm(f"noisy-random-{pct(b)}", "noisy-", "random", fraction=b)]
+        arms += [Arm(f"noisy-{st}-hard", "noisy-", st, "hard", b) for st in s.strategies]
+    return arms
+
+
+def matched_arms(s: DemoSettings, best: Arm | None) -> list[Arm]:
+    if not s.compute_matched:
+        return []
+    b = s.budget_fraction
+    out = [Arm(f"matched-random-{pct(b)}", "", "random", fraction=b, matched=True)]
+    if best is not None:
+        out.insert(0, Arm(f"matched-{best.name}", "", best.strategy, best.sampling, b, matched=True))
+    return out
+
+
+def run_dir(arm: str, seed: int | None) -> str:
+    return "runs/base" if arm == "base" else f"runs/{arm}/s{seed}"
+
+
+def eval_dir(arm: str, seed: int | None) -> str:
+    return "evals/base" if arm == "base" else f"evals/{arm}/s{seed}"
 
 
 def prefix(name: str) -> str:
@@ -97,21 +201,22 @@ def prefix(name: str) -> str:
     return f"data/{name}_text_document"
 
 
-def _read_json(p: Path) -> dict:
+def read_json(p: Path) -> dict:
     return json.loads(p.read_text(encoding="utf-8"))
 
 
-def _num_tokens(workdir: Path, pfx: str) -> int:
+def num_tokens(workdir: Path, pfx: str) -> int:
     from megacpt.data.indexed import IndexedDataset
 
     return int(IndexedDataset(workdir / pfx).num_tokens)
 
 
-def _iters(tokens: int, epochs: float, s: DemoSettings) -> int:
+def iters_for(tokens: int, epochs: float, s: DemoSettings) -> int:
     return max(1, math.ceil(epochs * tokens / (s.global_batch_size * s.seq_length)))
 
 
-def _train_config(s: DemoSettings, blend: str, save: str, iters: int, lr: float, init_from: str | None) -> dict:
+def train_config(s: DemoSettings, blend: str, save: str, iters: int, lr: float, seed: int,
+                 init_from: str | None, eval_prefixes: dict | None = None, eval_interval: int = 0) -> dict:
     """One `megacpt train` job: same shape, batch and schedule family for the base and every CPT run."""
     cfg = {
         "model_preset": "tiny",
@@ -119,260 +224,374 @@ def _train_config(s: DemoSettings, blend: str, save: str, iters: int, lr: float,
                   "num_heads": s.model.num_heads, "max_position_embeddings": s.seq_length},
         # index caches go with the run (the default, beside the data, would change another stage's outputs)
         "data": {"blend": [blend], "split": "100,0,0", "seq_length": s.seq_length, "tokenizer": "tokenizer",
-                 "cache_dir": f"{save}/data-cache"},
+                 "cache_dir": f"{save}/data-cache", **({"eval_prefixes": eval_prefixes} if eval_prefixes else {})},
         "optimizer": {"lr": lr, "weight_decay": 0.1},
         "scheduler": {"warmup_iters": max(1, round(s.warmup_fraction * iters)), "decay_style": "cosine",
                       "min_lr": lr * s.min_lr_ratio, "warmup_init_lr": 0.0},
         "checkpoint": {"save": save, "keep_last": 1},
-        "logging": {"log_interval": max(1, iters // 50), "jsonl": f"{save}/metrics.jsonl"},
+        "logging": {"log_interval": max(1, iters // 50), "jsonl": f"{save}/metrics.jsonl",
+                    "eval_interval": eval_interval, "eval_iters": 1000},
         "train": {"train_iters": iters, "micro_batch_size": s.micro_batch_size,
-                  "global_batch_size": s.global_batch_size, "seed": s.seed, "device": "cpu", "precision": "fp32"},
+                  "global_batch_size": s.global_batch_size, "seed": seed, "device": "cpu", "precision": "fp32"},
     }
     if init_from:
         cfg["checkpoint"]["init_from"] = init_from
     return cfg
 
 
-def _score_out(metric: str) -> list[str]:
-    # a scorer keeps OUT.shards/ of an interrupted run; as a stage output it is cleared before a redo
-    return [f"scores/{metric}.parquet", f"scores/{metric}.parquet.shards"]
-
-
-def _check_finished(workdir: Path, run: str, iters: int) -> None:
+def check_finished(workdir: Path, run: str, iters: int) -> None:
     """`megacpt train` exits 0 after a SIGTERM checkpoint too: only a run at its last iteration is done."""
     its = [json.loads(x).get("iteration", 0) for x in
-           (workdir / "runs" / run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+           (workdir / run / "metrics.jsonl").read_text().splitlines() if x.strip()]
     if max(its, default=0) < iters:
-        raise UserError(f"runs/{run} stopped at iteration {max(its, default=0)} of {iters} (interrupted?); "
+        raise UserError(f"{run} stopped at iteration {max(its, default=0)} of {iters} (interrupted?); "
                         f"run `megacpt demo` again to resume it")
 
 
-def _write_yaml(path: Path, obj: dict) -> None:
+def write_yaml(path: Path, obj: dict) -> None:
     import yaml
-
-    from megacpt.io import atomic_path
 
     with atomic_path(path) as tmp:
         tmp.write_text(yaml.safe_dump(obj, sort_keys=False), encoding="utf-8")
 
 
+def base_cache_root() -> Path:
+    root = os.environ.get("MEGACPT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "megacpt")
+    return Path(root) / "bases"
+
+
+def base_cache_key(workdir: Path, cfg: dict) -> str:
+    """Content hash of everything the base model depends on: its job config and the bytes it reads."""
+    import megacpt
+
+    files = [f"{prefix(n)}.{ext}" for n in ("general_train", "general_eval", "domain_eval") for ext in ("bin", "idx")]
+    files += sorted(str(p.relative_to(workdir)) for p in (workdir / "tokenizer").rglob("*") if p.is_file())
+    blob = {"config": cfg, "files": {f: sha256_file(workdir / f) for f in files}, "megacpt": megacpt.__version__}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _score_out(out: str) -> list[str]:
+    # a scorer keeps OUT.shards/ of an interrupted run; as a stage output it is cleared before a redo
+    return [out, f"{out}.shards"]
+
+
 # ------------------------------------------------------------------------------------------- stages
 
-def build_stages(s: DemoSettings) -> list[Stage]:
-    P = s.fingerprint_dict()
-    stages: list[Stage] = []
+class StudyPlan:
+    """Builds the stage list; the compute-matched stages read the evaluations to choose their strategy."""
 
-    def corpora(ctx: StageContext) -> dict:
-        from megacpt.demo.corpora.build import build_corpora, load_raw
+    def __init__(self, s: DemoSettings, workdir: Path):
+        self.s, self.workdir = s, workdir
+        self.P = s.fingerprint_dict()
+        self.stages: list[Stage] = []
+        self.crawl_tokens_guess = 0
 
-        card = build_corpora(load_raw(s.synthetic, s.seed), ctx.path("corpora"), s.sizes, s.seed)
-        return {"origin": card["origin"]}
+    def add(self, stage: Stage) -> Stage:
+        self.stages.append(stage)
+        return stage
 
-    stages.append(Stage("corpora", ["corpora"], corpora, params={"synthetic": s.synthetic, "seed": s.seed,
-                                                                 "sizes": P["sizes"]}))
+    # -- cost model (predicted CPU seconds, for the ETA) ------------------------------------------------
+    def _tokens(self, name: str, fallback_words: int) -> int:
+        if not (self.workdir / f"{prefix(name)}.idx").exists():
+            return int(1.4 * fallback_words)
+        try:
+            return num_tokens(self.workdir, prefix(name))
+        except (OSError, ValueError, UserError):   # being written by the preprocess stage
+            return int(1.4 * fallback_words)
 
-    def tokenizer(ctx: StageContext) -> None:
-        # the "Pythia tokenizer" of the demo: trained on general text only, like the base model
-        ctx.megacpt("tokenizer", "train", "--input", "corpora/general_train.jsonl", "--vocab-size", s.vocab_size,
-                    "--out", "tokenizer")
+    def _words(self, name: str) -> int:
+        try:
+            return read_json(self.workdir / "corpora" / "corpora.json")["files"][name]["words"]
+        except (OSError, KeyError, ValueError):
+            return {"general_train": 1_000_000, "domain_crawl": 180_000, "domain_crawl_noisy": 300_000}.get(name, 30_000)
 
-    stages.append(Stage("tokenizer", ["tokenizer"], tokenizer, params={"vocab": s.vocab_size}, deps=["corpora"]))
+    def _train_cost(self, name: str, epochs_or_fraction: float) -> float:
+        return self.s.cost.train * self._tokens(name, self._words(name)) * epochs_or_fraction / 1000
 
-    def preprocess(ctx: StageContext) -> dict:
-        for name in ("general_train", "general_eval", "domain_crawl", "domain_eval"):
-            ctx.megacpt("preprocess", "--input", f"corpora/{name}.jsonl", "--output-prefix", f"data/{name}",
-                        "--tokenizer-model", "tokenizer", "--append-eod", "--workers", "1", "--quiet")
-        return {n: _num_tokens(ctx.workdir, prefix(n)) for n in ("general_train", "domain_crawl")}
+    def _eval_cost(self) -> float:
+        tok = sum(self._tokens(n, self._words(n)) for n in HELDOUT)
+        tasks = sum(self._words(f"tasks/{t}/{sp}") for t in TASKS for sp in ("train", "test"))
+        return 2 + self.s.cost.forward * (tok + 6 * tasks) / 1000
 
-    stages.append(Stage("preprocess", ["data"], preprocess, deps=["corpora", "tokenizer"]))
+    # -- stages ---------------------------------------------------------------------------------------
+    def build(self) -> list[Stage]:
+        self._prepare()
+        self._pretrain()
+        for crawl in CRAWLS if self.s.ablation else [""]:
+            self._scores(crawl)
+        arms = study_arms(self.s)
+        self._selections(arms)
+        self._selection_reports(arms)
+        for arm in arms:
+            for seed in self.s.seeds:
+                self._cpt(arm, seed)
+        self.add(self._eval_stage("base", None, ["pretrain-base"]))
+        for arm in arms:
+            for seed in self.s.seeds:
+                self.add(self._eval_stage(arm.name, seed, [f"cpt-{arm.name}-s{seed}"]))
+        self._compute_matched(arms)
+        return self.stages
 
-    def pretrain(ctx: StageContext) -> dict:
-        iters = _iters(_num_tokens(ctx.workdir, prefix("general_train")), s.base_epochs, s)
-        _write_yaml(ctx.path("configs/base.yaml"),
-                    _train_config(s, prefix("general_train"), "runs/base", iters, s.base_lr, None))
-        ctx.megacpt("train", "--config", "configs/base.yaml")
-        _check_finished(ctx.workdir, "base", iters)
-        return {"train_iters": iters}
+    def _prepare(self) -> None:
+        s = self.s
 
-    stages.append(Stage("pretrain-base", ["configs/base.yaml", "runs/base"], pretrain, resumable=True,
-                        params={k: P[k] for k in ("model", "seq_length", "micro_batch_size", "global_batch_size",
-                                                  "base_epochs", "base_lr", "warmup_fraction", "min_lr_ratio",
-                                                  "seed")}, deps=["preprocess"]))
+        def corpora(ctx: StageContext) -> dict:
+            from megacpt.demo.corpora.build import build_corpora, load_raw
 
-    crawl = prefix("domain_crawl")
-    need = sorted({m for st in s.strategies for m in STRATEGY_METRICS.get(st, [])})
-    score_stage = {}
-    if "perplexity" in need:
-        stages.append(Stage("score-perplexity", _score_out("perplexity"), lambda ctx: ctx.megacpt(
-            "score", "perplexity", "--model", "runs/base", "--data", crawl, "--seq-length", s.seq_length,
-            "--out", "scores/perplexity.parquet", "--device", "cpu", "--dtype", "fp32", "--no-progress"),
-            deps=["preprocess", "pretrain-base"]))
-        score_stage["perplexity"] = "score-perplexity"
-    if "pos_entropy" in need:
-        stages.append(Stage("score-pos-entropy", _score_out("pos_entropy"), lambda ctx: ctx.megacpt(
-            "score", "pos-entropy", "--data", crawl, "--out", "scores/pos_entropy.parquet", "--workers", "1"),
-            deps=["preprocess"]))
-        score_stage["pos_entropy"] = "score-pos-entropy"
-    if "similarity" in need:
-        stages.append(Stage("score-similarity", _score_out("similarity"), lambda ctx: ctx.megacpt(
-            "score", "similarity", "--data", crawl, "--task-data", "corpora/task_unlabeled.jsonl",
-            "--out", "scores/similarity.parquet", "--device", "cpu", "--max-chunks", s.similarity_max_chunks,
-            "--chunk-tokens", s.similarity_chunk_tokens),
-            params={"max_chunks": s.similarity_max_chunks, "chunk_tokens": s.similarity_chunk_tokens},
-            deps=["preprocess", "corpora"]))
-        score_stage["similarity"] = "score-similarity"
+            card = build_corpora(load_raw(s.synthetic, s.seed), ctx.path("corpora"), s.sizes, s.seed)
+            return {"origin": card["origin"]}
 
-    train_data: dict[str, str] = {}
-    for st in s.strategies:
-        if st == "full":
-            train_data[st] = crawl
-            continue
-        out = f"selections/{st}"
-        metrics = STRATEGY_METRICS[st]
+        self.add(Stage("corpora", ["corpora"], corpora, params={"synthetic": s.synthetic, "seed": s.seed,
+                                                                "sizes": self.P["sizes"]}, cost=5))
 
-        def select(ctx: StageContext, st=st, out=out, metrics=metrics) -> dict:
-            scores = ["--scores", *[f"scores/{m}.parquet" for m in metrics]] if metrics else []
-            ctx.megacpt("select", "--data", crawl, "--strategy", st, *scores, "--sampling", "hard",
-                        "--budget-fraction", s.budget_fraction, "--seed", s.seed, "--output-prefix", f"{out}/selected")
-            m = _read_json(ctx.path(f"{out}/selected.manifest.json"))
-            return {k: m[k] for k in ("num_selected", "selected_tokens") if k in m}
+        def tokenizer(ctx: StageContext) -> None:
+            # the "Pythia tokenizer" of the demo: trained on general text only, like the base model
+            ctx.megacpt("tokenizer", "train", "--input", "corpora/general_train.jsonl", "--vocab-size", s.vocab_size,
+                        "--out", "tokenizer")
 
-        stages.append(Stage(f"select-{st}", [out], select, params={"budget": s.budget_fraction, "seed": s.seed},
-                            deps=["preprocess", *[score_stage[m] for m in metrics]],
-                            volatile=("*.manifest.json", "*.meta.json")))
-        train_data[st] = f"{out}/selected"
+        self.add(Stage("tokenizer", ["tokenizer"], tokenizer, params={"vocab": s.vocab_size}, deps=["corpora"],
+                       cost=lambda: 3 + self._words("general_train") / 400_000))
+        names = ["general_train", *HELDOUT, "domain_crawl", *(["domain_crawl_noisy"] if s.ablation else [])]
 
-    selected = [st for st in s.strategies if st != "full"]
-    if selected:
-        def report_selection(ctx: StageContext) -> None:
-            ctx.megacpt("report", "selection", "--manifests",
-                        *[f"selections/{st}/selected.manifest.json" for st in selected],
-                        "--scores", *[f"scores/{m}.parquet" for m in need], "--out", "selection-report")
+        def preprocess(ctx: StageContext) -> dict:
+            for name in names:
+                ctx.megacpt("preprocess", "--input", f"corpora/{name}.jsonl", "--output-prefix", f"data/{name}",
+                            "--tokenizer-model", "tokenizer", "--append-eod", "--workers", "1", "--quiet")
+            return {n: num_tokens(ctx.workdir, prefix(n)) for n in names}
 
-        stages.append(Stage("report-selection", ["selection-report"], report_selection,
-                            deps=[f"select-{st}" for st in selected] + list(score_stage.values())))
+        self.add(Stage("preprocess", ["data"], preprocess, deps=["corpora", "tokenizer"],
+                       cost=lambda: 2 + sum(self._words(n) for n in names) / 300_000))
 
-    for st in s.strategies:
-        def cpt(ctx: StageContext, st=st) -> dict:
-            tokens = _num_tokens(ctx.workdir, train_data[st])
-            iters = _iters(tokens, s.cpt_epochs, s)
-            _write_yaml(ctx.path(f"configs/cpt-{st}.yaml"),
-                        _train_config(s, train_data[st], f"runs/cpt-{st}", iters, s.cpt_lr, "runs/base"))
-            ctx.megacpt("train", "--config", f"configs/cpt-{st}.yaml")
-            _check_finished(ctx.workdir, f"cpt-{st}", iters)
-            return {"train_iters": iters, "dataset_tokens": tokens}
+    def _pretrain(self) -> None:
+        s = self.s
 
-        stages.append(Stage(f"cpt-{st}", [f"configs/cpt-{st}.yaml", f"runs/cpt-{st}"], cpt, resumable=True,
-                            params={k: P[k] for k in ("cpt_epochs", "cpt_lr", "warmup_fraction", "min_lr_ratio",
-                                                      "seq_length", "micro_batch_size", "global_batch_size", "seed")},
-                            deps=["pretrain-base", "preprocess"] + ([] if st == "full" else [f"select-{st}"])))
+        def pretrain(ctx: StageContext) -> dict:
+            iters = iters_for(num_tokens(ctx.workdir, prefix("general_train")), s.base_epochs, s)
+            cfg = train_config(s, prefix("general_train"), "runs/base", iters, s.base_lr, s.seed, None,
+                               eval_prefixes={"general": prefix("general_eval"), "domain": prefix("domain_eval")},
+                               eval_interval=max(1, iters // s.base_eval_points))
+            write_yaml(ctx.path("configs/base.yaml"), cfg)
+            cached = base_cache_root() / base_cache_key(ctx.workdir, cfg)
+            if (cached / "COMPLETE").exists() and not (ctx.workdir / "runs/base").exists():
+                shutil.copytree(cached / "base", ctx.workdir / "runs/base")
+                check_finished(ctx.workdir, "runs/base", iters)
+                return {"train_iters": iters, "from_cache": str(cached)}
+            ctx.megacpt("train", "--config", "configs/base.yaml")
+            check_finished(ctx.workdir, "runs/base", iters)
+            tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(ctx.workdir / "runs/base", tmp / "base")
+            (tmp / "COMPLETE").write_text(time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+            shutil.rmtree(cached, ignore_errors=True)
+            os.replace(tmp, cached)
+            return {"train_iters": iters, "cached_to": str(cached)}
 
-    for run in ["base", *[f"cpt-{st}" for st in s.strategies]]:
-        def evaluate(ctx: StageContext, run=run) -> None:
-            model = f"runs/{run}"
-            ctx.megacpt("eval", "perplexity", "--model", model, "--tokenizer", "tokenizer",
-                        "--data", prefix("domain_eval"), prefix("general_eval"), "--seq-length", s.seq_length,
-                        "--bootstrap", s.eval_bootstrap, "--seed", s.seed, "--out", f"evals/{run}/perplexity.json")
-            shots = [] if s.eval_shots is None else ["--shots", s.eval_shots]
-            ctx.megacpt("eval", "finance", "--model", model, "--tokenizer", "tokenizer",
-                        "--tasks", ",".join(TASKS), "--data-dir", "corpora/tasks", *shots,
-                        "--bootstrap", s.eval_bootstrap, "--seed", s.seed, "--out", f"evals/{run}/finance.json")
+        self.add(Stage("pretrain-base", ["configs/base.yaml", "runs/base"], pretrain, resumable=True,
+                       params={k: self.P[k] for k in ("model", "seq_length", "micro_batch_size", "global_batch_size",
+                                                      "base_epochs", "base_lr", "base_eval_points", "warmup_fraction",
+                                                      "min_lr_ratio", "seed")}, deps=["preprocess"],
+                       cost=lambda: self._train_cost("general_train", s.base_epochs)
+                       + s.base_eval_points * s.cost.forward * 100))
 
-        stages.append(Stage(f"eval-{run}", [f"evals/{run}"], evaluate,
-                            params={"shots": s.eval_shots, "bootstrap": s.eval_bootstrap, "seed": s.seed},
-                            deps=["preprocess", "corpora", "pretrain-base" if run == "base" else run]))
-    return stages
+    def _scores(self, crawl: str) -> None:
+        s = self.s
+        data = prefix(CRAWLS[crawl])
+        need = sorted({m for st in s.strategies for m in STRATEGY_METRICS[st]})
+        words = lambda: self._words(CRAWLS[crawl])  # noqa: E731
+        if "perplexity" in need:
+            out = f"scores/{crawl}perplexity.parquet"
+            self.add(Stage(f"score-{crawl}perplexity", _score_out(out), lambda ctx, out=out: ctx.megacpt(
+                "score", "perplexity", "--model", "runs/base", "--data", data, "--seq-length", s.seq_length,
+                "--out", out, "--device", "cpu", "--dtype", "fp32", "--no-progress"),
+                deps=["preprocess", "pretrain-base"], cost=lambda: s.cost.forward * 1.4 * words() / 1000))
+        if "pos_entropy" in need:
+            out = f"scores/{crawl}pos_entropy.parquet"
+            self.add(Stage(f"score-{crawl}pos-entropy", _score_out(out), lambda ctx, out=out: ctx.megacpt(
+                "score", "pos-entropy", "--data", data, "--out", out, "--workers", "1", fresh=True),
+                deps=["preprocess"], cost=lambda: 4 + s.cost.pos_entropy * 1.4 * words() / 1000))
+        if "similarity" in need:
+            out = f"scores/{crawl}similarity.parquet"
+            self.add(Stage(f"score-{crawl}similarity", _score_out(out), lambda ctx, out=out: ctx.megacpt(
+                "score", "similarity", "--data", data, "--task-data", "corpora/task_unlabeled.jsonl",
+                "--out", out, "--device", "cpu", "--max-chunks", s.similarity_max_chunks,
+                "--chunk-tokens", s.similarity_chunk_tokens, fresh=True),
+                params={"max_chunks": s.similarity_max_chunks, "chunk_tokens": s.similarity_chunk_tokens},
+                deps=["preprocess", "corpora"], cost=lambda: 6 + s.cost.similarity * words() / 1000))
+
+    def _score_stage(self, crawl: str, metric: str) -> str:
+        return f"score-{crawl}{metric.replace('_', '-')}"
+
+    def _selections(self, arms: list[Arm]) -> None:
+        s, made = self.s, set()
+        for arm in arms:
+            for seed in s.seeds:
+                out = arm.selection(seed)
+                if out is None or out in made:
+                    continue
+                made.add(out)
+                metrics = STRATEGY_METRICS.get(arm.strategy, [])
+                sel_seed = s.seed if arm.sampling == "hard" else seed
+
+                def select(ctx: StageContext, arm=arm, out=out, metrics=metrics, sel_seed=sel_seed) -> dict:
+                    scores = ["--scores", *[f"scores/{arm.crawl}{m}.parquet" for m in metrics]] if metrics else []
+                    sampling = ["--sampling", arm.sampling] if arm.sampling else []
+                    ctx.megacpt("select", "--data", prefix(CRAWLS[arm.crawl]), "--strategy", arm.strategy, *scores,
+                                *sampling, "--budget-fraction", arm.fraction, "--seed", sel_seed,
+                                "--output-prefix", out)
+                    m = read_json(ctx.path(f"{out}.manifest.json"))
+                    return {k: m["budget"][k] for k in ("achieved_documents", "achieved_tokens")}
+
+                self.add(Stage(self._select_stage(out), [str(Path(out).parent)], select,
+                               params={"fraction": arm.fraction, "seed": sel_seed, "sampling": arm.sampling},
+                               deps=["preprocess", *[self._score_stage(arm.crawl, m) for m in metrics]],
+                               volatile=("*.manifest.json", "*.meta.json"), cost=1.5))
+
+    @staticmethod
+    def _select_stage(out: str) -> str:
+        return "select-" + str(Path(out).parent).removeprefix("selections/").replace("/", "-")
+
+    def _selection_reports(self, arms: list[Arm]) -> None:
+        s = self.s
+        for crawl in CRAWLS if s.ablation else [""]:
+            # the first seed's selections: hard, soft and random of the same budget side by side
+            outs = [a.selection(s.seeds[0]) for a in arms if a.crawl == crawl and a.strategy != "full"
+                    and a.fraction == s.budget_fraction]
+            if not outs:
+                continue
+            need = sorted({m for st in s.strategies for m in STRATEGY_METRICS[st]})
+            name = f"{crawl}selection-report"
+
+            def report(ctx: StageContext, outs=outs, need=need, name=name, crawl=crawl) -> None:
+                ctx.megacpt("report", "selection", "--manifests", *[f"{o}.manifest.json" for o in outs],
+                            "--scores", *[f"scores/{crawl}{m}.parquet" for m in need], "--out", name)
+
+            self.add(Stage(f"report-{name}", [name], report, deps=[self._select_stage(o) for o in outs],
+                           cost=4))
+
+    def _cpt(self, arm: Arm, seed: int) -> None:
+        s = self.s
+        run = run_dir(arm.name, seed)
+        data = arm.selection(seed) or prefix(CRAWLS[arm.crawl])
+        record = f"configs/{arm.name}-s{seed}.json"   # the full arms' step counts, read by compute-matched arms
+
+        def cpt(ctx: StageContext) -> dict:
+            from megacpt.io import write_json_atomic
+
+            tokens = num_tokens(ctx.workdir, data)
+            iters = iters_for(tokens, s.cpt_epochs, s)
+            write_yaml(ctx.path(f"configs/{arm.name}-s{seed}.yaml"),
+                       train_config(s, data, run, iters, s.cpt_lr, seed, "runs/base"))
+            ctx.megacpt("train", "--config", f"configs/{arm.name}-s{seed}.yaml")
+            check_finished(ctx.workdir, run, iters)
+            info = {"train_iters": iters, "dataset_tokens": tokens}
+            if arm.strategy == "full":
+                write_json_atomic(ctx.path(record), info)
+            return info
+
+        outputs = [f"configs/{arm.name}-s{seed}.yaml", run] + ([record] if arm.strategy == "full" else [])
+        sel = arm.selection(seed)
+        self.add(Stage(f"cpt-{arm.name}-s{seed}", outputs, cpt, resumable=True,
+                       params={**{k: self.P[k] for k in ("cpt_epochs", "cpt_lr", "warmup_fraction", "min_lr_ratio",
+                                                         "seq_length", "micro_batch_size", "global_batch_size")},
+                               "arm": asdict(arm), "seed": seed},
+                       deps=["pretrain-base", "preprocess", *([self._select_stage(sel)] if sel else [])],
+                       cost=lambda: self._train_cost(CRAWLS[arm.crawl], arm.fraction * s.cpt_epochs)))
+
+    def _eval_stage(self, arm: str, seed: int | None, deps: list[str]) -> Stage:
+        s = self.s
+        model, out = run_dir(arm, seed), eval_dir(arm, seed)
+
+        def evaluate(ctx: StageContext) -> None:
+            for name in HELDOUT:
+                ctx.megacpt("score", "perplexity", "--model", model, "--data", prefix(name), "--seq-length",
+                            s.seq_length, "--out", f"{out}/{name}.parquet", "--device", "cpu", "--dtype", "fp32",
+                            "--no-progress")
+            tasks = ",".join(TASKS)
+            ctx.megacpt("eval", "probe", "--model", model, "--tokenizer", "tokenizer", "--tasks", tasks,
+                        "--data-dir", "corpora/tasks", "--C", s.probe_C, "--bootstrap", s.eval_bootstrap,
+                        "--seed", s.seed, "--predictions", "--out", f"{out}/probe.json")
+            ctx.megacpt("eval", "finance", "--model", model, "--tokenizer", "tokenizer", "--tasks", tasks,
+                        "--data-dir", "corpora/tasks", "--label-scoring", s.label_scoring, "--bootstrap",
+                        s.eval_bootstrap, "--seed", s.seed, "--predictions", "--out", f"{out}/finance.json")
+
+        return Stage(f"eval-{arm}" + ("" if seed is None else f"-s{seed}"), [out], evaluate,
+                     params={k: self.P[k] for k in ("eval_bootstrap", "probe_C", "label_scoring", "seq_length",
+                                                    "seed")}, deps=["preprocess", "corpora", *deps],
+                     volatile=(f"{out}/*.json",), cost=self._eval_cost)
+
+    def _compute_matched(self, arms: list[Arm]) -> None:
+        """The strategy with the lowest mean domain_val NLL over seeds, and random, at full's step count."""
+        s = self.s
+        if not s.compute_matched:
+            return
+        candidates = [a for a in arms if a.crawl == "" and a.strategy in SELECTION_STRATEGIES]
+        choose_deps = [f"eval-{a.name}-s{sd}" for a in candidates for sd in s.seeds]
+
+        def choose(ctx: StageContext) -> dict:
+            from megacpt.io import write_json_atomic
+
+            means = {a.name: float(sum(heldout_nll(ctx.workdir, a.name, sd, "domain_val") for sd in s.seeds)
+                                   / len(s.seeds)) for a in candidates}
+            best = min(means, key=means.get) if means else None
+            write_json_atomic(ctx.path("configs/best-strategy.json"),
+                              {"best": best, "domain_val_nll": means, "rule": "lowest mean domain_val NLL over seeds"})
+            return {"best": best}
+
+        self.add(Stage("choose-best-strategy", ["configs/best-strategy.json"], choose, deps=choose_deps, cost=0.5))
+        for seed in s.seeds:
+            for slot in (("best",) if candidates else ()) + ("random",):
+                self._matched_stage(slot, seed)
+
+    def _matched_stage(self, slot: str, seed: int) -> None:
+        """A compute-matched arm whose strategy is read at run time from configs/best-strategy.json."""
+        s = self.s
+        name = f"matched-{slot}-s{seed}"
+
+        def resolve(ctx: StageContext) -> Arm:
+            best = read_json(ctx.path("configs/best-strategy.json"))["best"]
+            if slot == "random":
+                return matched_arms(s, None)[-1]
+            if best is None:
+                raise UserError("no selection strategy ran: no compute-matched best arm")
+            st, sm = best.rsplit("-", 1)
+            return Arm(f"matched-{best}", "", st, sm, s.budget_fraction, matched=True)
+
+        def cpt(ctx: StageContext) -> dict:
+            arm = resolve(ctx)
+            data = arm.selection(seed)
+            iters = read_json(ctx.path(f"configs/full-s{seed}.json"))["train_iters"]
+            run = f"runs/matched-{slot}/s{seed}"
+            cfg = train_config(s, data, run, iters, s.cpt_lr, seed, "runs/base")
+            write_yaml(ctx.path(f"configs/{name}.yaml"), cfg)
+            ctx.megacpt("train", "--config", f"configs/{name}.yaml")
+            check_finished(ctx.workdir, run, iters)
+            return {"arm": arm.name, "train_iters": iters, "dataset_tokens": num_tokens(ctx.workdir, data)}
+
+        sel_deps = sorted({self._select_stage(a.selection(seed)) for a in study_arms(s)
+                           if a.crawl == "" and a.fraction == s.budget_fraction and a.selection(seed)})
+        self.add(Stage(f"cpt-{name}", [f"configs/{name}.yaml", f"runs/matched-{slot}/s{seed}"], cpt, resumable=True,
+                       params={"slot": slot, "seed": seed, "cpt_lr": s.cpt_lr},
+                       deps=["choose-best-strategy", f"cpt-full-s{seed}", "pretrain-base", *sel_deps],
+                       cost=lambda: self._train_cost("domain_crawl", s.cpt_epochs)))
+        self.add(self._eval_stage(f"matched-{slot}", seed, [f"cpt-{name}"]))
 
 
-# ------------------------------------------------------------------------------------------- results
+def heldout_nll(workdir: Path, arm: str, seed: int | None, name: str) -> float:
+    """Token-weighted NLL (nats/token) of a model on one held-out set, from its per-document scores."""
+    from megacpt.selection.scores import read_scores
 
-def _loss_curve(workdir: Path, run: str) -> list[tuple[int, float]]:
-    path = workdir / "runs" / run / "metrics.jsonl"
-    out: dict[int, float] = {}  # a resumed run appends: the last record of an iteration wins
-    for line in path.read_text().splitlines() if path.exists() else []:
-        r = json.loads(line)
-        if r.get("kind") == "train" and r.get("loss") is not None:
-            out[int(r["iteration"])] = float(r["loss"])
-    return sorted(out.items())
+    cols = read_scores(workdir / eval_dir(arm, seed) / f"{name}.parquet").columns
+    return float(cols["nll_sum"].sum() / max(int(cols["n_pred"].sum()), 1))
 
 
-def _tokens_trained(workdir: Path, run: str, seq_length: int) -> int:
-    """From the run's own log: samples consumed x sequence length (what the trainer really did)."""
-    consumed = [json.loads(x).get("consumed_samples") for x in
-                (workdir / "runs" / run / "metrics.jsonl").read_text().splitlines()]
-    consumed = [c for c in consumed if c is not None]
-    if not consumed:
-        raise UserError(f"runs/{run}/metrics.jsonl has no consumed_samples record")
-    return int(max(consumed)) * seq_length
-
-
-def collect_results(workdir: Path, s: DemoSettings, summary: list[dict]):
-    from megacpt.demo.report import DemoResults, RunResult
-
-    stages = {x["name"]: x for x in summary}
-    runs = []
-    for run in ["base", *[f"cpt-{st}" for st in s.strategies]]:
-        ppl = _read_json(workdir / "evals" / run / "perplexity.json")["tasks"]
-        fin = _read_json(workdir / "evals" / run / "finance.json")["tasks"]
-        name = run.removeprefix("cpt-")
-        sel_docs = sel_tokens = None
-        if run != "base":
-            if name == "full":
-                from megacpt.data.indexed import IndexedDataset
-
-                ds = IndexedDataset(workdir / prefix("domain_crawl"))
-                sel_docs, sel_tokens = int(ds.num_documents), int(ds.num_tokens)
-            else:
-                from megacpt.data.indexed import IndexedDataset
-
-                ds = IndexedDataset(workdir / f"selections/{name}/selected")
-                sel_docs, sel_tokens = int(ds.num_documents), int(ds.num_tokens)
-        runs.append(RunResult(
-            name=name,
-            tokens_trained=0 if run == "base" else _tokens_trained(workdir, run, s.seq_length),
-            selected_docs=sel_docs, selected_tokens=sel_tokens,
-            domain_ppl=float(ppl[f"ppl:{Path(prefix('domain_eval')).name}"]["value"]),
-            general_ppl=float(ppl[f"ppl:{Path(prefix('general_eval')).name}"]["value"]),
-            task_score=float(fin[PRIMARY_TASK]["value"]),
-            task_extra={f"{t} {r['metric']}": float(r["value"]) for t, r in fin.items() if t != PRIMARY_TASK},
-            wall_s=float(stages.get("pretrain-base" if run == "base" else run, {}).get("wall_s", 0.0)),
-            loss_curve=_loss_curve(workdir, run),
-        ))
-    sources = [json.loads(x)["source"] for x in
-               (workdir / "corpora" / "domain_crawl.jsonl").read_text(encoding="utf-8").splitlines()]
-    picked: dict[str, dict[str, int]] = {"(whole crawl)": dict(sorted(Counter(sources).items()))}
-    for st in s.strategies:
-        if st != "full":
-            ids = _read_json(workdir / f"selections/{st}/selected.manifest.json")["selected_doc_ids"]
-            picked[st] = dict(sorted(Counter(sources[i] for i in ids).items()))
-    srep = workdir / "selection-report"
-    card = _read_json(workdir / "corpora" / "corpora.json")
-    return DemoResults(
-        title="megacpt demo: data selection for domain-adaptive continual pre-training at toy scale",
-        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), origin=card["origin"], seed=s.seed,
-        budget_fraction=s.budget_fraction, runs=runs,
-        stages=[{"name": x["name"], "wall_s": x["wall_s"], "cpu_s": x.get("cpu_s"), "peak_rss_mb": x["peak_rss_mb"],
-                 "skipped": x["skipped"]} for x in summary],
-        corpora=card,
-        settings={"model": f"GPT-NeoX {s.model.num_layers}L/{s.model.hidden_size}H/{s.model.num_heads} heads, "
-                           f"vocab {s.vocab_size} (BPE trained on the general corpus)",
-                  "sequence length": s.seq_length, "global batch": s.global_batch_size,
-                  "base": f"{s.base_epochs:g} epoch(s) of general_train, peak LR {s.base_lr:g}, cosine",
-                  "CPT": f"{s.cpt_epochs:g} epoch(s) of each dataset from the base, peak LR {s.cpt_lr:g}, "
-                         f"warm-up {s.warmup_fraction:.0%}, cosine to {s.min_lr_ratio:g}x",
-                  "selection": "hard top-k by percentile-rank score to the token budget; random: seeded",
-                  "mode": "quick" if s.quick else "default"},
-        selection_plots=sorted(str(p.relative_to(workdir)) for p in srep.glob("*.png")),
-        selection_report="selection-report/report.md" if (srep / "report.md").exists() else None,
-        selection_sources=picked,
-    )
+def build_stages(s: DemoSettings, workdir: Path) -> list[Stage]:
+    return StudyPlan(s, workdir).build()
 
 
 def run_demo(workdir: Path, s: DemoSettings, force: bool = False, echo=print) -> Path:
     """Run (or resume) every stage, then write the report; returns ``workdir``/report.md."""
+    from megacpt.demo.results import collect_results
     from megacpt.demo.report import write_report
-
-    import os
 
     workdir.mkdir(parents=True, exist_ok=True)
     n = str(s.threads)
@@ -383,17 +602,16 @@ def run_demo(workdir: Path, s: DemoSettings, force: bool = False, echo=print) ->
         import torch
 
         torch.set_num_threads(s.threads)
-    runner = StageRunner(workdir, force=force, env=env, echo=echo, in_process=s.in_process)
+    runner = StageRunner(workdir, force=force, env=env, echo=echo, in_process=s.in_process, jobs=s.jobs,
+                         threads=s.threads)
     t0 = time.perf_counter()
-    summary = runner.run(build_stages(s))
-    res = collect_results(workdir, s, summary)
-    md, _ = write_report(res, workdir)
+    summary = runner.run(build_stages(s, workdir))
     wall = time.perf_counter() - t0
-    peak = max(x["peak_rss_mb"] for x in summary)
+    res = collect_results(workdir, s, summary, wall_s=wall, peak_rss_mb=runner.peak_rss_mb)
+    md, _ = write_report(res, workdir)
     ran = [x for x in summary if not x["skipped"]]
     echo(f"demo finished in {wall:.1f}s ({len(ran)} stages ran, CPU {sum(x.get('cpu_s') or 0 for x in ran):.0f}s; "
-         f"{len(summary) - len(ran)} skipped); peak RSS {peak:.0f} MB; report: {md}")
-    for r in res.runs:
-        echo(f"  {r.name:<9} tokens {r.tokens_trained:>9,}  domain ppl {r.domain_ppl:8.2f}  "
-             f"general ppl {r.general_ppl:8.2f}  task F1 {r.task_score:.3f}")
+         f"{len(summary) - len(ran)} skipped); peak RSS {runner.peak_rss_mb:.0f} MB (all processes); report: {md}")
+    for line in res.summary_lines():
+        echo("  " + line)
     return md

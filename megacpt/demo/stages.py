@@ -1,4 +1,4 @@
-"""Resumable stages with a manifest: a re-run skips what is done, redoes what is stale or corrupted.
+"""Resumable stages with a manifest, run as a dependency graph on a few workers, with an overall ETA.
 
 A stage declares its outputs (files or directories under the work dir), the parameters that
 determine them, and the stages it reads from. After it succeeds the runner records, in
@@ -7,20 +7,36 @@ determine them, and the stages it reads from. After it succeeds the runner recor
 and every recorded file is still there with the same size and hash; otherwise its old outputs
 are removed and it runs again (so are the stages downstream, whose fingerprints change).
 
-A stage's commands run either in this process (``megacpt.cli.main``, output redirected to the log) or
-as ``python -m megacpt ...`` child processes (memory isolated per command, ``os.wait4`` gives each
-child's peak RSS); either way the log goes to ``WORKDIR/logs/STAGE.log``.
+Where commands run (``CommandRunner``), each writing to ``WORKDIR/logs/STAGE.log``:
+
+- ``jobs == 1`` and in-process (the default for one job): ``megacpt.cli.main`` in this process;
+- ``jobs > 1``: ``jobs`` persistent worker processes (spawned once: one interpreter + torch start-up
+  each), each running one command at a time in-process; stages whose dependencies are done run
+  concurrently, up to ``jobs`` at once;
+- ``child_processes`` or ``fresh=True`` for one command: ``python -m megacpt ...`` as a child process
+  (memory freed when it exits; used for the scorers that load spaCy and a sentence-embedding model).
+
+Cost accounting: a stage's CPU seconds are its commands' (user + system, from the worker or from
+``wait4``) plus what its own thread spent; the peak RSS of the whole process tree (this process, the
+workers and their children, summed) is sampled every 0.2 s. The ETA divides the predicted CPU cost of
+the remaining stages (``Stage.cost``) by the number of jobs, after rescaling it by the wall/predicted
+ratio of the finished stages (so the ETA follows the machine's speed and load).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import resource
 import shutil
 import subprocess
 import sys
+import threading
 import time
+import traceback
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -45,6 +61,102 @@ class Stage:
     # the command resumes from its own partial output (a training run from its last checkpoint): after an
     # interruption (no manifest entry yet) the outputs are kept; a changed or corrupted stage still starts clean
     resumable: bool = False
+    # predicted CPU seconds (called when an ETA is printed; may read the outputs of finished stages)
+    cost: Callable[[], float] | float = 1.0
+
+    def predicted_cost(self) -> float:
+        try:
+            return float(self.cost() if callable(self.cost) else self.cost)
+        except (OSError, ValueError, KeyError, UserError):   # inputs not there yet: a nominal cost
+            return 1.0
+
+
+# ------------------------------------------------------------------------------------------- commands
+
+def _run_here(workdir: str, args: list[str], log_path: str) -> tuple[int, float, int]:
+    """Run ``megacpt ARGS`` in this process with cwd = workdir and output to the log.
+
+    Returns (exit code, CPU seconds of this process during the command, peak RSS in kB so far).
+    Only one command at a time per process (it changes the working directory).
+    """
+    from megacpt.cli import main
+
+    root, cwd = logging.getLogger(), os.getcwd()
+    saved = root.handlers[:]
+    c0 = _self_cpu_s()
+    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a", encoding="utf-8") as log, _STREAM.to(log), \
+            contextlib.redirect_stdout(_STREAM), contextlib.redirect_stderr(_STREAM):
+        print(f"$ megacpt {' '.join(args)}  (in-process, pid {os.getpid()})", flush=True)
+        root.handlers.clear()  # let the command's logging.basicConfig bind to this log
+        os.chdir(workdir)
+        try:
+            rc = main(args)
+        except SystemExit as e:  # argparse errors
+            rc = e.code if isinstance(e.code, int) else 1
+        except Exception:  # noqa: BLE001 - a command's crash becomes this stage's error, with the traceback logged
+            traceback.print_exc()
+            rc = 1
+        finally:
+            os.chdir(cwd)
+            for h in root.handlers[:]:
+                root.removeHandler(h)
+            root.handlers[:] = saved
+    return rc, _self_cpu_s() - c0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def _worker_init(env: dict, threads: int) -> None:
+    os.environ.update(env)
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _self_cpu_s() -> float:
+    a = resource.getrusage(resource.RUSAGE_SELF)
+    return a.ru_utime + a.ru_stime
+
+
+class CommandRunner:
+    """Runs `megacpt` commands: here, on a pool of persistent workers, or as child processes."""
+
+    def __init__(self, jobs: int = 1, env: dict | None = None, in_process: bool = True, threads: int = 1):
+        self.jobs, self.env, self.in_process, self.threads = max(1, jobs), env or {}, in_process, threads
+        self.pool: ProcessPoolExecutor | None = None
+        if in_process and self.jobs > 1:
+            import multiprocessing
+
+            self.pool = ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("spawn"),
+                                            initializer=_worker_init, initargs=(self.env, threads))
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
+
+    def run(self, workdir: Path, args: list[str], log: Path, fresh: bool = False) -> tuple[int, float, int]:
+        """(exit code, CPU seconds, peak RSS kB of the process that ran it)."""
+        if fresh or not self.in_process:
+            return self._child(workdir, args, log)
+        if self.pool is not None:
+            return self.pool.submit(_run_here, str(workdir), args, str(log)).result()
+        return _run_here(str(workdir), args, str(log))
+
+    def _child(self, workdir: Path, args: list[str], log: Path) -> tuple[int, float, int]:
+        cmd = [sys.executable, "-m", "megacpt", *args]
+        env = {**os.environ, **self.env, "OMP_NUM_THREADS": str(self.threads)}
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "a", encoding="utf-8") as f:
+            f.write(f"$ {' '.join(cmd[1:])}  (child process)\n")
+            f.flush()
+            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=workdir)
+            try:
+                _, status, usage = os.wait4(proc.pid, 0)
+            except BaseException:
+                proc.kill()
+                proc.wait()
+                raise
+        return os.waitstatus_to_exitcode(status), usage.ru_utime + usage.ru_stime, usage.ru_maxrss
 
 
 @dataclass
@@ -52,68 +164,26 @@ class StageContext:
     workdir: Path
     stage: Stage
     log: Path
+    runner: CommandRunner
     peak_rss_kb: int = 0
-    env: dict = field(default_factory=dict)
-    in_process: bool = False     # call megacpt.cli.main here: no interpreter/torch start-up per command
+    command_cpu_s: float = 0.0
+    in_thread_commands: bool = False   # commands ran in this thread's process (their CPU is in thread time)
 
     def path(self, rel: str) -> Path:
         return self.workdir / rel
 
-    def megacpt(self, *args: str) -> None:
-        """Run one `megacpt` command (child process, or in-process), appending to this stage's log."""
-        if self.in_process:
-            return self._megacpt_here([str(a) for a in args])
-        cmd = [sys.executable, "-m", "megacpt", *map(str, args)]
-        env = {**os.environ, **self.env}
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log, "a", encoding="utf-8") as log:
-            log.write(f"$ {' '.join(cmd[1:])}\n")
-            log.flush()
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.workdir)
-            try:
-                _, status, usage = os.wait4(proc.pid, 0)
-            except BaseException:
-                proc.kill()
-                proc.wait()
-                raise
-            proc.returncode = os.waitstatus_to_exitcode(status)
-        self.peak_rss_kb = max(self.peak_rss_kb, usage.ru_maxrss)
-        self._check(proc.returncode, args)
-
-    def _check(self, rc: int, args) -> None:
+    def megacpt(self, *args, fresh: bool = False) -> None:
+        """Run one `megacpt` command (see CommandRunner), appending to this stage's log."""
+        argv = [str(a) for a in args]
+        here = self.runner.pool is None and self.runner.in_process and not fresh
+        rc, cpu, rss = self.runner.run(self.workdir, argv, self.log, fresh=fresh)
+        self.peak_rss_kb = max(self.peak_rss_kb, rss)
+        if not here:
+            self.command_cpu_s += cpu
         if rc != 0:
             tail = self.log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-6:]
-            raise UserError(f"stage {self.stage.name}: `megacpt {' '.join(map(str, args[:2]))} ...` exited "
+            raise UserError(f"stage {self.stage.name}: `megacpt {' '.join(argv[:2])} ...` exited "
                             f"{rc}; log {self.log}:\n    " + "\n    ".join(tail))
-
-    def _megacpt_here(self, args: list[str]) -> None:
-        import contextlib
-        import logging
-        import traceback
-
-        from megacpt.cli import main
-
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        root, cwd = logging.getLogger(), os.getcwd()
-        saved = root.handlers[:]
-        with open(self.log, "a", encoding="utf-8") as log, _STREAM.to(log), \
-                contextlib.redirect_stdout(_STREAM), contextlib.redirect_stderr(_STREAM):
-            print(f"$ megacpt {' '.join(args)}  (in-process)", flush=True)
-            root.handlers.clear()  # let the command's logging.basicConfig bind to this log
-            os.chdir(self.workdir)
-            try:
-                rc = main(args)
-            except SystemExit as e:  # argparse errors
-                rc = e.code if isinstance(e.code, int) else 1
-            except Exception:  # noqa: BLE001 - a command's crash becomes this stage's error, with the traceback logged
-                traceback.print_exc()
-                rc = 1
-            finally:
-                os.chdir(cwd)
-                for h in root.handlers[:]:
-                    root.removeHandler(h)
-                root.handlers[:] = saved
-        self._check(rc, args)
 
 
 class _SwitchStream:
@@ -144,8 +214,6 @@ class _SwitchStream:
         return "utf-8"
 
     def to(self, target):
-        import contextlib
-
         @contextlib.contextmanager
         def cm():
             old, self.target = self.target, target
@@ -161,6 +229,41 @@ class _SwitchStream:
 _STREAM = _SwitchStream()
 
 
+class RSSMonitor:
+    """Peak of the summed RSS of this process and all its descendants, sampled in a thread."""
+
+    def __init__(self, every_s: float = 0.2):
+        self.every_s, self.peak_bytes = every_s, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> "RSSMonitor":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def sample(self) -> int:
+        import psutil
+
+        me = psutil.Process()
+        total = 0
+        for p in [me, *me.children(recursive=True)]:
+            with contextlib.suppress(psutil.Error):
+                total += p.memory_info().rss
+        self.peak_bytes = max(self.peak_bytes, total)
+        return total
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.every_s)
+
+
+# ------------------------------------------------------------------------------------------- runner
+
 def _files(workdir: Path, rel: str) -> list[Path]:
     p = workdir / rel
     if p.is_dir():
@@ -168,25 +271,26 @@ def _files(workdir: Path, rel: str) -> list[Path]:
     return [p] if p.exists() else []
 
 
-def _cpu_s() -> float:
-    """CPU seconds (user + system) of this process and its waited-for children: load-independent cost."""
-    a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
-
-
 def hash_outputs(workdir: Path, outputs: list[str]) -> dict[str, dict]:
     return {str(f.relative_to(workdir)): {"size": f.stat().st_size, "sha256": sha256_file(f)}
             for rel in outputs for f in _files(workdir, rel)}
 
 
+def _hms(s: float) -> str:
+    s = max(0, int(round(s)))
+    return f"{s // 60}m{s % 60:02d}s"
+
+
 class StageRunner:
     def __init__(self, workdir: Path, force: bool = False, env: dict | None = None,
-                 echo: Callable[[str], None] = print, in_process: bool = False):
+                 echo: Callable[[str], None] = print, in_process: bool = True, jobs: int = 1, threads: int = 1):
         self.workdir, self.force, self.env, self.echo = workdir, force, env or {}, echo
-        self.in_process = in_process
+        self.in_process, self.jobs, self.threads = in_process, max(1, jobs), threads
         self.manifest_path = workdir / MANIFEST
         self.manifest = self._load()
         self.summary: list[dict] = []
+        self.peak_rss_mb = 0.0
+        self._lock = threading.Lock()
 
     def _load(self) -> dict:
         try:
@@ -230,44 +334,118 @@ class StageRunner:
         return None
 
     def run(self, stages: list[Stage]) -> list[dict]:
+        """Run every stale stage (dependencies first, up to ``jobs`` at once); returns one summary row each."""
         names = [s.name for s in stages]
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate stage names in {names}")
-        for i, stage in enumerate(stages, 1):
-            head = f"[{i:>2}/{len(stages)}] {stage.name:<24}"
-            reason = "--force" if self.force else self.why_stale(stage)
+        known = set(names)
+        for s in stages:
+            if missing := [d for d in s.deps if d not in known]:
+                raise ValueError(f"stage {s.name} depends on unknown stages {missing}")
+        index = {s.name: i for i, s in enumerate(stages, 1)}
+        rows: dict[str, dict] = {}
+        self._t0, self._done_cost, self._done_wall = time.perf_counter(), 0.0, 0.0
+        runner = CommandRunner(self.jobs, self.env, self.in_process, self.threads)
+
+        def skip_or_reason(s: Stage) -> tuple[str, str | None]:
+            head = f"[{index[s.name]:>3}/{len(stages)}] {s.name:<28}"
+            reason = "--force" if self.force else self.why_stale(s)
             if reason is None:
-                entry = self.manifest["stages"][stage.name]
+                entry = self.manifest["stages"][s.name]
                 self.echo(f"{head} skipped (up to date, {entry['wall_s']:.1f}s when run)")
-                self.summary.append({**entry, "name": stage.name, "skipped": True})
-                continue
-            resume = stage.resumable and reason == "not run yet" and any(
-                (self.workdir / rel).exists() for rel in stage.outputs)
-            self.echo(f"{head} running ({reason}{'; resuming its partial output' if resume else ''}) ...")
-            for rel in stage.outputs if not resume else []:  # never mix a stale partial output with a new one
-                p = self.workdir / rel
-                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+                rows[s.name] = {**entry, "name": s.name, "skipped": True}
+            return head, reason
+
+        def finished(s: Stage, row: dict, remaining: list[Stage]) -> None:
+            rows[s.name] = row
+            self._done_cost += s.predicted_cost()
+            self._done_wall += row.get("wall_s") or 0.0
+            self.echo(self._eta_line(remaining))
+
+        try:
+            with RSSMonitor() as mon:
+                if self.jobs == 1:   # in this thread, in order: commands may install signal handlers
+                    for i, s in enumerate(stages):
+                        if missing := [d for d in s.deps if d not in rows]:
+                            raise ValueError(f"stage {s.name} runs before its dependencies {missing}")
+                        head, reason = skip_or_reason(s)
+                        if reason is not None:
+                            finished(s, self._run_one(s, reason, head, runner), stages[i + 1:])
+                else:
+                    self._run_graph(stages, rows, skip_or_reason, finished, runner)
+                self.peak_rss_mb = mon.peak_bytes / 2**20
+        finally:
+            runner.close()
+        self.summary = [rows[n] for n in names]
+        return self.summary
+
+    def _run_graph(self, stages, rows, skip_or_reason, finished, runner) -> None:
+        """Stages whose dependencies are done run in threads, ``jobs`` at once; their commands go to the
+        worker processes. The first failure stops new stages, lets the running ones finish, and is raised."""
+        pending, running, error = list(stages), {}, None
+        with ThreadPoolExecutor(self.jobs) as threads:
+            while (pending and error is None) or running:
+                progressed = True
+                while progressed and error is None:
+                    progressed = False
+                    for s in [s for s in pending if all(d in rows for d in s.deps)]:
+                        if len(running) >= self.jobs:
+                            break
+                        pending.remove(s)
+                        head, reason = skip_or_reason(s)
+                        progressed = True
+                        if reason is not None:
+                            running[threads.submit(self._run_one, s, reason, head, runner)] = s
+                if not running:
+                    if pending and error is None:
+                        raise ValueError(f"stages {[s.name for s in pending]} wait on each other")
+                    break
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    s = running.pop(fut)
+                    try:
+                        finished(s, fut.result(), pending + list(running.values()))
+                    except BaseException as e:  # noqa: BLE001 - raised once the running stages are done
+                        error = error or e
+        if error is not None:
+            raise error
+
+    def _eta_line(self, remaining: list[Stage]) -> str:
+        elapsed = time.perf_counter() - self._t0
+        # predicted CPU seconds -> this machine's wall seconds now (its speed and load), from the finished stages
+        scale = self._done_wall / self._done_cost if self._done_cost > 0 and self._done_wall > 0 else 1.0
+        left = sum(s.predicted_cost() for s in remaining) * scale / self.jobs
+        return f"      elapsed {_hms(elapsed)}, {len(remaining)} stages left, ETA ~{_hms(left)}"
+
+    def _run_one(self, stage: Stage, reason: str, head: str, runner: CommandRunner) -> dict:
+        resume = stage.resumable and reason == "not run yet" and any(
+            (self.workdir / rel).exists() for rel in stage.outputs)
+        self.echo(f"{head} running ({reason}{'; resuming its partial output' if resume else ''}) ...")
+        for rel in stage.outputs if not resume else []:  # never mix a stale partial output with a new one
+            p = self.workdir / rel
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+        with self._lock:
             self.manifest["stages"].pop(stage.name, None)
             self._save()
-            log = self.workdir / "logs" / f"{stage.name}.log"
-            log.unlink(missing_ok=True)
-            ctx = StageContext(self.workdir, stage, log, env=self.env, in_process=self.in_process)
-            t0, c0 = time.perf_counter(), _cpu_s()
-            info = stage.fn(ctx) or {}
-            wall, cpu = time.perf_counter() - t0, _cpu_s() - c0
-            outputs = hash_outputs(self.workdir, stage.outputs)
-            if not outputs:
-                raise UserError(f"stage {stage.name} produced none of its outputs {stage.outputs} (log: {log})")
-            peak = max(ctx.peak_rss_kb, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+        log = self.workdir / "logs" / f"{stage.name}.log"
+        log.unlink(missing_ok=True)
+        ctx = StageContext(self.workdir, stage, log, runner)
+        t0, c0 = time.perf_counter(), time.thread_time()
+        info = stage.fn(ctx) or {}
+        wall, cpu = time.perf_counter() - t0, time.thread_time() - c0 + ctx.command_cpu_s
+        outputs = hash_outputs(self.workdir, stage.outputs)
+        if not outputs:
+            raise UserError(f"stage {stage.name} produced none of its outputs {stage.outputs} (log: {log})")
+        peak = max(ctx.peak_rss_kb, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+        with self._lock:
             entry = {"fingerprint": self.fingerprint(stage), "outputs": outputs, "volatile": list(stage.volatile),
                      "wall_s": round(wall, 3), "cpu_s": round(cpu, 3),
                      "peak_rss_mb": round(peak / 1024, 1), "info": info,
                      "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
             self.manifest["stages"][stage.name] = entry
             self._save()
-            self.echo(f"{head} done in {wall:.1f}s, CPU {cpu:.1f}s (peak RSS {entry['peak_rss_mb']:.0f} MB)")
-            self.summary.append({**entry, "name": stage.name, "skipped": False})
-        return self.summary
+        self.echo(f"{head} done in {wall:.1f}s, CPU {cpu:.1f}s (peak RSS {entry['peak_rss_mb']:.0f} MB)")
+        return {**entry, "name": stage.name, "skipped": False}
 
     def _save(self) -> None:
         write_json_atomic(self.manifest_path, self.manifest)

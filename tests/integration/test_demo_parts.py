@@ -99,6 +99,11 @@ def test_unreachable_registry_message(tmp_path, monkeypatch):
         sources.fetch("lm-lexicon", tmp_path)
 
 
+def _stage_lines(lines: list[str]):
+    """Keep the per-stage lines ("[ i/n] name ..."), not the elapsed/ETA lines between them."""
+    return lambda s: lines.append(s) if s.startswith("[") else None
+
+
 def _stages(calls: list[str], value: str = "v1", volatile: bool = False) -> list[Stage]:
     def make_a(ctx):
         calls.append("a")
@@ -139,25 +144,25 @@ def test_volatile_outputs_do_not_cascade(tmp_path):
 def test_stage_runner_skips_redoes_and_detects_corruption(tmp_path):
     calls: list[str] = []
     lines: list[str] = []
-    StageRunner(tmp_path, echo=lines.append).run(_stages(calls))
+    StageRunner(tmp_path, echo=_stage_lines(lines)).run(_stages(calls))
     assert calls == ["a", "b"] and "done in" in lines[1]
-    summary = StageRunner(tmp_path, echo=lines.append).run(_stages(calls))
+    summary = StageRunner(tmp_path, echo=_stage_lines(lines)).run(_stages(calls))
     assert calls == ["a", "b"] and all(s["skipped"] for s in summary)   # re-run: nothing redone
     (tmp_path / "a" / "x.txt").write_text("v2")                          # same size, other bytes
-    StageRunner(tmp_path, echo=lines.append).run(_stages(calls))
+    StageRunner(tmp_path, echo=_stage_lines(lines)).run(_stages(calls))
     # a is redone; its new outputs equal the recorded ones, so b (content-addressed on them) is kept
     assert calls == ["a", "b", "a"] and "sha256 mismatch" in lines[-3] and "skipped" in lines[-1]
     assert (tmp_path / "a" / "x.txt").read_text() == "v1" and (tmp_path / "b.txt").read_text() == "v1+b"
     (tmp_path / "a" / "stray.bin").write_bytes(b"x")
-    StageRunner(tmp_path, echo=lines.append).run(_stages(calls))
+    StageRunner(tmp_path, echo=_stage_lines(lines)).run(_stages(calls))
     assert calls[-1] == "a" and "unexpected file" in lines[-3] and not (tmp_path / "a" / "stray.bin").exists()
     (tmp_path / "b.txt").write_text("v1+bX")
-    StageRunner(tmp_path, echo=lines.append).run(_stages(calls))
+    StageRunner(tmp_path, echo=_stage_lines(lines)).run(_stages(calls))
     assert calls[-1] == "b" and "size" in lines[-2] and (tmp_path / "b.txt").read_text() == "v1+b"
-    StageRunner(tmp_path, echo=lines.append).run(_stages(calls, value="v3"))   # params changed
+    StageRunner(tmp_path, echo=_stage_lines(lines)).run(_stages(calls, value="v3"))   # params changed
     assert calls[-2:] == ["a", "b"] and (tmp_path / "b.txt").read_text() == "v3+b"
     n = len(calls)
-    StageRunner(tmp_path, force=True, echo=lines.append).run(_stages(calls, value="v3"))
+    StageRunner(tmp_path, force=True, echo=_stage_lines(lines)).run(_stages(calls, value="v3"))
     assert len(calls) == n + 2
     m = json.loads((tmp_path / "manifest.json").read_text())
     assert m["stages"]["a"]["info"] == {"n": 1} and m["stages"]["a"]["peak_rss_mb"] > 0
@@ -248,7 +253,7 @@ def test_resumable_stage_keeps_partial_output_after_interruption(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         StageRunner(tmp_path, echo=lambda s: None).run([Stage("t", ["run"], lambda c: train(c, True), resumable=True)])
     lines: list[str] = []
-    StageRunner(tmp_path, echo=lines.append).run([Stage("t", ["run"], train, resumable=True)])
+    StageRunner(tmp_path, echo=_stage_lines(lines)).run([Stage("t", ["run"], train, resumable=True)])
     assert seen == ["", "ckpt1"] and "resuming" in lines[0]      # the second attempt saw the first's checkpoint
     (tmp_path / "run" / "ckpt1").write_text("corrupted")
     StageRunner(tmp_path, echo=lambda s: None).run([Stage("t", ["run"], train, resumable=True)])

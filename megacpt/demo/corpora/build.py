@@ -2,18 +2,22 @@
 
 Layout written to ``out_dir`` (every file JSONL, one ``{"text": ...}`` object a line, atomic):
 
-| file | what | role in the pipeline |
+| file | what | role in the study |
 |---|---|---|
 | ``general_train`` | general news articles | pre-training corpus of the base model |
 | ``general_eval`` | held-out general news | forgetting check (general perplexity) |
-| ``domain_crawl`` | Reuters newswire + daily headline digests + off-domain noise (news, boilerplate) | the corpus D that selection draws from; ``source`` says which kind each doc is |
-| ``domain_eval`` | Reuters ModApte *test* articles | domain held-out perplexity |
-| ``task_unlabeled`` | the texts of ``tasks/headline_sentiment/train.jsonl`` | ETS's unlabeled task examples |
-| ``tasks/headline_sentiment/{train,test}.jsonl`` + ``task.yaml`` | headlines with weak sentiment labels (Loughran-McDonald lexicon) | `megacpt eval finance` custom task: train = few-shot pool, test = scored |
+| ``domain_crawl`` | Reuters newswire (ModApte train) + daily business-headline digests | the in-domain crawl D of the main experiment; ``source`` says which kind each doc is |
+| ``domain_val`` | Reuters (ModApte test) + digests of held-out days | chooses the best strategy for the compute-matched arm (never reported as a result) |
+| ``domain_eval`` | Reuters (ModApte test) + digests of other held-out days | domain held-out perplexity (same sources as the crawl, disjoint) |
+| ``domain_crawl_noisy`` | ``domain_crawl`` + off-domain noise (news, web boilerplate): ``noise_fraction`` of its documents | the noisy-crawl ablation |
+| ``task_unlabeled`` | the inputs of every task's train split | ETS's unlabeled task examples |
+| ``task_inputs_eval`` | the inputs of every task's test split | held-out perplexity on what ETS targets |
+| ``tasks/headline_sentiment/{train,test}.jsonl`` + ``task.yaml`` | headlines with weak sentiment labels (Loughran-McDonald lexicon) | classification task (probe, calibrated label scoring) |
 | ``tasks/reuters_grain/{train,test}.jsonl`` + ``task.yaml`` | Reuters lead paragraph + real ModApte "grain" topic label | a second, real-label classification task |
 
-The splits are disjoint (no text appears in two files) and deterministic under ``seed``. The task
-directories follow `megacpt eval finance --data-dir`'s layout (``DIR/<task>/{train,test}.jsonl``).
+The splits are disjoint (no text appears in two of: the training files, the held-out files, the task
+test splits) and deterministic under ``seed``. The task directories follow `megacpt eval finance
+--data-dir`'s layout (``DIR/<task>/{train,test}.jsonl``).
 """
 from __future__ import annotations
 
@@ -34,33 +38,36 @@ from megacpt.io import atomic_path, write_json_atomic
 class CorpusSizes:
     """How much of each source the demo uses (None = all). ``quick`` keeps CI under 3 minutes."""
 
-    general_train_docs: int | None = 1500
-    general_eval_docs: int = 100
-    domain_reuters_docs: int | None = 1000
-    domain_digest_days: int | None = 100
-    noise_fraction: float = 0.25           # off-domain share of the crawl (news + boilerplate)
-    boilerplate_fraction: float = 0.2      # of the noise, the share that is web boilerplate
-    domain_eval_docs: int | None = 200
-    task_train_docs: int = 400
-    task_test_docs: int = 200
-    grain_test_docs: int = 100
+    general_train_docs: int | None = None
+    general_eval_docs: int = 150
     max_doc_words: int = 400               # long articles are cut at a sentence boundary near this
+    domain_reuters_docs: int | None = None  # of the ModApte train split left after the grain task's train pool
+    eval_digest_share: float = 0.12        # of the headline days: digests of domain_eval
+    val_digest_share: float = 0.06         # of the headline days: digests of domain_val
+    domain_val_reuters: int = 80           # ModApte test articles in domain_val
+    domain_eval_reuters: int | None = None  # in domain_eval (None: the rest after the grain test split)
+    noise_fraction: float = 0.25           # off-domain share of the noisy crawl's documents
+    boilerplate_fraction: float = 0.2      # of the noise, the share that is web boilerplate
+    sentiment_train_docs: int = 600
+    sentiment_test_docs: int = 300
+    grain_train_docs: int = 200            # ModApte train articles kept out of the crawl for the grain task
+    grain_test_docs: int = 250             # ModApte test articles
 
     @classmethod
     def quick(cls) -> "CorpusSizes":
-        return cls(general_train_docs=500, general_eval_docs=40, domain_reuters_docs=300, domain_digest_days=20,
-                   domain_eval_docs=60, task_train_docs=60, task_test_docs=60, grain_test_docs=60,
-                   max_doc_words=250)
+        return cls(general_train_docs=500, general_eval_docs=40, max_doc_words=250, domain_reuters_docs=300,
+                   domain_val_reuters=30, domain_eval_reuters=60, sentiment_train_docs=120, sentiment_test_docs=80,
+                   grain_train_docs=80, grain_test_docs=80)
 
 
-FILES = ("general_train", "general_eval", "domain_crawl", "domain_eval", "task_unlabeled",
+FILES = ("general_train", "general_eval", "domain_crawl", "domain_val", "domain_eval", "domain_crawl_noisy",
+         "task_unlabeled", "task_inputs_eval",
          "tasks/headline_sentiment/train", "tasks/headline_sentiment/test",
          "tasks/reuters_grain/train", "tasks/reuters_grain/test")
 TASKS = {  # `megacpt eval finance` custom task specs (DIR/<task>/task.yaml)
-    "headline_sentiment": "kind: classification\nlabels: [negative, neutral, positive]\ntemplate: fpb\nshots: 5\n",
-    "reuters_grain": "kind: classification\nlabels: [other, grain]\ntemplate: classification\nshots: 4\n",
+    "headline_sentiment": "kind: classification\nlabels: [negative, neutral, positive]\ntemplate: fpb\nshots: 0\n",
+    "reuters_grain": "kind: classification\nlabels: [other, grain]\ntemplate: classification\nshots: 0\n",
 }
-PRIMARY_TASK = "headline_sentiment"
 SENTIMENT_LABELS = ("negative", "neutral", "positive")
 
 # Crawl noise that every web corpus carries; selection should learn to skip it.
@@ -96,8 +103,11 @@ def _cut(text: str, max_words: int) -> str:
 
 def _lead(article: str, n_words: int = 60) -> str:
     """Title line + start of the body of a Reuters article, flattened to one line (task input)."""
-    flat = " ".join(article.split())
-    return _cut(flat, n_words)
+    return _cut(" ".join(article.split()), n_words)
+
+
+def _digests(by_day: dict[str, list[str]], days: list[str]) -> list[str]:
+    return [f"Business headlines, {d}.\n" + "\n".join(sorted(by_day[d])) for d in sorted(days)]
 
 
 def build_corpora(raw: RawCorpora, out_dir: Path, sizes: CorpusSizes, seed: int) -> dict:
@@ -105,59 +115,68 @@ def build_corpora(raw: RawCorpora, out_dir: Path, sizes: CorpusSizes, seed: int)
     rng = random.Random(seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     docs: dict[str, list[dict]] = {}
+    cut = lambda t: _cut(t, sizes.max_doc_words)  # noqa: E731
 
-    news = [f"{t}\n\n{_cut(b, sizes.max_doc_words)}" for t, b in raw.news]
-    rng.shuffle(news)
-    n_eval = min(sizes.general_eval_docs, len(news) // 10)
-    reuters = [(_cut(t, sizes.max_doc_words), y) for t, y in raw.reuters_train]
-    rng.shuffle(reuters)
-    reuters = reuters[: sizes.domain_reuters_docs]
+    # Reuters: the grain task's train pool, then the crawl, from ModApte train; held-out sets from ModApte test
+    train = [(cut(t), y) for t, y in raw.reuters_train]
+    rng.shuffle(train)
+    grain_pool, crawl_reuters = train[: sizes.grain_train_docs], train[sizes.grain_train_docs:]
+    crawl_reuters = crawl_reuters[: sizes.domain_reuters_docs]
+    test = [(cut(t), y) for t, y in raw.reuters_test]
+    rng.shuffle(test)
+    grain_test, rest = test[: sizes.grain_test_docs], test[sizes.grain_test_docs:]
+    val_reuters, eval_reuters = rest[: sizes.domain_val_reuters], rest[sizes.domain_val_reuters:]
+    eval_reuters = eval_reuters[: sizes.domain_eval_reuters]
 
-    # Headlines: task splits first (their texts are the task), the rest become daily digests in the crawl.
+    # Headlines: the sentiment task's splits first, the rest become daily digests (crawl / val / eval days)
     heads = list(raw.headlines)
     rng.shuffle(heads)
-    task_train, task_test = heads[: sizes.task_train_docs], heads[sizes.task_train_docs:][: sizes.task_test_docs]
+    n_tr, n_te = sizes.sentiment_train_docs, sizes.sentiment_test_docs
+    sent_train, sent_test = heads[:n_tr], heads[n_tr:n_tr + n_te]
     by_day: dict[str, list[str]] = defaultdict(list)
-    for text, day in heads[sizes.task_train_docs + sizes.task_test_docs:]:
+    for text, day in heads[n_tr + n_te:]:
         by_day[day].append(text)
     days = sorted(by_day)
     rng.shuffle(days)
-    digests = [f"Business headlines, {d}.\n" + "\n".join(sorted(by_day[d]))
-               for d in sorted(days[: sizes.domain_digest_days])]
+    n_eval_days = max(1, round(sizes.eval_digest_share * len(days)))
+    n_val_days = max(1, round(sizes.val_digest_share * len(days)))
+    eval_days, val_days = days[:n_eval_days], days[n_eval_days:n_eval_days + n_val_days]
+    crawl_days = days[n_eval_days + n_val_days:]
 
-    n_domain = len(reuters) + len(digests)
-    n_noise = round(n_domain * sizes.noise_fraction / (1 - sizes.noise_fraction))
+    crawl = [{"text": t, "source": "reuters"} for t, _ in crawl_reuters] + \
+            [{"text": t, "source": "headline-digest"} for t in _digests(by_day, crawl_days)]
+    rng.shuffle(crawl)
+    docs["domain_crawl"] = crawl
+    docs["domain_val"] = [{"text": t} for t, _ in val_reuters] + [{"text": t} for t in _digests(by_day, val_days)]
+    docs["domain_eval"] = [{"text": t} for t, _ in eval_reuters] + [{"text": t} for t in _digests(by_day, eval_days)]
+
+    # General news: held-out set, the noise of the ablation's crawl, the base's pre-training corpus
+    news = [f"{t}\n\n{cut(b)}" for t, b in raw.news]
+    rng.shuffle(news)
+    n_eval = min(sizes.general_eval_docs, len(news) // 10)
+    n_noise = round(len(crawl) * sizes.noise_fraction / (1 - sizes.noise_fraction))
     n_boiler = round(n_noise * sizes.boilerplate_fraction)
     n_news_noise = min(n_noise - n_boiler, max(0, len(news) - n_eval - 1))
-    general_eval, noise_news, general_train = news[:n_eval], news[n_eval:n_eval + n_news_noise], \
-        news[n_eval + n_news_noise:][: sizes.general_train_docs]
+    docs["general_eval"] = [{"text": t} for t in news[:n_eval]]
+    noise_news = news[n_eval:n_eval + n_news_noise]
+    docs["general_train"] = [{"text": t} for t in news[n_eval + n_news_noise:][: sizes.general_train_docs]]
     boiler = [" ".join(rng.sample(_BOILERPLATE, k=rng.randint(1, 3))) for _ in range(n_boiler)]
+    noisy = crawl + [{"text": t, "source": "noise-news"} for t in noise_news] + \
+        [{"text": t, "source": "noise-boilerplate"} for t in boiler]
+    rng.shuffle(noisy)
+    docs["domain_crawl_noisy"] = noisy
 
-    crawl = ([{"text": t, "source": "reuters"} for t, _ in reuters]
-             + [{"text": t, "source": "headline-digest"} for t in digests]
-             + [{"text": t, "source": "noise-news"} for t in noise_news]
-             + [{"text": t, "source": "noise-boilerplate"} for t in boiler])
-    rng.shuffle(crawl)
-
-    docs["general_train"] = [{"text": t} for t in general_train]
-    docs["general_eval"] = [{"text": t} for t in general_eval]
-    docs["domain_crawl"] = crawl
-    test = list(raw.reuters_test)
-    rng.shuffle(test)
-    docs["domain_eval"] = [{"text": _cut(t, sizes.max_doc_words)} for t, _ in test[: sizes.domain_eval_docs]]
+    # Tasks: ETS is given the inputs of every task's train split; task-input perplexity uses the test inputs
     lab = lambda t: weak_sentiment(t, raw.lexicon_pos, raw.lexicon_neg)  # noqa: E731
-    docs["task_unlabeled"] = [{"text": t} for t, _ in task_train]
-    docs["tasks/headline_sentiment/train"] = [{"text": t, "label": lab(t)} for t, _ in task_train]
-    docs["tasks/headline_sentiment/test"] = [{"text": t, "label": lab(t)} for t, _ in task_test]
-    # Grain task: few-shot pool from Reuters train articles *not* in the crawl, scored on the test split
-    # (the domain eval set uses the same test articles for perplexity: a held-out split, never trained on).
-    in_crawl = {t for t, _ in reuters}
-    pool = [(t, y) for t, y in raw.reuters_train if _cut(t, sizes.max_doc_words) not in in_crawl]
-    if len(pool) < 16:  # the whole train split is in the crawl: take shots from the test split's tail
-        pool = test[max(sizes.grain_test_docs, sizes.domain_eval_docs or len(test)):]
     yn = lambda y: "grain" if y else "other"  # noqa: E731
-    docs["tasks/reuters_grain/train"] = [{"text": _lead(t), "label": yn(y)} for t, y in pool[:200]]
-    docs["tasks/reuters_grain/test"] = [{"text": _lead(t), "label": yn(y)} for t, y in test[: sizes.grain_test_docs]]
+    docs["tasks/headline_sentiment/train"] = [{"text": t, "label": lab(t)} for t, _ in sent_train]
+    docs["tasks/headline_sentiment/test"] = [{"text": t, "label": lab(t)} for t, _ in sent_test]
+    docs["tasks/reuters_grain/train"] = [{"text": _lead(t), "label": yn(y)} for t, y in grain_pool]
+    docs["tasks/reuters_grain/test"] = [{"text": _lead(t), "label": yn(y)} for t, y in grain_test]
+    docs["task_unlabeled"] = [{"text": d["text"]} for k in ("tasks/headline_sentiment/train", "tasks/reuters_grain/train")
+                              for d in docs[k]]
+    docs["task_inputs_eval"] = [{"text": d["text"]} for k in ("tasks/headline_sentiment/test", "tasks/reuters_grain/test")
+                                for d in docs[k]]
 
     for name in FILES:
         with atomic_path(out_dir / f"{name}.jsonl") as tmp, open(tmp, "w", encoding="utf-8") as f:
@@ -175,8 +194,9 @@ def build_corpora(raw: RawCorpora, out_dir: Path, sizes: CorpusSizes, seed: int)
         "files": {name: {"docs": len(docs[name]), "words": sum(len(d["text"].split()) for d in docs[name])}
                   for name in FILES},
         "domain_crawl_sources": dict(sorted(Counter(d["source"] for d in crawl).items())),
-        "task_label_counts": dict(sorted(Counter(d["label"] for d in docs["tasks/headline_sentiment/test"]).items())),
-        "grain_label_counts": dict(sorted(Counter(d["label"] for d in docs["tasks/reuters_grain/test"]).items())),
+        "domain_crawl_noisy_sources": dict(sorted(Counter(d["source"] for d in noisy).items())),
+        "task_label_counts": {task: dict(sorted(Counter(d["label"] for d in docs[f"tasks/{task}/test"]).items()))
+                              for task in TASKS},
         "weak_labels": "headline_sentiment labels come from the Loughran-McDonald lexicon (weak, not human); "
                        "reuters_grain labels are Reuters-21578's own topic labels"
                        + (" on synthetic text" if raw.origin == "synthetic" else ""),
