@@ -31,10 +31,12 @@ def fmt_interval(iv: dict, metric: str) -> str:
 
 
 def fmt_difference(d: dict, metric: str) -> str:
-    if metric in PPL:   # NLL difference (positive: the arm is better) -> relative perplexity change
-        rel = lambda x: f"{100 * (math.exp(x) - 1):+.1f}%"  # noqa: E731
-        core = rel(d["mean"])
-        return core if not math.isfinite(d["lo"]) else f"{core} [{rel(d['lo'])}, {rel(d['hi'])}] lower ppl"
+    """A difference oriented so that + favours the arm; perplexity NLL differences d shown as the ratio
+    ppl(arm) / ppl(reference) = exp(−d) (below 1: the arm is better)."""
+    if metric.split(":")[0] in PPL:
+        r = lambda x: f"{math.exp(-x):.3f}"  # noqa: E731
+        core = f"×{r(d['mean'])}"
+        return core if not math.isfinite(d["lo"]) else f"{core} [{r(d['hi'])}, {r(d['lo'])}]"
     core = f"{d['mean']:+.3f}"
     return core if not math.isfinite(d["lo"]) else f"{core} [{d['lo']:+.3f}, {d['hi']:+.3f}]"
 
@@ -78,12 +80,12 @@ def _claims_section(doc: MarkdownDoc, res: StudyResults, group: str) -> None:
     if not claims:
         return
     rows = [[c.claim, c.arm, c.reference, c.metric, fmt_difference(c.difference, c.metric),
-             f"{'≥ −' if c.kind == 'at_least' else '> 0; refuted below +'}"
-             f"{100 * (math.exp(c.margin) - 1):.0f}% ppl" if c.metric in PPL else
+             (f"ratio ≤ {math.exp(c.margin):.2f}" if c.kind == "at_least" else
+              f"ratio < 1; refuted above {math.exp(-c.margin):.2f}") if c.metric in PPL else
              f"{'≥ −' if c.kind == 'at_least' else '> 0; refuted below +'}{c.margin:g}",
              _verdict_word(c.verdict)] for c in claims]
-    doc.table(["claim", "arm", "vs", "metric", "difference (mean [95% CI], + favours the claim)", "rule",
-               "verdict"], rows, align="lllllll")
+    doc.table(["claim", "arm", "vs", "metric", "difference: ppl ratio arm/vs, or macro-F1 arm − vs (mean [95% CI])",
+               "rule", "verdict"], rows, align="lllllll")
     summary = {}
     for c in claims:
         summary.setdefault((c.claim, c.metric), []).append(c)
@@ -97,16 +99,18 @@ def _regime_text(res: StudyResults) -> str:
     if "difference_nll" not in r:
         return "Regime: no random-budget curve was run."
     d, f = r["difference_nll"], r["from_fraction"]
-    gain = fmt_difference(d, "domain")
+    # d = NLL(random f) − NLL(full): shown as the perplexity ratio full / random-f
+    gain = "×" + f"{math.exp(-d['mean']):.3f}" + (f" [{math.exp(-d['hi']):.3f}, {math.exp(-d['lo']):.3f}]"
+                                                 if math.isfinite(d["lo"]) else "")
     if r["status"] == "starved":
-        return (f"**Not in the paper's regime.** Going from a random {100 * f:.0f}% to the whole crawl still changes "
+        return (f"**Not in the paper's regime.** Going from a random {100 * f:.0f}% to the whole crawl still multiplies "
                 f"domain perplexity by {gain} (more than the {100 * (math.exp(r['margin']) - 1):.0f}% margin, for sure): "
                 "the toy is token-starved, so fewer tokens lose to more tokens whatever their quality, unlike the "
                 "paper's setting. The selection verdicts below are reported but answer a different question.")
     if r["status"] == "flat":
         return (f"In the paper's regime: from a random {100 * f:.0f}% to the whole crawl, domain perplexity changes "
-                f"by {gain}, within the {100 * (math.exp(r['margin']) - 1):.0f}% margin (the curve has flattened).")
-    return (f"Regime unclear: from a random {100 * f:.0f}% to the whole crawl, domain perplexity changes by {gain}; "
+                f"by a factor {gain}, within the {100 * (math.exp(r['margin']) - 1):.0f}% margin (the curve has flattened).")
+    return (f"Regime unclear: from a random {100 * f:.0f}% to the whole crawl, domain perplexity changes by a factor {gain}; "
             "the interval straddles the margin.")
 
 
@@ -177,8 +181,8 @@ def write_report(res: StudyResults, out_dir: Path) -> tuple[Path, Path]:
     baselines = chance_and_majority(out_dir) if (out_dir / "corpora/tasks").exists() else {}
     doc = MarkdownDoc(res.title)
     doc.p(f"Date: {res.date}  ·  corpus: **{res.origin}**  ·  seeds: {', '.join(map(str, res.settings['seeds']))}"
-          f"  ·  wall {res.wall_s / 60:.1f} min, CPU {sum(s.get('cpu_s') or 0 for s in res.stages) / 60:.1f} min, "
-          f"peak RSS {res.peak_rss_mb:.0f} MB (all processes)")
+          f"  ·  this invocation: wall {res.wall_s / 60:.1f} min, peak RSS {res.peak_rss_mb:.0f} MB (all processes)"
+          f"  ·  stages when they ran: CPU {sum(s.get('cpu_s') or 0 for s in res.stages) / 60:.1f} min")
     if res.origin == "synthetic":
         doc.p("These numbers come from *synthetic* template text: they exercise the pipeline and say nothing "
               "about the paper's claim.")

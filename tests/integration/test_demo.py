@@ -1,27 +1,30 @@
-"""`megacpt demo --quick` end to end: every public command in one pipeline, then resume and repair.
+"""`megacpt demo --quick` end to end: every public command in one study, then resume, repair and re-run.
 
-One quick synthetic run is shared by the checks (module fixture); the real-corpus parts need the
-package registries and skip offline.
+One quick synthetic run is shared by the checks (module fixture, its own base-model cache); the
+real-corpus run needs the package registries and is marked slow.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from megacpt.demo.pipeline import STRATEGIES
-
 pytestmark = pytest.mark.integration
-TIMEOUT = 900
+TIMEOUT = 1200
+METRICS = ("domain", "general", "task_inputs", "probe", "calibrated", "probe:headline_sentiment",
+           "probe:reuters_grain", "calibrated:headline_sentiment", "calibrated:reuters_grain")
+QUICK_ARMS = ["base", "full", "random-10", "random-50", "ets-hard", "ets-soft", "eta-ppl-hard", "eta-ppl-soft",
+              "noisy-full", "noisy-random-10", "noisy-ets-hard", "noisy-eta-ppl-hard"]
 
 
-def _demo(workdir: Path, *extra: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+def _demo(workdir: Path, cache: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MEGACPT_CACHE": str(cache)}
     r = subprocess.run([sys.executable, "-m", "megacpt", "demo", "--quick", "--synthetic", "--workdir", str(workdir),
                         *extra], capture_output=True, text=True, timeout=TIMEOUT, env=env)
     assert r.returncode == 0, f"demo failed (rc {r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
@@ -29,99 +32,132 @@ def _demo(workdir: Path, *extra: str) -> subprocess.CompletedProcess:
 
 
 def by_name(rep: dict, name: str) -> dict:
-    return next(r for r in rep["runs"] if r["name"] == name)
+    return next(r for r in rep["arms"] if r["name"] == name)
 
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
-    wd = tmp_path_factory.mktemp("demo")
-    first = _demo(wd)
-    return wd, first
+    wd, cache = tmp_path_factory.mktemp("demo"), tmp_path_factory.mktemp("cache")
+    first = _demo(wd, cache)
+    return wd, cache, first
 
 
-def test_report_has_every_strategy_with_finite_numbers(demo_run):
-    wd, first = demo_run
-    md = (wd / "report.md").read_text()
+def test_report_json_has_every_arm_with_per_seed_values(demo_run):
+    wd, _, first = demo_run
     rep = json.loads((wd / "report.json").read_text())
-    names = [r["name"] for r in rep["runs"]]
-    assert names == ["base", *STRATEGIES]
-    for name in names:
+    names = [a["name"] for a in rep["arms"]]
+    best = rep["best_strategy"]["best"]
+    assert best in ("ets-hard", "ets-soft", "eta-ppl-hard", "eta-ppl-soft")
+    assert names == QUICK_ARMS + [f"matched-{best}", "matched-random-10"]
+    for a in rep["arms"]:
+        n = 1 if a["name"] == "base" else 2                     # --quick: 2 seeds per arm
+        assert len(a["seeds"]) == n and len(a["tokens_trained"]) == n
+        for m in METRICS:
+            vals, iv = a["per_seed"][m], a["intervals"][m]
+            assert len(vals) == n and all(math.isfinite(v) for v in vals), (a["name"], m)
+            assert iv["mean"] == pytest.approx(sum(vals) / n)
+            if n > 1:
+                assert iv["lo"] <= iv["mean"] <= iv["hi"], (a["name"], m)
+        if a["name"] != "base":
+            assert all(t > 0 for t in a["tokens_trained"]) and len(a["selected_docs"]) == n
+    # the claims: every selection arm against full and random, each CPT arm against the base, with a verdict
+    claims = rep["claims"]
+    assert {c["verdict"] for c in claims} <= {"holds", "refuted", "inconclusive"}
+    main = [c for c in claims if c["group"] == "main"]
+    for arm in ("ets-hard", "ets-soft", "eta-ppl-hard", "eta-ppl-soft"):
+        for claim, ref in (("10% selection >= full DACP", "full"), ("selection > random", "random-10")):
+            got = [c for c in main if c["arm"] == arm and c["claim"] == claim]
+            assert {c["metric"] for c in got} == {"probe", "domain"} and all(c["reference"] == ref for c in got)
+    assert {c["arm"] for c in main if c["claim"] == "no general-domain degradation"} == set(QUICK_ARMS[1:8])
+    assert any(c["group"] == "ablation" for c in claims)
+    assert rep["regime"]["status"] in ("starved", "flat", "inconclusive")
+    assert rep["base_curve"]["general"] and rep["base_curve"]["plateau"] is not None
+    assert set(rep["task_baselines"]) == {"headline_sentiment", "reuters_grain"}
+    # costs: every stage with wall and CPU seconds; the whole run's peak RSS
+    assert all(s["wall_s"] is not None and s["cpu_s"] is not None for s in rep["stages"])
+    assert 0 < rep["peak_rss_mb"] < 2048
+    assert "ETA" in first.stdout and "demo finished" in first.stdout
+
+
+def test_report_files(demo_run):
+    wd, _, _ = demo_run
+    md = (wd / "report.md").read_text()
+    for section in ("## Verdicts (main experiment: in-domain crawl)", "## Results (mean [95% CI] over seeds)",
+                    "## Tasks", "## Compute-matched arms", "## Ablation: the noisy crawl", "## Base model",
+                    "## Cost of each stage", "synthetic"):
+        assert section in md, section
+    for name in QUICK_ARMS:
         assert f"| {name} |" in md
-    for r in rep["runs"]:
-        for k in ("domain_ppl", "general_ppl", "task_score"):
-            assert math.isfinite(r[k]), (r["name"], k)
-        assert r["domain_ppl"] > 1.0 and r["general_ppl"] > 1.0
-        assert 0.0 <= r["task_score"] <= 1.0
-    assert rep["verdict"] and "synthetic" in rep["verdict"][-1]
-    assert (wd / "report.html").exists() and (wd / "plots" / "results.png").stat().st_size > 0
-    assert (wd / "plots" / "loss_curves.png").exists()
-    assert rep["selection_plots"] and all((wd / p).exists() for p in rep["selection_plots"])
-    for p in rep["selection_plots"]:   # `megacpt report selection`'s plots are linked, not redrawn
-        assert f"]({p})" in md
-    assert sum(rep["selection_sources"]["(whole crawl)"].values()) == by_name(rep, "full")["selected_docs"]
-    for st in STRATEGIES[:-1]:
-        assert sum(rep["selection_sources"][st].values()) == by_name(rep, st)["selected_docs"]
-    assert "peak RSS" in first.stdout and "demo finished" in first.stdout
-    for st in STRATEGIES:  # CPT really learned the domain: every CPT run beats the base on domain text
-        r = next(x for x in rep["runs"] if x["name"] == st)
-        assert r["domain_ppl"] < rep["runs"][0]["domain_ppl"], st
+    assert "majority class" in md and "chance" in md
+    html = (wd / "report.html").read_text()
+    assert html.startswith("<!doctype html>") and "<table>" in html
+    for png in ("base_curve.png", "random_curve_main.png", "random_curve_ablation.png"):
+        assert (wd / "plots" / png).stat().st_size > 1000 and f"](plots/{png})" in md
+    sel = (wd / "selection-report" / "report.md").read_text()
+    assert "## Hard, soft and random sampling per strategy" in sel
 
 
-def test_tokens_trained_match_selections_and_schedule(demo_run):
+def test_selections_and_schedules(demo_run):
     from megacpt.data.indexed import IndexedDataset
 
-    wd, _ = demo_run
+    wd, _, _ = demo_run
     rep = json.loads((wd / "report.json").read_text())
-    import yaml
-
     crawl = IndexedDataset(wd / "data" / "domain_crawl_text_document")
-    by = {r["name"]: r for r in rep["runs"]}
-    for st in STRATEGIES:
-        cfg = yaml.safe_load((wd / "configs" / f"cpt-{st}.yaml").read_text())
-        seq, gbs, iters = cfg["data"]["seq_length"], cfg["train"]["global_batch_size"], cfg["train"]["train_iters"]
-        ds = IndexedDataset(wd / ("data/domain_crawl_text_document" if st == "full" else f"selections/{st}/selected"))
-        r = by[st]
-        assert r["selected_tokens"] == ds.num_tokens and r["selected_docs"] == ds.num_documents
-        # the trainer consumed exactly the configured iterations, which cover the dataset `cpt_epochs` times
-        assert r["tokens_trained"] == iters * gbs * seq
-        assert iters == math.ceil(1.0 * ds.num_tokens / (gbs * seq))  # quick: 1 epoch
-        if st != "full":
-            manifest = json.loads((wd / "selections" / st / "selected.manifest.json").read_text())
-            assert ds.num_tokens <= 0.1 * crawl.num_tokens + int(crawl.document_lengths().max())
-            assert ds.num_tokens >= 0.1 * crawl.num_tokens - int(crawl.document_lengths().max())
-            assert manifest["strategy"] == st
-    # full corpus: ~10x the tokens of a 10% selection, same schedule
-    assert by["full"]["tokens_trained"] >= 5 * by["random"]["tokens_trained"]
+    longest = int(crawl.document_lengths().max())
+    for arm, frac in (("random-10", 0.1), ("random-50", 0.5), ("ets-hard", 0.1), ("eta-ppl-soft", 0.1)):
+        for tokens in by_name(rep, arm)["selected_tokens"]:
+            assert abs(tokens - frac * crawl.num_tokens) <= longest, arm
+    # hard selections are the same for every seed, soft and random ones differ between seeds
+    assert len(set(by_name(rep, "ets-hard")["selected_tokens"])) == 1
+    soft = [json.loads(p.read_text())["selected_doc_ids"] for p in sorted((wd / "selections/ets-soft").glob("s*/*.manifest.json"))]
+    assert len(soft) == 2 and soft[0] != soft[1]
+    manifest = json.loads(next((wd / "selections/ets-soft").glob("s*/*.manifest.json")).read_text())
+    assert manifest["soft_weighting"] == "exp" and manifest["temperature"] == 0.1
+    full, matched = by_name(rep, "full"), by_name(rep, "matched-random-10")
+    assert matched["train_iters"] == full["train_iters"]          # compute-matched: as many steps as full
+    assert by_name(rep, "random-10")["train_iters"][0] < full["train_iters"][0] / 5
 
 
 def test_rerun_skips_and_corruption_is_redone(demo_run):
-    wd, _ = demo_run
+    wd, cache, _ = demo_run
     before = json.loads((wd / "report.json").read_text())
-    again = _demo(wd)
+    again = _demo(wd, cache)
     lines = [x for x in again.stdout.splitlines() if x.startswith("[")]
     assert lines and all("skipped (up to date" in x for x in lines), again.stdout
     # corrupt one byte of a selection: that stage is detected and redone; the identical result keeps the rest
-    target = wd / "selections" / "random" / "selected.bin"
+    target = next((wd / "selections" / "random-10").glob("s*/selected.bin"))
     data = bytearray(target.read_bytes())
     data[0] ^= 0xFF
     target.write_bytes(bytes(data))
-    fixed = _demo(wd)
+    fixed = _demo(wd, cache)
     redo = [x for x in fixed.stdout.splitlines() if "running (" in x]
-    assert len(redo) == 1 and "select-random" in redo[0] and "corrupted" in redo[0], fixed.stdout
-    # an interrupted/lost training run is redone from the base; same seed -> the same numbers (deterministic)
-    import shutil
-
-    shutil.rmtree(wd / "runs" / "cpt-random")
-    retrained = _demo(wd)
-    redo = [x for x in retrained.stdout.splitlines() if "running (" in x]
-    assert [x.split("]", 1)[1].split()[0] for x in redo] == ["cpt-random", "eval-cpt-random"], retrained.stdout
+    assert len(redo) == 1 and "select-random-10" in redo[0] and "corrupted" in redo[0], fixed.stdout
+    # a lost training run is redone from the base; same seed -> the same numbers (deterministic)
+    shutil.rmtree(wd / "runs" / "random-50" / "s1234")
+    retrained = _demo(wd, cache)
+    redo = [x.split("]", 1)[1].split()[0] for x in retrained.stdout.splitlines() if "running (" in x]
+    assert redo == ["cpt-random-50-s1234", "eval-random-50-s1234"], retrained.stdout
     after = json.loads((wd / "report.json").read_text())
-    key = lambda rep: [(r["name"], r["tokens_trained"], r["domain_ppl"], r["general_ppl"], r["task_score"])  # noqa
-                       for r in rep["runs"]]
-    assert key(after) == key(before)
+    assert [(a["name"], a["per_seed"]) for a in after["arms"]] == [(a["name"], a["per_seed"]) for a in before["arms"]]
 
 
-@pytest.mark.integration  # ~50 s on 2 idle cores; skipped where no package registry answers
+def test_child_processes_and_cached_base_reproduce_the_numbers(demo_run, tmp_path):
+    """A fresh work dir, every command a child process, one seed, baselines only: the base comes from the
+    content-hash cache, and the same seed gives the same numbers as the first run."""
+    wd, cache, _ = demo_run
+    r = _demo(tmp_path, cache, "--child-processes", "--strategies", "random,full", "--no-ablation", "--seeds", "1")
+    assert "cpt-ets-hard" not in r.stdout
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert "from_cache" in manifest["stages"]["pretrain-base"]["info"]
+    fresh, first = json.loads((tmp_path / "report.json").read_text()), json.loads((wd / "report.json").read_text())
+    assert [a["name"] for a in fresh["arms"]] == ["base", "full", "random-10", "random-50", "matched-random-10"]
+    for a in fresh["arms"]:
+        ref = by_name(first, a["name"])
+        for m in METRICS:
+            assert a["per_seed"][m][0] == pytest.approx(ref["per_seed"][m][0], rel=1e-9, abs=1e-12), (a["name"], m)
+
+
+@pytest.mark.slow  # several minutes on 2 cores; skipped where no package registry answers
 def test_quick_demo_on_real_corpora(tmp_path):
     from megacpt.demo.corpora.sources import RegistryUnreachable, fetch_all
 
@@ -129,25 +165,9 @@ def test_quick_demo_on_real_corpora(tmp_path):
         fetch_all()
     except RegistryUnreachable as e:
         pytest.skip(f"package registries unreachable: {e}")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "megacpt", "demo", "--quick", "--workdir", str(tmp_path)],
-                       capture_output=True, text=True, timeout=TIMEOUT, env=env)
+                       capture_output=True, text=True, timeout=TIMEOUT)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rep = json.loads((tmp_path / "report.json").read_text())
-    assert rep["origin"] == "real" and [x["name"] for x in rep["runs"]] == ["base", *STRATEGIES]
-    assert all(math.isfinite(x["domain_ppl"]) and math.isfinite(x["task_score"]) for x in rep["runs"])
-
-
-def test_child_process_mode_reproduces_the_numbers(demo_run, tmp_path):
-    """A fresh work dir, every command a child process, a subset of strategies: the same seed gives the
-    same numbers as the in-process run (determinism from scratch, independent of how commands run)."""
-    wd, _ = demo_run
-    r = _demo(tmp_path, "--child-processes", "--strategies", "random,full")
-    assert "select-random" in r.stdout and "cpt-ets" not in r.stdout
-    fresh = json.loads((tmp_path / "report.json").read_text())
-    first = json.loads((wd / "report.json").read_text())
-    assert [x["name"] for x in fresh["runs"]] == ["base", "random", "full"]
-    for run in fresh["runs"]:
-        ref = by_name(first, run["name"])
-        for k in ("tokens_trained", "selected_docs", "domain_ppl", "general_ppl", "task_score"):
-            assert run[k] == ref[k], (run["name"], k)
+    assert rep["origin"] == "real" and [a["name"] for a in rep["arms"]][:len(QUICK_ARMS)] == QUICK_ARMS
+    assert all(math.isfinite(v) for a in rep["arms"] for v in a["per_seed"]["domain"])

@@ -106,6 +106,12 @@ def _lead(article: str, n_words: int = 60) -> str:
     return _cut(" ".join(article.split()), n_words)
 
 
+def _unique(records: list[tuple]) -> list[tuple]:
+    """First record of each distinct text (a text in two splits would leak held-out data into training)."""
+    seen: set[str] = set()
+    return [r for r in records if not (r[0] in seen or seen.add(r[0]))]
+
+
 def _digests(by_day: dict[str, list[str]], days: list[str]) -> list[str]:
     return [f"Business headlines, {d}.\n" + "\n".join(sorted(by_day[d])) for d in sorted(days)]
 
@@ -118,18 +124,23 @@ def build_corpora(raw: RawCorpora, out_dir: Path, sizes: CorpusSizes, seed: int)
     cut = lambda t: _cut(t, sizes.max_doc_words)  # noqa: E731
 
     # Reuters: the grain task's train pool, then the crawl, from ModApte train; held-out sets from ModApte test
-    train = [(cut(t), y) for t, y in raw.reuters_train]
+    train = _unique([(cut(t), y) for t, y in raw.reuters_train])
     rng.shuffle(train)
     grain_pool, crawl_reuters = train[: sizes.grain_train_docs], train[sizes.grain_train_docs:]
     crawl_reuters = crawl_reuters[: sizes.domain_reuters_docs]
-    test = [(cut(t), y) for t, y in raw.reuters_test]
+    seen = {t for t, _ in train}
+    test = [(t, y) for t, y in _unique([(cut(t), y) for t, y in raw.reuters_test]) if t not in seen]
     rng.shuffle(test)
+    pool_leads = {_lead(t) for t, _ in grain_pool}
+    grain_test = [(t, y) for t, y in test if _lead(t) not in pool_leads][: sizes.grain_test_docs]
+    in_grain = {t for t, _ in grain_test}
+    test = grain_test + [(t, y) for t, y in test if t not in in_grain]
     grain_test, rest = test[: sizes.grain_test_docs], test[sizes.grain_test_docs:]
     val_reuters, eval_reuters = rest[: sizes.domain_val_reuters], rest[sizes.domain_val_reuters:]
     eval_reuters = eval_reuters[: sizes.domain_eval_reuters]
 
     # Headlines: the sentiment task's splits first, the rest become daily digests (crawl / val / eval days)
-    heads = list(raw.headlines)
+    heads = _unique(raw.headlines)
     rng.shuffle(heads)
     n_tr, n_te = sizes.sentiment_train_docs, sizes.sentiment_test_docs
     sent_train, sent_test = heads[:n_tr], heads[n_tr:n_tr + n_te]
