@@ -96,7 +96,7 @@ def run_probe(lm, cfg: ProbeConfig, log=print) -> dict:
         if spec.kind != "classification":
             raise UserError(f"task {name}: the probe handles classification tasks, not {spec.kind}")
         t0 = time.perf_counter()
-        train, test = load_task_data(spec, cfg.data_dir, shots=1)
+        train, test, _ = load_task_data(spec, cfg.data_dir, shots=1)
         gold = [e.label for e in test]
         pred = fit_predict(features(lm, [e.text for e in train], cfg.max_tokens), [e.label for e in train],
                            features(lm, [e.text for e in test], cfg.max_tokens), cfg.C, cfg.seed)
