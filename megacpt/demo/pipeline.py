@@ -80,7 +80,7 @@ class DemoSettings:
     seq_length: int = 256
     micro_batch_size: int = 16
     global_batch_size: int = 16
-    base_epochs: float = 4.0        # passes over general_train: the held-out loss plateaus (report: the curve)
+    base_epochs: float = 3.0        # passes over general_train (the report shows the held-out curve and plateau check)
     base_lr: float = 3e-3
     base_eval_points: int = 20      # held-out losses logged along the base's training
     cpt_epochs: float = 1.0         # passes over each CPT dataset (full: the whole crawl)

@@ -17,8 +17,8 @@ Where commands run (``CommandRunner``), each writing to ``WORKDIR/logs/STAGE.log
   (memory freed when it exits; used for the scorers that load spaCy and a sentence-embedding model).
 
 Cost accounting: a stage's CPU seconds are its commands' (user + system, from the worker or from
-``wait4``) plus what its own thread spent; the peak RSS of the whole process tree (this process, the
-workers and their children, summed) is sampled every 0.2 s. The ETA divides the predicted CPU cost of
+``wait4``) plus what its own thread spent; the peak memory of the whole process tree (this process, the
+workers and their children; shared libraries counted once: RSSMonitor) is sampled every 0.5 s. The ETA divides the predicted CPU cost of
 the remaining stages (``Stage.cost``) by the number of jobs, after rescaling it by the wall/predicted
 ratio of the finished stages (so the ETA follows the machine's speed and load).
 """
@@ -230,9 +230,15 @@ _STREAM = _SwitchStream()
 
 
 class RSSMonitor:
-    """Peak of the summed RSS of this process and all its descendants, sampled in a thread."""
+    """Peak memory of this process and all its descendants together, sampled in a thread.
 
-    def __init__(self, every_s: float = 0.2):
+    Footprint = the sum of each process's unique pages (USS) + the largest shared part (RSS − USS) of any
+    one of them: the libraries every worker maps (torch, numpy) are counted once, as they occupy memory
+    once, whatever else runs on the machine. Where USS is not available (not Linux): the sum of RSS,
+    which counts shared pages once per process (an upper bound).
+    """
+
+    def __init__(self, every_s: float = 0.5):
         self.every_s, self.peak_bytes = every_s, 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
@@ -249,10 +255,21 @@ class RSSMonitor:
         import psutil
 
         me = psutil.Process()
-        total = 0
+        unique, shared, rss_sum = 0, 0, 0
         for p in [me, *me.children(recursive=True)]:
             with contextlib.suppress(psutil.Error):
-                total += p.memory_info().rss
+                rss = p.memory_info().rss
+                rss_sum += rss
+                try:
+                    uss = p.memory_full_info().uss
+                except (psutil.AccessDenied, AttributeError):
+                    uss = None
+                if uss is None:
+                    unique = None
+                elif unique is not None:
+                    unique += uss
+                    shared = max(shared, rss - uss)
+        total = rss_sum if unique is None else unique + shared
         self.peak_bytes = max(self.peak_bytes, total)
         return total
 

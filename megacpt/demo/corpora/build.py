@@ -39,7 +39,7 @@ class CorpusSizes:
     """How much of each source the demo uses (None = all). ``quick`` keeps CI under 3 minutes."""
 
     general_train_docs: int | None = None
-    general_eval_docs: int = 150
+    general_eval_docs: int = 100
     max_doc_words: int = 400               # long articles are cut at a sentence boundary near this
     domain_reuters_docs: int | None = None  # of the ModApte train split left after the grain task's train pool
     eval_digest_share: float = 0.12        # of the headline days: digests of domain_eval
