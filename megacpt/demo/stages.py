@@ -79,10 +79,14 @@ def _run_here(workdir: str, args: list[str], log_path: str) -> tuple[int, float,
     Returns (exit code, CPU seconds of this process during the command, peak RSS in kB so far).
     Only one command at a time per process (it changes the working directory).
     """
+    import signal
+
     from megacpt.cli import main
 
     root, cwd = logging.getLogger(), os.getcwd()
     saved = root.handlers[:]
+    # a command may install its own handlers (train: SIGTERM -> checkpoint and stop); they end with it
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     c0 = _self_cpu_s()
     Path(log_path).parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a", encoding="utf-8") as log, _STREAM.to(log), \
@@ -102,14 +106,31 @@ def _run_here(workdir: str, args: list[str], log_path: str) -> tuple[int, float,
             for h in root.handlers[:]:
                 root.removeHandler(h)
             root.handlers[:] = saved
+            for s, h in handlers.items():
+                if h is not None and threading.current_thread() is threading.main_thread():
+                    signal.signal(s, h)
     return rc, _self_cpu_s() - c0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def _worker_init(env: dict, threads: int) -> None:
     os.environ.update(env)
+    _die_with_parent()
     import torch
 
     torch.set_num_threads(threads)
+
+
+def _die_with_parent() -> None:
+    """End this worker (whatever it is running) once the demo process is gone (killed, crashed): a
+    watchdog thread polls the parent pid, so no worker is left behind holding memory."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="die-with-parent").start()
 
 
 def _self_cpu_s() -> float:

@@ -313,3 +313,37 @@ def test_empty_apt_lists_are_fetched_once_as_root(tmp_path, monkeypatch):
     with pytest.raises(sources.RegistryUnreachable):
         sources._download(sources.SOURCES["reuters-grain-train"], tmp_path)
     assert calls == [["apt-get", "download"]]
+
+
+def test_worker_exits_when_the_demo_process_dies(tmp_path):
+    """A pool worker busy in a command ends when the demo process is killed (no orphan holding memory)."""
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "pool.py"
+    script.write_text(
+        "import multiprocessing, os, time\n"
+        "from concurrent.futures import ProcessPoolExecutor\n"
+        "from megacpt.demo.stages import _worker_init\n"
+        "if __name__ == '__main__':\n"
+        "    ex = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context('spawn'), initializer=_worker_init,\n"
+        "                             initargs=({}, 1))\n"
+        "    print(ex.submit(os.getpid).result(), flush=True)\n"
+        "    ex.submit(time.sleep, 60)\n"
+        "    time.sleep(60)\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    p = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env)
+    worker = int(p.stdout.readline())
+    time.sleep(0.5)
+    p.kill()
+    p.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    os.kill(worker, 9)
+    pytest.fail(f"worker {worker} outlived the demo process")
