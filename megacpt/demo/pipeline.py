@@ -578,7 +578,7 @@ class StudyPlan:
 
 def heldout_nll(workdir: Path, arm: str, seed: int | None, name: str) -> float:
     """Token-weighted NLL (nats/token) of a model on one held-out set, from its per-document scores."""
-    from megacpt.selection.scores import read_scores
+    from megacpt.score.files import read_scores
 
     cols = read_scores(workdir / eval_dir(arm, seed) / f"{name}.parquet").columns
     return float(cols["nll_sum"].sum() / max(int(cols["n_pred"].sum()), 1))

@@ -80,7 +80,7 @@ def macro_f1_idx(gold: np.ndarray, pred: np.ndarray, k: int) -> float:
 
 
 def load_model_eval(workdir: Path, arm: str, seed: int | None, seq_length: int) -> ModelEval:
-    from megacpt.selection.scores import read_scores
+    from megacpt.score.files import read_scores
 
     d = workdir / eval_dir(arm, seed)
     nll = {}
