@@ -5,7 +5,8 @@ import argparse
 import os
 from pathlib import Path
 
-from megacpt.demo.pipeline import STRATEGIES, DemoSettings, run_demo
+from megacpt.demo.pipeline import STRATEGIES, DemoSettings
+from megacpt.demo.run import run_demo
 from megacpt.io import check_writable_dir
 
 

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from megacpt.demo.corpora.build import TASKS, CorpusSizes
-from megacpt.demo.stages import Stage, StageContext, StageRunner
+from megacpt.demo.stages import Stage, StageContext
 from megacpt.errors import UserError
 from megacpt.io import atomic_path, sha256_file
 
@@ -586,32 +586,3 @@ def heldout_nll(workdir: Path, arm: str, seed: int | None, name: str) -> float:
 
 def build_stages(s: DemoSettings, workdir: Path) -> list[Stage]:
     return StudyPlan(s, workdir).build()
-
-
-def run_demo(workdir: Path, s: DemoSettings, force: bool = False, echo=print) -> Path:
-    """Run (or resume) every stage, then write the report; returns ``workdir``/report.md."""
-    from megacpt.demo.results import collect_results
-    from megacpt.demo.report import write_report
-
-    workdir.mkdir(parents=True, exist_ok=True)
-    n = str(s.threads)
-    env = {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1", "PYTHONHASHSEED": str(s.seed)}
-    if s.in_process:
-        os.environ.update(env)
-        import torch
-
-        torch.set_num_threads(s.threads)
-    runner = StageRunner(workdir, force=force, env=env, echo=echo, in_process=s.in_process, jobs=s.jobs,
-                         threads=s.threads)
-    t0 = time.perf_counter()
-    summary = runner.run(build_stages(s, workdir))
-    wall = time.perf_counter() - t0
-    res = collect_results(workdir, s, summary, wall_s=wall, peak_rss_mb=runner.peak_rss_mb)
-    md, _ = write_report(res, workdir)
-    ran = [x for x in summary if not x["skipped"]]
-    echo(f"demo finished in {wall:.1f}s ({len(ran)} stages ran, CPU {sum(x.get('cpu_s') or 0 for x in ran):.0f}s; "
-         f"{len(summary) - len(ran)} skipped); peak RSS {runner.peak_rss_mb:.0f} MB (all processes); report: {md}")
-    for line in res.summary_lines():
-        echo("  " + line)
-    return md

@@ -129,19 +129,13 @@ def _interval_of(evals: list[ModelEval], metric: str, n_boot: int, seed: int) ->
 
 
 def _test_var(a: list[ModelEval], b: list[ModelEval | None], metric: str, n_boot: int, seed: int) -> float:
-    """Test-set variance of mean_s (metric(a_s) − metric(b_s)) (b None: of mean_s metric(a_s)).
-
-    The item sets are resampled once per bootstrap draw and used for every seed and both sides (paired);
-    a task mean resamples each task's test items independently."""
+    """Test-set variance of mean_s (metric(a_s) − metric(b_s)) (b None: of mean_s metric(a_s)); a task mean
+    resamples each task's test items independently (stats.bootstrap_test_var)."""
     sizes = a[0].n_items()
     keys = [metric] if metric in PPL_METRICS or ":" in metric else [f"{metric}:{t}" for t in TASKS]
-    rng = np.random.default_rng(seed)
-    vals = np.empty(n_boot)
-    for i in range(n_boot):
-        rows = {k: rng.integers(0, sizes[k], sizes[k]) for k in keys}
-        vals[i] = np.mean([x.value(metric, rows) - (y.value(metric, rows) if y is not None else 0.0)
-                           for x, y in zip(a, b)])
-    return float(vals.var(ddof=1)) if n_boot > 1 else 0.0
+    return bootstrap_test_var({k: sizes[k] for k in keys}, lambda rows: float(np.mean(
+        [x.value(metric, rows) - (y.value(metric, rows) if y is not None else 0.0) for x, y in zip(a, b)])),
+        n_boot, seed)
 
 
 @dataclass

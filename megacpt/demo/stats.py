@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from scipy import stats as _st
@@ -71,21 +71,19 @@ def paired_difference(a: Sequence[float], b: Sequence[float], test_var: float = 
     return t_interval(a - b, test_var)
 
 
-def bootstrap_test_var(per_item: Sequence[np.ndarray], statistic, n_boot: int = 400, seed: int = 0) -> float:
-    """Variance over test-item resamples of ``mean_s statistic(per_item[s][idx])``.
+def bootstrap_test_var(sizes: dict[str, int], statistic: Callable[[dict[str, np.ndarray]], float],
+                       n_boot: int = 400, seed: int = 0) -> float:
+    """Variance of ``statistic`` over resamples of the test items.
 
-    ``per_item[s]``: the per-test-item data of seed s (rows = the same test items for every seed, e.g. the
-    per-document (nll_sum, n_pred) difference of two models); ``statistic(rows) -> float``. The same
-    ``idx`` is used for every seed, so the variance is the test-set part of the seed mean's error.
+    ``sizes``: test set -> number of items; each draw resamples every set with replacement and passes
+    ``{set: item indices}`` to ``statistic`` (e.g. the mean over seeds of a metric difference between two
+    arms, each recomputed on those items), so one draw uses the same items for every seed and both arms
+    of a difference: the variance is the test-set part of the seed mean's error.
     """
-    n_items = len(per_item[0])
-    if n_items == 0 or n_boot <= 1:
+    if n_boot <= 1 or not sizes or min(sizes.values()) == 0:
         return 0.0
     rng = np.random.default_rng(seed)
-    vals = np.empty(n_boot)
-    for b in range(n_boot):
-        idx = rng.integers(0, n_items, n_items)
-        vals[b] = np.mean([statistic(x[idx]) for x in per_item])
+    vals = np.array([statistic({k: rng.integers(0, n, n) for k, n in sizes.items()}) for _ in range(n_boot)])
     return float(vals.var(ddof=1))
 
 

@@ -40,12 +40,16 @@ def test_test_set_variance_widens_the_interval():
 def test_bootstrap_test_var_against_direct_bootstrap():
     rng = np.random.default_rng(0)
     x = rng.normal(1.0, 2.0, size=200)
-    v = bootstrap_test_var([x], lambda r: float(r.mean()), n_boot=4000, seed=1)
+    v = bootstrap_test_var({"x": 200}, lambda rows: float(x[rows["x"]].mean()), n_boot=4000, seed=1)
     direct = np.var([x[rng.integers(0, 200, 200)].mean() for _ in range(4000)], ddof=1)
     assert v == pytest.approx(direct, rel=0.1) and v == pytest.approx(x.var() / 200, rel=0.1)
-    # the same resample for every seed: two identical seeds have the variance of one
-    assert bootstrap_test_var([x, x], lambda r: float(r.mean()), n_boot=500, seed=2) == \
-        pytest.approx(bootstrap_test_var([x], lambda r: float(r.mean()), n_boot=500, seed=2))
+    # paired: a difference of two arms on the same resampled items loses the items' common part
+    y = x + rng.normal(0, 0.1, size=200)
+    paired = bootstrap_test_var({"x": 200}, lambda r: float(x[r["x"]].mean() - y[r["x"]].mean()), 2000, 2)
+    assert paired == pytest.approx(np.var(x - y) / 200, rel=0.15) and paired < v / 100
+    # two sets are resampled independently: variances add
+    both = bootstrap_test_var({"x": 200, "z": 200}, lambda r: float(x[r["x"]].mean() + x[r["z"]].mean()), 4000, 3)
+    assert both == pytest.approx(2 * x.var() / 200, rel=0.12)
 
 
 def _iv(lo, hi):
