@@ -9,7 +9,7 @@ are removed and it runs again (so are the stages downstream, whose fingerprints 
 
 Where commands run (``CommandRunner``), each writing to ``WORKDIR/logs/STAGE.log``:
 
-- ``jobs == 1`` and in-process (the default for one job): ``megacpt.cli.main`` in this process;
+- ``jobs == 1`` and in-process (the default for one job): the command's package ``cli`` in this process;
 - ``jobs > 1``: ``jobs`` persistent worker processes (spawned once: one interpreter + torch start-up
   each), each running one command at a time in-process; stages whose dependencies are done run
   concurrently, up to ``jobs`` at once;
@@ -81,8 +81,6 @@ def _run_here(workdir: str, args: list[str], log_path: str) -> tuple[int, float,
     """
     import signal
 
-    from megacpt.cli import main
-
     root, cwd = logging.getLogger(), os.getcwd()
     saved = root.handlers[:]
     # a command may install its own handlers (train: SIGTERM -> checkpoint and stop); they end with it
@@ -95,7 +93,7 @@ def _run_here(workdir: str, args: list[str], log_path: str) -> tuple[int, float,
         root.handlers.clear()  # let the command's logging.basicConfig bind to this log
         os.chdir(workdir)
         try:
-            rc = main(args)
+            rc = _main(args)
         except SystemExit as e:  # argparse errors
             rc = e.code if isinstance(e.code, int) else 1
         except Exception:  # noqa: BLE001 - a command's crash becomes this stage's error, with the traceback logged
@@ -110,6 +108,40 @@ def _run_here(workdir: str, args: list[str], log_path: str) -> tuple[int, float,
                 if h is not None and threading.current_thread() is threading.main_thread():
                     signal.signal(s, h)
     return rc, _self_cpu_s() - c0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def _command(name: str):
+    """``(add_arguments, run)`` of a command the demo runs, from its package's ``cli.COMMANDS`` (packages
+    below the demo: the demo never goes back up through ``megacpt.cli``)."""
+    from megacpt.data import cli as data_cli
+    from megacpt.eval import cli as eval_cli
+    from megacpt.selection import cli as selection_cli
+    from megacpt.train import cli as train_cli
+
+    for module in (data_cli, selection_cli, train_cli, eval_cli):
+        if name in module.COMMANDS:
+            return module.COMMANDS[name]
+    return None
+
+
+def _main(args: list[str]) -> int:
+    """``megacpt ARGS`` as `megacpt.cli.main` runs it: parse, run, a UserError as one line and exit code 2."""
+    import argparse
+
+    name, rest = (args[0], args[1:]) if args else ("", [])
+    command = _command(name)
+    if command is None:
+        print(f"megacpt: error: invalid choice: {name!r} (not a command the demo runs)", file=sys.stderr)
+        return 2
+    add_arguments, run = command
+    parser = argparse.ArgumentParser(prog=f"megacpt {name}")
+    add_arguments(parser)
+    ns = parser.parse_args(rest)
+    try:
+        return int(run(ns) or 0)
+    except UserError as e:
+        print(f"megacpt {name}: error: {e}", file=sys.stderr)
+        return 2
 
 
 def _worker_init(env: dict, threads: int) -> None:

@@ -35,13 +35,7 @@ TIERS: list[tuple[str, set[str]]] = [
 
 # Violations known when this test was written, each owned by a pending rework; listed by exact edge so
 # that any NEW violation still fails. Remove an entry when its rework lands (the test then insists).
-KNOWN: set[tuple[str, str]] = {
-    # the demo runs each stage's public command line in-process through `megacpt.cli.main` (its child-process
-    # mode runs `python -m megacpt` instead): demo -> cli is upward and closes cli -> demo.cli -> demo.pipeline
-    # -> demo.stages -> cli. Owner: the demo rework (issue 16); the fix is for demo/stages.py to run a command
-    # through its package's cli module (megacpt.<pkg>.cli.COMMANDS[name]), which sit below the demo.
-    ("megacpt.demo.stages", "megacpt.cli"),
-}
+KNOWN: set[tuple[str, str]] = set()
 
 
 @dataclass(frozen=True)
