@@ -13,6 +13,7 @@ import sys
 
 from megacpt import __version__
 from megacpt.errors import UserError
+from megacpt.io import handle_signals, report_interrupt
 
 # name -> (package cli module, one-line help). Order is the order shown in `megacpt --help`.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -66,11 +67,15 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         _top_parser().parse_args([name])  # prints the choices and exits 2
     args = build_command_parser(name).parse_args(rest)
-    try:
-        return int(args._run(args) or 0)
-    except UserError as e:  # bad input or config: one clear line, no traceback
-        print(f"megacpt {name}: error: {e}", file=sys.stderr)
-        return 2
+    # SIGTERM/SIGINT/SIGHUP unwind the command (its temporaries removed) into one line and exit 128 + signal
+    with handle_signals():
+        try:
+            return int(args._run(args) or 0)
+        except UserError as e:  # bad input or config: one clear line, no traceback
+            print(f"megacpt {name}: error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt as e:  # megacpt.io.Interrupted: what was interrupted and how to go on
+            return report_interrupt(f"megacpt {name}", e)
 
 
 if __name__ == "__main__":
