@@ -110,9 +110,7 @@ def score_dataset(model, dataset_prefix: str, seq_length: int, out: str, cfg: Sc
     pp, pp_rank = getattr(model, "pp_size", 1), getattr(model, "pp_rank", 0)
     dp_size = world // (tp * pp)
     dp_rank, writes = (rank // tp) % dp_size, rank % tp == 0 and pp_rank == pp - 1
-    ds = IndexedDataset(dataset_prefix)
-    if ds.num_documents == 0:
-        raise UserError(f"{dataset_prefix}: the dataset has no documents")
+    ds = IndexedDataset(dataset_prefix).require_documents()
     outp = Path(out)
     shards_dir = Path(str(outp) + ".shards")
     if outp.exists():
@@ -132,12 +130,12 @@ def score_dataset(model, dataset_prefix: str, seq_length: int, out: str, cfg: Sc
         dist.barrier()
     writer = None
     try:
-        if rank == 0:  # creates OUT.shards/state.json or checks it against this run's metadata
+        if rank == 0:  # holds OUT's lock; creates OUT.shards/state.json or checks it against this run's metadata
             writer = ShardedScoreWriter(out, meta, ds.num_documents, shard_docs)
     finally:
         _agree(dist, writer is not None or rank != 0)  # a rank-0 error must not leave the others waiting
     if rank != 0:
-        writer = ShardedScoreWriter(out, meta, ds.num_documents, shard_docs)
+        writer = ShardedScoreWriter(out, meta, ds.num_documents, shard_docs, claim=False)
     pending = writer.pending()
     if dist:
         dist.barrier()  # everyone has listed the same pending shards before anyone commits
