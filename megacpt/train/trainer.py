@@ -258,6 +258,10 @@ def validate_data(job: JobConfig, model_cfg: ModelConfig) -> None:
         for p in data_paths(prefix):
             if not p.exists():
                 raise UserError(f"{name}: {p} does not exist")
+        try:
+            IndexedDataset(prefix).require_documents()
+        except UserError as e:
+            raise UserError(f"{name}: {e}") from None
         tok = (read_sidecar(prefix) or {}).get("tokenizer")
         if not tok:
             log.warning("%s: %s has no tokenizer in its sidecar; vocab not checked", name, prefix)
@@ -447,17 +451,25 @@ def evaluate(model: Model, evals: dict, job: JobConfig, rt: Runtime, fused: bool
 # ------------------------------------------------------------------------------------------------ loop
 
 class _StopFlag:
-    """SIGTERM/SIGUSR1 (Slurm pre-emption) set a flag; the loop checks it between steps on every rank."""
+    """SIGTERM/SIGUSR1 (Slurm pre-emption) set a flag; the loop checks it between steps on every rank.
+
+    The same signal a second time chains to the handler it replaced: under `megacpt train` that is
+    ``megacpt.io.handle_signals``' (stop now, remove temporaries, one line, exit 128 + signal)."""
 
     def __init__(self, enabled: bool):
         self.set = False
         self._old = {}
+        self._seen: set[int] = set()
         if enabled:
             for s in (signal.SIGTERM, signal.SIGUSR1):
                 with contextlib.suppress(ValueError):  # not the main thread
                     self._old[s] = signal.signal(s, self._handler)
 
     def _handler(self, signum, frame) -> None:
+        if signum in self._seen and callable(self._old.get(signum)):
+            self._old[signum](signum, frame)
+            return
+        self._seen.add(signum)
         self.set = True
         log.warning("received signal %d: will save a checkpoint after this step and exit", signum)
 
