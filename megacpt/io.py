@@ -151,6 +151,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = tmp_path_for(path)
     try:
         yield tmp
+        pause_for_test("atomic-write")
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         commit_tmp(tmp, path)
@@ -427,9 +428,11 @@ def quiet_worker() -> None:
 
 def pause_for_test(point: str) -> None:
     """Fault-injection hook: with ``MEGACPT_TEST_PAUSE=POINT:FLAG`` in the environment, reaching ``point``
-    creates the file FLAG and sleeps 120 s, so a test can signal the process exactly there. Points:
-    ``preprocess-write`` (the first chunk is in the temporaries), ``indexed-finalize`` (the `.idx` temporary is
-    written, nothing renamed yet), ``select-write``, ``convert-write``, ``score-shard`` (a shard committed)."""
+    creates the file FLAG and sleeps 120 s, so a test can signal the process exactly there (tests/faults.py).
+    Points: ``atomic-write`` (an `atomic_path` temporary written, not renamed), ``preprocess-start`` (the output
+    temporaries exist, empty), ``preprocess-write`` (the first chunk is in them), ``indexed-finalize`` (a dataset's
+    `.idx` temporary is written, nothing renamed yet), ``select-write``, ``convert-write`` (a safetensors shard
+    is in the temp dir), ``score-shard`` (a score shard committed)."""
     spec = os.environ.get("MEGACPT_TEST_PAUSE")
     if spec and spec.partition(":")[0] == point:
         Path(spec.partition(":")[2]).touch()

@@ -240,6 +240,7 @@ def _preprocess(cfg: PreprocessConfig, encoder, dtype: type, sources, spec, targ
     writers = {t: IndexedDatasetWriter(prefix, dtype) for t, prefix in targets.items()}
     t0 = time.perf_counter()
     try:
+        pause_for_test("preprocess-start")
         for result in _run_chunks(cfg, dtype, spec, sources, encoder):
             if result["error"] is not None:
                 raise InputError(*result["error"])

@@ -180,6 +180,9 @@ class ShardedScoreWriter:
     def pending(self) -> list[int]:
         return [k for k in range(self.num_shards) if not self._path(k).exists()]
 
+    def committed_documents(self) -> int:
+        return self.n - sum(b - a for a, b in map(self.span, self.pending()))
+
     def commit(self, k: int, columns: dict[str, np.ndarray]) -> None:
         a, b = self.span(k)
         if not np.array_equal(np.asarray(columns["doc_id"]), np.arange(a, b)):
@@ -214,8 +217,8 @@ def run_sharded(writer: ShardedScoreWriter, name: str, compute: Callable[[int, i
     if pending and prog.done:
         print(f"{name}: resuming, {prog.done}/{writer.n} docs already scored", file=sys.stderr)
     it = results if results is not None else ((k, compute(*writer.span(k))) for k in pending)
-    with writer, describe_interrupt(lambda: f"after {prog.done:,}/{writer.n:,} documents; the committed shards "
-                                    f"are kept in {writer.dir}: re-run the same command to resume from them"):
+    with writer, describe_interrupt(lambda: f"after {writer.committed_documents():,}/{writer.n:,} documents; the "
+                                    f"committed shards are kept in {writer.dir}: re-run the same command to resume"):
         for k, cols in it:
             writer.commit(k, cols)
             a, b = writer.span(k)
