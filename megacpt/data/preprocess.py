@@ -239,9 +239,10 @@ def _preprocess(cfg: PreprocessConfig, encoder, dtype: type, sources, spec, targ
     tokenizer = encoder.tokenizer
     writers = {t: IndexedDatasetWriter(prefix, dtype) for t, prefix in targets.items()}
     t0 = time.perf_counter()
+    results = _run_chunks(cfg, dtype, spec, sources, encoder)
     try:
         pause_for_test("preprocess-start")
-        for result in _run_chunks(cfg, dtype, spec, sources, encoder):
+        for result in results:
             if result["error"] is not None:
                 raise InputError(*result["error"])
             stats["skipped"] += len(result["skipped"])
@@ -265,6 +266,7 @@ def _preprocess(cfg: PreprocessConfig, encoder, dtype: type, sources, spec, targ
         for w in writers.values():
             w.finalize()
     except BaseException:
+        results.close()  # ends the worker pool now, not when the generator is collected
         for w in writers.values():
             w.abort()
         raise
