@@ -7,7 +7,8 @@ interrupted job leaves nothing behind.
 - **SIGTERM/SIGINT/SIGHUP** (`handle_signals`, installed by the `megacpt` entry point) unwind the command as a
   `KeyboardInterrupt` (`Interrupted`): ``finally`` blocks run, the temporaries are removed, and the entry point
   prints one line (`report_interrupt`: what was interrupted, how to go on; `describe_interrupt` lets a command
-  say it) and exits with 128 + the signal number. A second signal removes the temporaries and exits at once.
+  say it) and exits with 128 + the signal number. A second signal, or unwinding for longer than 10 s (a pool
+  waiting on a busy worker), removes the temporaries and exits at once.
 - **Stale temporaries** (a job killed with -9, a lost node) are removed by the next job writing the same output
   (`claim_output`): the job first takes the output's lock (``.{name}.lock``, held for the whole job; a second
   live job writing the same output is refused), then removes the temporaries of the output's files whose
@@ -344,6 +345,10 @@ class Interrupted(KeyboardInterrupt):
 class _SignalState:
     installed: dict[int, Any] = {}
     pending: int | None = None
+    deadline: threading.Timer | None = None
+
+
+_GRACE_S = 10.0  # seconds a command may take to unwind after a signal before it is ended
 
 
 _SIGNALS = _SignalState()
@@ -355,7 +360,18 @@ def _on_signal(signum, frame) -> None:
         remove_live_temps()
         os._exit(128 + signum)
     _SIGNALS.pending = signum
+    _SIGNALS.deadline = threading.Timer(_GRACE_S, _force_exit, (signum,))
+    _SIGNALS.deadline.daemon = True
+    _SIGNALS.deadline.start()
     raise Interrupted(signum)
+
+
+def _force_exit(signum: int) -> None:
+    remove_live_temps()
+    with contextlib.suppress(OSError):
+        os.write(2, f"megacpt: interrupted by {signal.Signals(signum).name}; still stopping after {_GRACE_S:g} s: "
+                    "ended (temporaries removed)\n".encode())
+    os._exit(128 + signum)
 
 
 @contextlib.contextmanager
@@ -376,6 +392,9 @@ def handle_signals() -> Iterator[None]:
     try:
         yield
     finally:
+        if _SIGNALS.deadline is not None:
+            _SIGNALS.deadline.cancel()
+            _SIGNALS.deadline = None
         for s, h in old.items():
             signal.signal(s, h)
         _SIGNALS.installed, _SIGNALS.pending = outer
