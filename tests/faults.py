@@ -89,13 +89,15 @@ def leftovers(*dirs: Path) -> list[str]:
 
 
 def pids_alive(pids) -> list[int]:
+    """The processes of ``pids`` still running (a zombie nobody reaps yet counts as gone)."""
     alive = []
     for pid in pids:
         try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
             continue
-        alive.append(pid)
+        if state not in ("Z", "X"):
+            alive.append(pid)
     return alive
 
 
