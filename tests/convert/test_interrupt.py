@@ -3,7 +3,6 @@ locked temp dir beside OUT; SIGTERM removes it, a kill -9 leaves it to the next 
 from __future__ import annotations
 
 import signal
-from pathlib import Path
 
 import pytest
 
