@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 
+from megacpt.checkpoint import is_checkpoint
 from megacpt.errors import UserError
 from megacpt.io import describe_interrupt
 from megacpt.train.job import load_job_config
@@ -82,8 +83,11 @@ def run(args: argparse.Namespace) -> int:
 
     def note() -> str:
         save = job.checkpoint.save
-        how = (f"re-run the same command: it resumes from the last checkpoint in {save}" if save else
-               "no checkpoint.save was set, so the run is not kept")
+        if save and is_checkpoint(save):
+            how = f"re-run the same command: it resumes from the last checkpoint in {save}"
+        else:
+            how = ("no checkpoint was saved yet" if save else "checkpoint.save is not set, so nothing was kept") + \
+                  "; re-run the same command to start over"
         return f"{'before its first step' if at[0] is None else f'at iteration {at[0]}'}; {how}"
 
     with describe_interrupt(note):
