@@ -54,10 +54,12 @@ tensors), ``unpickler`` (the restricted unpickler of DCP's ``.metadata``), ``dis
 helpers). Used by ``train`` (save/resume), ``convert`` (HF <-> checkpoint, ``load_model``) and, through
 ``convert``, by ``score``/``eval``/``selection``.
 """
+from megacpt.checkpoint.checksum import DamagedCheckpoint
 from megacpt.checkpoint.encoding import from_jsonable, to_jsonable
 from megacpt.checkpoint.files import (COMPLETE, FORMAT, LATEST, MODEL_CONFIG, TOKENIZER_FILES, copy_tokenizer,
                                       is_checkpoint, iteration_dirname, latest_checkpoint, list_checkpoints,
                                       read_model_config, resolve_checkpoint, tokenizer_files)
+from megacpt.checkpoint.integrity import Verified, previous_checkpoint, verify_checkpoint
 from megacpt.checkpoint.names import shift_layers
 from megacpt.checkpoint.state import CheckpointManager, LoadedCheckpoint, load_checkpoint, save_checkpoint
 from megacpt.checkpoint.weights import checkpoint_tensors, read_tensors
@@ -65,4 +67,5 @@ from megacpt.checkpoint.weights import checkpoint_tensors, read_tensors
 __all__ = ["CheckpointManager", "LoadedCheckpoint", "save_checkpoint", "load_checkpoint", "checkpoint_tensors",
            "read_tensors", "read_model_config", "resolve_checkpoint", "latest_checkpoint", "list_checkpoints",
            "is_checkpoint", "iteration_dirname", "tokenizer_files", "copy_tokenizer", "shift_layers",
-           "to_jsonable", "from_jsonable", "FORMAT", "LATEST", "COMPLETE", "MODEL_CONFIG", "TOKENIZER_FILES"]
+           "to_jsonable", "from_jsonable", "FORMAT", "LATEST", "COMPLETE", "MODEL_CONFIG", "TOKENIZER_FILES",
+           "DamagedCheckpoint", "Verified", "verify_checkpoint", "previous_checkpoint"]
