@@ -183,6 +183,13 @@ def test_checkpoint_verify_command(tmp_path, capsys):
     assert "neither a checkpoint root" in _one_line(capsys.readouterr().err)
 
 
+def test_verify_flags_are_frozen():
+    from megacpt.cli import build_command_parser
+
+    args = build_command_parser("checkpoint").parse_args(["verify", "/ck", "--all", "--json"])
+    assert (args.action, args.path, args.all, args.json) == ("verify", "/ck", True, True)
+
+
 # ---------------------------------------------------------------------------------------------- old format
 
 def _strip_manifest(ck: Path) -> None:
