@@ -258,6 +258,8 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module | Sequence[nn.Modu
 
     Collective when a process group exists. ``path``: root (follows ``latest``) or an iteration dir.
     Tensors are cast to the model's dtypes. ``strict``: every model tensor must be in the checkpoint.
+    First every file's size and checksum is checked against the manifest (``integrity.verify``, shared out
+    over the ranks), also when only the weights are loaded; a mismatch raises ``DamagedCheckpoint``.
     """
     import torch.distributed.checkpoint as dcp  # lazy: see unpickler.py
     from torch.distributed.checkpoint.state_dict import (
