@@ -183,6 +183,22 @@ def test_checkpoint_verify_command(tmp_path, capsys):
     assert "neither a checkpoint root" in _one_line(capsys.readouterr().err)
 
 
+def test_previous_checkpoint_skips_damaged_ones(tmp_path):
+    from megacpt.checkpoint import previous_checkpoint
+
+    root = tmp_path / "run"
+    mgr = CheckpointManager(root, keep_last=0)
+    model = build()
+    for it in (1, 2, 3):
+        mgr.save(it, model)
+    one, two, three = (root / f"iter_000000{i}" for i in (1, 2, 3))
+    assert previous_checkpoint(three) == two and previous_checkpoint(one) is None
+    os.truncate(two / SHARD, 10)
+    assert previous_checkpoint(three) == one  # sizes are checked; the offer must be loadable
+    (three / "complete.json").unlink()       # not complete: never offered, never listed
+    assert previous_checkpoint(root / "iter_0000004") == one
+
+
 def test_verify_flags_are_frozen():
     from megacpt.cli import build_command_parser
 
