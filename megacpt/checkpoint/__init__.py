@@ -58,8 +58,8 @@ Modules: ``files`` (names, ``complete.json``/``model_config.json``, ``latest``, 
 weights: full tensors read in one process), ``names`` (global layout-free names), ``encoding`` (JSON with
 tensors), ``unpickler`` (the restricted unpickler of DCP's ``.metadata``), ``distributed`` (collective
 helpers), ``checksum`` (sizes and CRC-32s recorded while writing), ``integrity`` (checking them: ``verify``,
-``previous_checkpoint``), ``cli`` (``megacpt checkpoint verify``). Used by ``train`` (save/resume), ``convert`` (HF <-> checkpoint, ``load_model``) and, through
-``convert``, by ``score``/``eval``/``selection``.
+``previous_checkpoint``), ``cli`` (``megacpt checkpoint verify``). Used by ``train`` (save/resume),
+``convert`` (HF <-> checkpoint, ``load_model``) and, through ``convert``, by ``score``/``eval``/``selection``.
 """
 from megacpt.checkpoint.checksum import DamagedCheckpoint
 from megacpt.checkpoint.encoding import from_jsonable, to_jsonable

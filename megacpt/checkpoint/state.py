@@ -26,6 +26,7 @@ from megacpt.checkpoint.names import is_tensor, normalize, state_items
 from megacpt.checkpoint.unpickler import safe_reader
 from megacpt.checkpoint.weights import checkpoint_tensors
 from megacpt.errors import UserError
+from megacpt.io import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -139,18 +140,18 @@ class CheckpointManager:
                 err = e if isinstance(e, UserError) else UserError(f"checkpoint: writing {tmp}: {e}")
         broadcast_error(err)
 
+        writer = hashing_storage_writer(tmp, records)  # DCP's FileSystemWriter, its shards checksummed
         if self.async_save:
             if is_distributed() and self._async_pg is None:
                 self._async_pg = dist.new_group(backend="gloo")  # the writer thread's own collectives
             with quiet_single_process():
-                fut = dcp.async_save(tensors, checkpoint_id=str(tmp), storage_writer=hashing_storage_writer(tmp, records),
+                fut = dcp.async_save(tensors, checkpoint_id=str(tmp), storage_writer=writer,
                                      process_group=self._async_pg, no_dist=not is_distributed())
             fut = getattr(fut, "upload_completion", fut)
             self._pending = _Pending(fut, tmp, final, int(iteration), records, optim_kind)
         else:
             with quiet_single_process():
-                dcp.save(tensors, checkpoint_id=str(tmp), storage_writer=hashing_storage_writer(tmp, records),
-                         no_dist=not is_distributed())
+                dcp.save(tensors, checkpoint_id=str(tmp), storage_writer=writer, no_dist=not is_distributed())
             self._pending = _Pending(None, tmp, final, int(iteration), records, optim_kind)
             self.wait()
         return final
@@ -204,10 +205,10 @@ class CheckpointManager:
                         "reading them back to checksum them", p.tmp, len(unrecorded), ", ".join(unrecorded[:3]))
             for rel in unrecorded:
                 files[rel] = {"size": (p.tmp / rel).stat().st_size, ALGORITHM: file_crc32(p.tmp / rel)}
-        write_json(p.tmp / COMPLETE, {
+        write_json_atomic(p.tmp / COMPLETE, {
             "format": FORMAT, "iteration": p.iteration, "optimizer": p.optimizer, **_layout(),
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "manifest": {"checksum": ALGORITHM, "files": dict(sorted(files.items()))}}, FileRecords(p.tmp))
+            "manifest": {"checksum": ALGORITHM, "files": dict(sorted(files.items()))}})
         fsync_dir(p.tmp)
         old = None
         if p.final.exists():  # saving the same iteration again (e.g. after a resume): swap, then drop

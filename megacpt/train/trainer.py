@@ -557,8 +557,9 @@ def prepare_job(job: JobConfig) -> str | None:
     job.validate(world_size_from_env())
     resume = resume_dir(job)
     try:
-        if resume is not None:  # sizes only (a stat each, on every rank): checksums are checked by `restore`,
-            verify_checkpoint(resume, checksums=False)  # shared out over the ranks
+        if resume is not None:
+            # sizes only (a stat per file, on every rank); `restore` checks checksums, shared out over the ranks
+            verify_checkpoint(resume, checksums=False)
         cfg = resolve_model_config(job, resume)
     except DamagedCheckpoint as e:
         if resume is None:  # checkpoint.init_from's

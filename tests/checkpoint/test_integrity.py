@@ -94,7 +94,8 @@ def test_manifest_lists_every_file_checksummed_while_writing(tmp_path, monkeypat
 
 # ---------------------------------------------------------------------------------------------- damage
 
-@pytest.mark.fault(fault="truncated .distcp shard (inside the weights)", stage="convert / score / eval (load a checkpoint)",
+@pytest.mark.fault(fault="truncated .distcp shard (inside the weights)",
+                   stage="convert / score / eval (load a checkpoint)",
                    sees="one line: checkpoint DIR is damaged (__0_0.distcp: expected N bytes, found M bytes)",
                    left="the checkpoint untouched; no output written")
 def test_truncated_weights_is_one_line_naming_the_file(tmp_path, capsys):
@@ -132,7 +133,8 @@ def test_optimizer_state_truncation_detected_by_weights_only_load_and_verify(tmp
 
 
 @pytest.mark.fault(fault="one flipped byte, same size (.distcp, JSON)", stage="any checkpoint load, checkpoint verify",
-                   sees="one line: checkpoint DIR is damaged (FILE: expected crc32 X, found crc32 Y (same size, different bytes))",
+                   sees="one line: checkpoint DIR is damaged "
+                        "(FILE: expected crc32 X, found crc32 Y (same size, different bytes))",
                    left="the checkpoint untouched")
 def test_flipped_byte_with_the_same_size_is_found_by_the_checksum(tmp_path, capsys):
     ck = _trained(tmp_path) / "iter_0000001"
@@ -171,7 +173,8 @@ def test_checkpoint_verify_command(tmp_path, capsys):
     _flip(one / SHARD, 100)
     assert main(["checkpoint", "verify", str(root), "--all"]) == 1
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 2 and lines[0].startswith(f"DAMAGED {one}: {SHARD}: expected crc32 ") and lines[1].startswith(f"OK {two}")
+    assert len(lines) == 2 and lines[1].startswith(f"OK {two}")
+    assert lines[0].startswith(f"DAMAGED {one}: {SHARD}: expected crc32 ")
     assert main(["checkpoint", "verify", str(root), "--all", "--json"]) == 1
     recs = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert [r["status"] for r in recs] == ["damaged", "ok"] and recs[0]["problems"][0]["file"] == SHARD
@@ -217,7 +220,8 @@ def _strip_manifest(ck: Path) -> None:
 
 @pytest.mark.fault(fault="truncated .distcp shard of a checkpoint without a manifest (older megacpt)",
                    stage="any checkpoint load, checkpoint verify",
-                   sees="a note that it cannot be verified; truncation: one line, FILE: expected at least N bytes (.metadata)",
+                   sees="a note that it cannot be verified; truncation: one line, "
+                        "FILE: expected at least N bytes (.metadata)",
                    left="the checkpoint untouched")
 def test_old_checkpoint_without_manifest_loads_with_a_note(tmp_path, capsys, caplog, monkeypatch):
     ck = _trained(tmp_path) / "iter_0000001"
@@ -287,10 +291,12 @@ def test_train_on_damaged_latest_names_the_previous_checkpoint_and_resumes_from_
     assert verify_checkpoint(root).path == four
     # same size, one byte flipped: found by the checksum when restoring, with the same offer
     _flip(four / SHARD, size // 2)
-    with pytest.raises(UserError, match=rf"checkpoint {re.escape(str(four))} is damaged \({SHARD}: expected crc32 .*\); "
+    with pytest.raises(UserError, match=rf"checkpoint {re.escape(str(four))} is damaged "
+                                        rf"\({SHARD}: expected crc32 .*\); "
                                         rf"the previous complete checkpoint is iter_0000002: resume from it with "
                                         rf"checkpoint.load={re.escape(str(two))}$"):
         trainer.train(load_job_config(None, [*over, "train.train_iters=6"]))
     shutil.rmtree(two)
-    with pytest.raises(UserError, match=rf"is damaged .*; no earlier complete checkpoint is left in {re.escape(str(root))}$"):
+    with pytest.raises(UserError, match=rf"is damaged .*; no earlier complete checkpoint is left in "
+                                        rf"{re.escape(str(root))}$"):
         trainer.train(load_job_config(None, [*over, "train.train_iters=6"]))
