@@ -56,10 +56,13 @@ class Verified:
         return f"OK {self.path}: {self.files} files, {self.bytes:,} bytes, sizes and {ALGORITHM} match"
 
 
-def verify(ck: Path, info: dict | None = None, *, checksums: bool = True, collective: bool = False) -> Verified:
+def verify(ck: Path, info: dict | None = None, *, checksums: bool = True, collective: bool = False,
+           note: bool = True) -> Verified:
     """Check the files of the (resolved) checkpoint dir ``ck``; raise `DamagedCheckpoint` on a mismatch.
 
     ``collective``: call on every rank of the process group; the checksums are shared out over the ranks.
+    ``note``: log (once) that a checkpoint without a manifest cannot be verified (loaders do; the
+    ``verify`` command prints its own line).
     """
     info = read_json(ck / COMPLETE) if info is None else info
     manifest = manifest_of(ck, info)
@@ -68,7 +71,7 @@ def verify(ck: Path, info: dict | None = None, *, checksums: bool = True, collec
     if manifest is None:
         wrong_size, n_files = _layout_problems(ck)
         result = Verified(ck, n_files, 0, manifest=False)
-        if rank() == 0 and str(ck) not in _NOTED:
+        if note and rank() == 0 and str(ck) not in _NOTED:
             _NOTED.add(str(ck))
             log.warning("checkpoint %s has no manifest (saved before megacpt recorded checksums): its files "
                         "cannot be verified", ck)
