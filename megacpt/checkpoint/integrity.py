@@ -12,7 +12,8 @@ What is checked, and when:
 - Cost: one extra sequential read of the checkpoint (CRC-32 runs at ~4 GB/s per core, so the disk is the
   bound). Under a process group the files are dealt out over the ranks (rank r hashes files r, r+world, ...)
   and the findings all-gathered, so the checkpoint is read once in all, not once per rank. Each process
-  remembers what it verified (path, size, mtime, checksum): loading the same checkpoint again (pipeline
+  remembers what it verified (path, size, mtime, checksum; files written in the last 2 s are not
+  remembered, so a later write always shows in the mtime): loading the same checkpoint again (pipeline
   chunks, export's groups of tensors) costs a stat per file.
 - ``checksums=False`` checks sizes only: what ``train`` does before any process group exists, and how the
   previous complete checkpoint to offer is chosen (`previous_checkpoint`).
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +41,9 @@ from megacpt.errors import UserError
 log = logging.getLogger(__name__)
 
 _VERIFIED: set[tuple[str, int, int, str]] = set()   # (path, size, mtime_ns, crc32) this process checked
+# A file is remembered only if its mtime is older than this when it is checked: a later write then always
+# changes its mtime, even on filesystems whose timestamps are coarse (git's "racy clean" rule).
+_SETTLED_NS = 2_000_000_000
 _NOTED: set[str] = set()                             # manifest-less checkpoints already noted
 
 
@@ -96,11 +101,12 @@ def verify(ck: Path, info: dict | None = None, *, checksums: bool = True, collec
                 key = (str(ck / rel), stats[rel].st_size, stats[rel].st_mtime_ns, entry[ALGORITHM])
                 if key in _VERIFIED:
                     continue
+                settled = stats[rel].st_mtime_ns < time.time_ns() - _SETTLED_NS
                 p = crc_problem(rel, entry, file_crc32(ck / rel))
-                if p is None:
-                    _VERIFIED.add(key)
-                else:
+                if p is not None:
                     wrong_crc.append(p)
+                elif settled:
+                    _VERIFIED.add(key)
         result = Verified(ck, len(files), sum(e["size"] for _, e in files), manifest=True)
     if collective and is_distributed():
         gathered: list = [None] * world_size()

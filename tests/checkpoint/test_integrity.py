@@ -156,6 +156,18 @@ def test_flipped_byte_with_the_same_size_is_found_by_the_checksum(tmp_path, caps
         read_model_config(ck2)
 
 
+def test_recently_written_files_are_not_remembered_as_verified(tmp_path):
+    """A process remembers verified files by (size, mtime): one written in the last seconds is checked again,
+    so a change within the filesystem's timestamp granularity is still found."""
+    ck = _trained(tmp_path) / "iter_0000001"
+    verify_checkpoint(ck)
+    st = (ck / SHARD).stat()
+    _flip(ck / SHARD, 100)
+    os.utime(ck / SHARD, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size, same mtime
+    with pytest.raises(DamagedCheckpoint, match=SHARD):
+        verify_checkpoint(ck)
+
+
 # ---------------------------------------------------------------------------------------------- verify
 
 def test_checkpoint_verify_command(tmp_path, capsys):
