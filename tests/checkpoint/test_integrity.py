@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from megacpt.checkpoint import (CheckpointManager, DamagedCheckpoint, load_checkpoint, read_model_config,
-                                read_tensors, checkpoint_tensors, save_checkpoint, verify_checkpoint)
+from megacpt.checkpoint import (CheckpointManager, DamagedCheckpoint, checkpoint_tensors, load_checkpoint,
+                                read_model_config, read_tensors, save_checkpoint, verify_checkpoint)
 from megacpt.checkpoint.unpickler import safe_reader
 from megacpt.cli import main
 from megacpt.convert import load_model
@@ -25,15 +25,15 @@ from .helpers import assert_states_equal, build, fake_step, model_config, named_
 SHARD = "__0_0.distcp"
 
 
-def _trained(tmp_path: Path, name: str = "ck", iteration: int = 1, **kw) -> Path:
+def _trained(tmp_path: Path, name: str = "ck") -> Path:
     """A one-process checkpoint root with optimizer state, model config and a tokenizer file."""
     tok = tmp_path / "tokenizer.json"
     tok.write_text('{"model": {"vocab": {"a": 0}}}\n')
     model = build()
     opt = optimizer(model.parameters())
     fake_step(model.parameters(), opt)
-    save_checkpoint(tmp_path / name, iteration, model, opt, extra={"it": iteration}, rank_extra={"r": 0},
-                    model_config=model_config(), tokenizer=tok, run_config={"x": 1}, **kw)
+    save_checkpoint(tmp_path / name, 1, model, opt, extra={"it": 1}, rank_extra={"r": 0},
+                    model_config=model_config(), tokenizer=tok, run_config={"x": 1})
     return tmp_path / name
 
 
