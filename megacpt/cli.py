@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "merge": ("megacpt.data.cli", "merge indexed datasets (Megatron's tools/merge_datasets.py)"),
     "inspect": ("megacpt.data.cli", "summarise an indexed dataset: counts, lengths, first docs"),
     "convert": ("megacpt.convert.cli", "HF GPT-NeoX <-> megacpt checkpoint conversion (with resharding)"),
+    "checkpoint": ("megacpt.checkpoint.cli", "checkpoint verify: check files against their recorded sizes/checksums"),
     "score": ("megacpt.selection.cli", "per-document scores: perplexity, pos-entropy, similarity, dsir"),
     "select": ("megacpt.selection.cli", "select a subset to a token budget (ETS/ETA-DACP, random)"),
     "report": ("megacpt.selection.cli", "reports over selections"),

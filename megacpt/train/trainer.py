@@ -11,7 +11,9 @@ forward/backward runs under bf16 autocast. On CPU the default is plain fp32, whi
 
 Exact resume: a checkpoint holds model, optimizer, the iteration (the LR schedule is a function of it),
 consumed samples (the data position; sample k of a run is always ``train_dataset[k]``), the NaN counters and
-every rank's RNG state.
+every rank's RNG state. A damaged checkpoint to resume from (a file whose size or checksum differs from the
+manifest its save recorded) stops the run before training, naming the file and the previous complete
+checkpoint; ``checkpoint.load=ROOT/iter_N`` resumes from that one exactly as from ``latest``.
 """
 from __future__ import annotations
 
@@ -30,7 +32,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megacpt.checkpoint import CheckpointManager, is_checkpoint, load_checkpoint
+from megacpt.checkpoint import (CheckpointManager, DamagedCheckpoint, is_checkpoint, load_checkpoint,
+                                previous_checkpoint, verify_checkpoint)
 from megacpt.config import ModelConfig
 from megacpt.convert import load_config, load_weights
 from megacpt.convert.hf_gpt_neox import megacpt_to_hf
@@ -164,6 +167,15 @@ def resume_dir(job: JobConfig) -> str | None:
     if job.checkpoint.save and is_checkpoint(job.checkpoint.save):
         return job.checkpoint.save
     return None
+
+
+def damaged_resume(e: DamagedCheckpoint) -> UserError:
+    """The checkpoint to resume from is damaged: say so, and name the previous complete one to resume from."""
+    prev = previous_checkpoint(e.checkpoint)
+    if prev is None:
+        return UserError(f"{e}; no earlier complete checkpoint is left in {e.checkpoint.parent}")
+    return UserError(f"{e}; the previous complete checkpoint is {prev.name}: resume from it with "
+                     f"checkpoint.load={prev}")
 
 
 def resolve_model_config(job: JobConfig, resume: str | None) -> ModelConfig:
@@ -556,7 +568,15 @@ def prepare_job(job: JobConfig) -> str | None:
     Sets ``job.model`` to the architecture the run trains; returns the checkpoint to resume from (or None)."""
     job.validate(world_size_from_env())
     resume = resume_dir(job)
-    cfg = resolve_model_config(job, resume)
+    try:
+        if resume is not None:
+            # sizes only (a stat per file, on every rank); `restore` checks checksums, shared out over the ranks
+            verify_checkpoint(resume, checksums=False)
+        cfg = resolve_model_config(job, resume)
+    except DamagedCheckpoint as e:
+        if resume is None:  # checkpoint.init_from's
+            raise
+        raise damaged_resume(e) from None
     job.model = cfg
     job.validate(world_size_from_env())  # again: divisibility against the loaded architecture
     if job.data.seq_length > cfg.max_position_embeddings:
@@ -578,7 +598,10 @@ def init_from_weights(model: Model, path: str) -> None:
 def restore(resume: str, model: Model, optimizers: list, sched: LRSchedule, job: JobConfig,
             rt: Runtime) -> TrainState:
     """Model, optimizer, position and this rank's RNG state from the checkpoint at ``resume``."""
-    ck = load_checkpoint(resume, model.parts, optimizers)
+    try:
+        ck = load_checkpoint(resume, model.parts, optimizers)
+    except DamagedCheckpoint as e:
+        raise damaged_resume(e) from None
     extra = ck.extra
     state = TrainState(int(extra["iteration"]), int(extra["consumed_samples"]), int(extra.get("skipped_steps", 0)),
                        int(extra.get("nan_streak", 0)))
