@@ -723,6 +723,7 @@ def train(job: JobConfig, on_step: Callable[[int, float], None] | None = None) -
     meter = Throughput(flops_per_token(cfg, job.data.seq_length), rt.world_size, peak)
     result = TrainResult(iteration=state.iteration, skipped_steps=state.skipped_steps)
     log_start(job, rt, model, state, fused)
+    lost: PeerLost | None = None
     try:
         while state.iteration < t.train_iters:
             step = train_step(model, optimizers, sched, train_ds, state, job, rt, fused)
@@ -757,10 +758,11 @@ def train(job: JobConfig, on_step: Callable[[int, float], None] | None = None) -
             export_hf(job, rt)
     except RuntimeError as e:  # a dead or hung peer: one clear line on every surviving rank, no traceback
         if rt.world_size > 1 and is_peer_failure(e):
-            raise peer_lost(e, job, rt, state.iteration) from e
+            lost = peer_lost(e, job, rt, state.iteration)
+            raise lost from e
         raise
     finally:
-        if ckpt is not None:
+        if ckpt is not None and lost is None:  # finishing a pending save is collective: not without the peer
             ckpt.close()
         stop.restore()
         logger.close()
