@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import random
+import re
 import signal
 from datetime import timedelta
 from dataclasses import dataclass, field
@@ -668,17 +669,19 @@ def is_peer_failure(e: BaseException) -> bool:
 
 def peer_lost(e: BaseException, job: JobConfig, rt: Runtime, iteration: int) -> PeerLost:
     """The one line a surviving rank ends with: what happened, and where a relaunch resumes."""
-    reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:240]
+    # the backend's first sentence, without its source location: "Connection closed by peer [host]:port"
+    reason = re.sub(r"^\[[^\]]*\]\s*", "", (str(e).strip().splitlines() or [type(e).__name__])[0])
+    reason = reason.split(". ")[0][:240]
     src = job.checkpoint.load or job.checkpoint.save
     try:
         last = (latest_checkpoint(src) or Path(src)) if src and is_checkpoint(src) else None
     except UserError:  # a broken `latest`: say where to look, the relaunch will say more
         last = Path(src)
-    resume = (f"relaunch every node with the same command to resume from the last complete checkpoint, {last}"
-              if last is not None else "no checkpoint yet: a relaunch of every node starts from the beginning")
-    return PeerLost(f"rank {rt.rank}: lost a peer after iteration {iteration}: another rank's process or node "
-                    f"died or stopped answering (a collective fails after train.collective_timeout_s="
-                    f"{job.train.collective_timeout_s:g} s) [{reason}]; this rank stops too. {resume}")
+    resume = (f"Relaunch every node with the same command to resume from the last complete checkpoint, {last}"
+              if last is not None else "No checkpoint yet: relaunching every node starts from the beginning")
+    return PeerLost(f"rank {rt.rank}: lost a peer after iteration {iteration} ({reason}): another rank's process "
+                    f"or node died or stopped answering (collectives give up after train.collective_timeout_s="
+                    f"{job.train.collective_timeout_s:g} s). {resume}")
 
 
 def log_start(job: JobConfig, rt: Runtime, model: Model, state: TrainState, fused: bool) -> None:

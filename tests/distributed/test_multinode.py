@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -148,16 +149,16 @@ def test_score_two_nodes_equals_one_process(uninterrupted, data, tmp_path):
 @pytest.mark.fault(fault="kill -9 of one node (its torchrun agent and workers) mid-run",
                    stage="train, 2 nodes (torchrun, c10d rendezvous)",
                    sees="the other node exits non-zero within seconds: `megacpt train: error: rank R: lost a peer "
-                        "after iteration N: another rank's process or node died or stopped answering ...; relaunch "
-                        "every node with the same command to resume from the last complete checkpoint, "
-                        "CKPT/iter_...`",
+                        "after iteration N (Connection closed by peer ...): another rank's process or node died or "
+                        "stopped answering ... Relaunch every node with the same command to resume from the last "
+                        "complete checkpoint, CKPT/iter_...`",
                    left="the complete checkpoints of the run so far; `latest` names the newest; no partial one")
 def test_lost_node_ends_the_other_with_a_clear_error(killed):
     assert killed["rc"] != 0, killed["out"][-4000:]
     assert killed["elapsed"] < LOST_NODE_S, killed["elapsed"]
     out = killed["out"]
-    assert f"megacpt train: error: rank 0: lost a peer after iteration {PAUSE}" in out \
-        or f"megacpt train: error: rank 1: lost a peer after iteration {PAUSE}" in out, out[-4000:]
+    assert re.search(rf"megacpt train: error: rank [01]: lost a peer after iteration {PAUSE} \(Connection "
+                     r"(closed|reset) by peer", out), out[-4000:]
     ck = killed["tmp"] / "ck"
     assert f"resume from the last complete checkpoint, {ck / 'iter_0000004'}" in out, out[-4000:]
     assert latest_checkpoint(ck).name == "iter_0000004"
@@ -187,11 +188,12 @@ def test_relaunch_resumes_bitwise_from_the_last_checkpoint(killed, uninterrupted
 
 @pytest.mark.fault(fault="one node stops answering mid-run (hung, not dead)",
                    stage="train, 2 nodes (torchrun, c10d rendezvous)",
-                   sees="after train.collective_timeout_s the other node exits non-zero with the same `lost a "
-                        "peer after iteration N ... resume from ...` line",
+                   sees="after train.collective_timeout_s the other node exits non-zero with the same line: `lost "
+                        "a peer after iteration N (Timed out waiting ... ms for recv operation to complete) ... "
+                        "Relaunch every node ...`",
                    left="the complete checkpoints of the run so far; `latest` names the newest")
 def test_hung_node_ends_the_other_after_the_collective_timeout(data, tmp_path):
-    timeout = 12
+    timeout = 8
 
     def wait_a(a, b):
         t0 = time.monotonic()
@@ -202,5 +204,5 @@ def test_hung_node_ends_the_other_after_the_collective_timeout(data, tmp_path):
                                  "hung", wait_a)
     assert rc != 0, out[-4000:]
     assert elapsed < timeout + 30, elapsed
-    assert f"lost a peer after iteration {PAUSE}" in out and "collective_timeout_s=12 s" in out, out[-4000:]
+    assert f"lost a peer after iteration {PAUSE} (Timed out" in out and "collective_timeout_s=8 s" in out, out[-4000:]
     assert latest_checkpoint(tmp_path / "ck").name == "iter_0000004"
