@@ -33,8 +33,6 @@ ITERS, SAVE, PAUSE = 8, 4, 6  # checkpoints at 4 and 8; node B stops after step 
 LAUNCH_S = 150                # a launch slower than this has hung: fail instead of waiting
 LOST_NODE_S = 60              # the surviving node must be gone this soon after losing its peer
 
-pytestmark = pytest.mark.distributed
-
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
@@ -109,6 +107,7 @@ def killed(data, tmp_path_factory):
     return {"tmp": tmp, "overrides": overrides, "rc": rc, "elapsed": elapsed, "out": out}
 
 
+@pytest.mark.distributed
 def test_train_two_nodes_equals_one_node_and_one_process(uninterrupted, data, tmp_path):
     """2 nodes x 1 rank == 1 node x 2 ranks (torchrun --standalone), bitwise; == one process (the
     single-process reference of tests/train) up to the order of fp32 reductions."""
@@ -129,6 +128,7 @@ def test_train_two_nodes_equals_one_node_and_one_process(uninterrupted, data, tm
         assert two_nodes[i] == pytest.approx(loss, rel=1e-5, abs=1e-6), i
 
 
+@pytest.mark.distributed
 def test_score_two_nodes_equals_one_process(uninterrupted, data, tmp_path):
     """`score perplexity` of the trained checkpoint, 2 nodes (shards dealt over 2 ranks) vs 1 process."""
     from megacpt.cli import main
@@ -146,6 +146,7 @@ def test_score_two_nodes_equals_one_process(uninterrupted, data, tmp_path):
         np.testing.assert_array_equal(one.columns[k], two.columns[k], err_msg=k)
 
 
+@pytest.mark.distributed
 @pytest.mark.fault(fault="kill -9 of one node (its torchrun agent and workers) mid-run",
                    stage="train, 2 nodes (torchrun, c10d rendezvous)",
                    sees="the other node exits non-zero within seconds: `megacpt train: error: rank R: lost a peer "
@@ -165,6 +166,7 @@ def test_lost_node_ends_the_other_with_a_clear_error(killed):
     assert sorted(p.name for p in ck.iterdir() if p.name.startswith("iter_")) == ["iter_0000004"]
 
 
+@pytest.mark.distributed
 @pytest.mark.fault(fault="relaunch of every node after one was lost mid-run",
                    stage="train, 2 nodes (torchrun, c10d rendezvous)",
                    sees="`resumed from CKPT/iter_... at iteration N`; the run finishes with the losses of an "
@@ -186,6 +188,7 @@ def test_relaunch_resumes_bitwise_from_the_last_checkpoint(killed, uninterrupted
         assert torch.equal(ta[n], tb[n]), n
 
 
+@pytest.mark.distributed
 @pytest.mark.fault(fault="one node stops answering mid-run (hung, not dead)",
                    stage="train, 2 nodes (torchrun, c10d rendezvous)",
                    sees="after train.collective_timeout_s the other node exits non-zero with the same line: `lost "
@@ -206,3 +209,21 @@ def test_hung_node_ends_the_other_after_the_collective_timeout(data, tmp_path):
     assert elapsed < timeout + 30, elapsed
     assert f"lost a peer after iteration {PAUSE} (Timed out" in out and "collective_timeout_s=8 s" in out, out[-4000:]
     assert latest_checkpoint(tmp_path / "ck").name == "iter_0000004"
+
+
+def test_what_counts_as_a_lost_peer(tmp_path):
+    """The backends' words for a dead or silent peer become the one-line PeerLost; other errors keep their
+    traceback. Without a checkpoint the line says a relaunch starts over."""
+    from megacpt.train import trainer
+    from megacpt.train.job import load_job_config
+
+    gloo = ("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+            "[127.0.0.1]:42681. This is typically caused by a remote worker crashing.")
+    assert trainer.is_peer_failure(RuntimeError(gloo))
+    assert trainer.is_peer_failure(RuntimeError("[unbound_buffer.cc:78] Timed out waiting 8000ms for recv"))
+    assert trainer.is_peer_failure(torch.distributed.DistNetworkError("store gone"))
+    assert not trainer.is_peer_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    job = load_job_config(None, ["model_preset=tiny", f"checkpoint.save={tmp_path / 'ck'}"])
+    msg = str(trainer.peer_lost(RuntimeError(gloo), job, trainer.Runtime(3, 4, torch.device("cpu"), None), 7))
+    assert msg.startswith("rank 3: lost a peer after iteration 7 (Connection closed by peer [127.0.0.1]:42681): ")
+    assert msg.endswith("No checkpoint yet: relaunching every node starts from the beginning"), msg
