@@ -21,7 +21,7 @@ from megacpt.data.indexed import IndexedDataset
 from megacpt.data.tokenizer import load_tokenizer
 from megacpt.errors import UserError
 from megacpt.score.files import ShardedScoreWriter, score_metadata
-from megacpt.score.nll import ScoringConfig, output_layer, score_documents
+from megacpt.score.nll import ScoringConfig, output_layer, predicted_tokens, score_documents
 
 SCORER = "perplexity"
 
@@ -148,30 +148,34 @@ def score_dataset(model, dataset_prefix: str, seq_length: int, out: str, cfg: Sc
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     stats: dict = {}
-    doc_lens = ds.document_lengths()  # [num_documents] int64, once (an O(#docs) cumsum)
+    # the bar counts tokens scored (predicted positions, known from the lengths alone), like the summary
+    doc_pred = predicted_tokens(ds.document_lengths(), seq_length)  # [num_documents] int64, once (O(#docs))
     bar = None
     if progress and rank == 0:
-        todo = sum(int(doc_lens[slice(*writer.span(k))].sum()) for k in mine)
+        todo = sum(int(doc_pred[slice(*writer.span(k))].sum()) for k in mine)
         bar = tqdm(total=todo, unit="tok", unit_scale=True, desc=f"score perplexity (rank 0/{world})",
                    file=sys.stderr, dynamic_ncols=True)
     t0 = time.perf_counter()
-    docs = 0
+    docs = scored = 0
     for k in mine:
         a, b = writer.span(k)
         cols = score_documents(model, ds, a, b, cfg, stats)
         if writes:
             writer.commit(k, cols)
-        docs += b - a
+        docs, scored = docs + b - a, scored + int(cols["n_pred"].sum())
         if bar is not None:
             el = max(time.perf_counter() - t0, 1e-9)
             bar.set_postfix(docs_s=f"{docs / el:,.1f}", shard=f"{k + 1}/{writer.num_shards}")
-            bar.update(int(doc_lens[a:b].sum()))
+            bar.update(int(doc_pred[a:b].sum()))
     if hasattr(model, "finish"):
         model.finish()  # a pipeline stage's last activations have been received downstream
     elapsed = time.perf_counter() - t0
     if bar is not None:
         bar.close()
-    totals = torch.tensor([stats.get("tokens", 0), docs, stats.get("forward_tokens", 0)], dtype=torch.float64)
+    # tokens_scored: predicted positions, the sum of the n_pred this run wrote (docs/method.md §2.1);
+    # padding = 1 - input tokens / forwarded (padded) tokens
+    totals = torch.tensor([scored, docs, stats.get("forward_tokens", 0),
+                           stats.get("input_tokens", 0)], dtype=torch.float64)
     totals *= float(writes)  # count each tp group once
     if dist:
         totals = totals.to(_collective_device(dist))
@@ -183,7 +187,7 @@ def score_dataset(model, dataset_prefix: str, seq_length: int, out: str, cfg: Sc
     if dist:
         dist.barrier()
     summary = {"out": str(outp), "documents_scored": int(totals[1]), "tokens_scored": int(totals[0]),
-               "padding_fraction": 1 - float(totals[0]) / max(float(totals[2]), 1.0),
+               "padding_fraction": 1 - float(totals[3]) / max(float(totals[2]), 1.0),
                "seconds": elapsed, "tokens_per_s": float(totals[0]) / max(elapsed, 1e-9),
                "tokens_per_s_per_rank": float(totals[0]) / max(elapsed, 1e-9) / world,
                "world_size": world, "shards_resumed": done_before, **_peak_memory(device)}

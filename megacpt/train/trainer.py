@@ -23,7 +23,9 @@ import logging
 import math
 import os
 import random
+import re
 import signal
+from datetime import timedelta
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -32,8 +34,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megacpt.checkpoint import (CheckpointManager, DamagedCheckpoint, is_checkpoint, load_checkpoint,
-                                previous_checkpoint, verify_checkpoint)
+from megacpt.checkpoint import (CheckpointManager, DamagedCheckpoint, is_checkpoint, latest_checkpoint,
+                                load_checkpoint, previous_checkpoint, verify_checkpoint)
 from megacpt.config import ModelConfig
 from megacpt.convert import load_config, load_weights
 from megacpt.convert.hf_gpt_neox import megacpt_to_hf
@@ -62,6 +64,11 @@ ARCH_FIELDS = ("hidden_size", "num_layers", "num_heads", "intermediate_size", "r
 
 class TrainingDiverged(UserError):
     """Too many non-finite steps in a row."""
+
+
+class PeerLost(UserError):
+    """A collective failed or timed out: another rank's process or node died or hangs. Every surviving rank
+    stops with this one line (no traceback) and a non-zero exit; relaunching all nodes resumes the run."""
 
 
 @dataclass
@@ -118,7 +125,9 @@ def init_runtime(job: JobConfig) -> Runtime:
         device = torch.device("cpu")
     owns = False
     if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        # every collective waits at most train.collective_timeout_s for its peers (no endless hang on a
+        # dead or stuck node); with nccl, TORCH_NCCL_ASYNC_ERROR_HANDLING=1 (our launchers) enforces it
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(seconds=t.collective_timeout_s))
         owns = True
     precision = t.precision if t.precision != "auto" else ("bf16" if use_cuda else "fp32")
     rt = Runtime(rank=dist.get_rank() if dist.is_initialized() else 0,
@@ -681,6 +690,35 @@ def agree_to_stop(stop: "_StopFlag", rt: Runtime) -> bool:
     return bool(flag.item())
 
 
+# how gloo, nccl and the c10d store word a peer that is gone (a closed or reset socket) or silent (a timeout)
+_PEER_FAILURE_WORDS = ("connection closed by peer", "connection reset by peer", "broken pipe", "timed out",
+                       "timeout", "connection refused", "communicator was aborted", "remote process exited")
+
+
+def is_peer_failure(e: BaseException) -> bool:
+    """Whether a collective's exception means another rank is gone or silent, not a fault of this rank."""
+    if isinstance(e, dist.DistError):  # DistBackendError, DistNetworkError, DistStoreError
+        return True
+    return isinstance(e, RuntimeError) and any(w in str(e).lower() for w in _PEER_FAILURE_WORDS)
+
+
+def peer_lost(e: BaseException, job: JobConfig, rt: Runtime, iteration: int) -> PeerLost:
+    """The one line a surviving rank ends with: what happened, and where a relaunch resumes."""
+    # the backend's first sentence, without its source location: "Connection closed by peer [host]:port"
+    reason = re.sub(r"^\[[^\]]*\]\s*", "", (str(e).strip().splitlines() or [type(e).__name__])[0])
+    reason = reason.split(". ")[0][:240]
+    src = job.checkpoint.load or job.checkpoint.save
+    try:
+        last = (latest_checkpoint(src) or Path(src)) if src and is_checkpoint(src) else None
+    except UserError:  # a broken `latest`: say where to look, the relaunch will say more
+        last = Path(src)
+    resume = (f"Relaunch every node with the same command to resume from the last complete checkpoint, {last}"
+              if last is not None else "No checkpoint yet: relaunching every node starts from the beginning")
+    return PeerLost(f"rank {rt.rank}: lost a peer after iteration {iteration} ({reason}): another rank's process "
+                    f"or node died or stopped answering (collectives give up after train.collective_timeout_s="
+                    f"{job.train.collective_timeout_s:g} s). {resume}")
+
+
 def log_start(job: JobConfig, rt: Runtime, model: Model, state: TrainState, fused: bool) -> None:
     if not rt.is_main:
         return
@@ -723,6 +761,7 @@ def train(job: JobConfig, on_step: Callable[[int, float], None] | None = None) -
     meter = Throughput(flops_per_token(cfg, job.data.seq_length), rt.world_size, peak)
     result = TrainResult(iteration=state.iteration, skipped_steps=state.skipped_steps)
     log_start(job, rt, model, state, fused)
+    lost: PeerLost | None = None
     try:
         while state.iteration < t.train_iters:
             step = train_step(model, optimizers, sched, train_ds, state, job, rt, fused)
@@ -755,8 +794,13 @@ def train(job: JobConfig, on_step: Callable[[int, float], None] | None = None) -
             ckpt.wait()  # an async save must be complete before export / exit
         if result.stop_reason == "done" and job.checkpoint.export_hf:
             export_hf(job, rt)
+    except RuntimeError as e:  # a dead or hung peer: one clear line on every surviving rank, no traceback
+        if rt.world_size > 1 and is_peer_failure(e):
+            lost = peer_lost(e, job, rt, state.iteration)
+            raise lost from e
+        raise
     finally:
-        if ckpt is not None:
+        if ckpt is not None and lost is None:  # finishing a pending save is collective: not without the peer
             ckpt.close()
         stop.restore()
         logger.close()
