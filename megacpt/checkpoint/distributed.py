@@ -38,6 +38,15 @@ def broadcast_error(err: BaseException | None) -> None:
         raise RuntimeError(f"checkpoint: rank 0 failed: {msg[0]}")
 
 
+def broadcast_object(obj):
+    """Rank 0's ``obj`` on every rank (e.g. the name of a directory rank 0 created)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 @contextlib.contextmanager
 def quiet_single_process():
     """DCP warns on every single-process save/load ("assuming the intent is ..."): that is our intent."""
