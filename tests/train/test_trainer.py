@@ -175,6 +175,7 @@ def test_dp_tp_pp_match_single_process_and_resume_across_layouts(tiny_data, tmp_
     layouts = {"dp": [], "tp": ["parallel.tensor_model_parallel_size=2"],
                "pp": ["parallel.pipeline_model_parallel_size=2", "parallel.pipeline_schedule=1f1b"]}
     jobs = [job_overrides(tiny_data, *o) for o in layouts.values()]
+    jobs[0].append(f"checkpoint.save={tmp_path / 'dp_ck'}")  # two ranks save; rank 0 alone claims the root
     jobs += [job_overrides(tiny_data, *o, f"checkpoint.load={ck}") for o in layouts.values()]
     # init from the exported HF dir at tp=2 (weights sharded on load); lr ~ 0 keeps them: eval == single's
     jobs.append(job_overrides(tiny_data, *layouts["tp"], f"checkpoint.init_from={tmp_path / 'hf'}",
@@ -196,6 +197,8 @@ def test_dp_tp_pp_match_single_process_and_resume_across_layouts(tiny_data, tmp_
         assert sorted(losses) == [4, 5, 6], name
         for i in (4, 5, 6):
             assert losses[i] == pytest.approx(single.losses[i], rel=1e-5, abs=1e-6), (name, i)
+    assert sorted(os.listdir(tmp_path / "dp_ck")) == ["iter_0000006", "latest", "metrics.jsonl"]
+    assert leftovers(tmp_path) == []
 
 
 def test_init_from_hf_and_export(tiny_data, tmp_path):
