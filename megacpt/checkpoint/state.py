@@ -19,8 +19,8 @@ from megacpt.checkpoint.distributed import (broadcast_error, broadcast_object, i
                                             rank, world_size)
 from megacpt.checkpoint.encoding import from_jsonable, to_jsonable
 from megacpt.checkpoint.files import (COMPLETE, FORMAT, LATEST, MODEL_CONFIG, atomic_text, copy_tokenizer,
-                                      fsync_dir, iteration_dirname, latest_checkpoint, list_checkpoints, read_json,
-                                      resolve_checkpoint)
+                                      fsync_dir, iteration_dirname, latest_checkpoint, list_checkpoints, read_complete,
+                                      read_json, resolve_checkpoint)
 from megacpt.checkpoint.integrity import verify
 from megacpt.checkpoint.names import is_tensor, normalize, state_items
 from megacpt.checkpoint.unpickler import safe_reader
@@ -310,7 +310,7 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module | Sequence[nn.Modu
         StateDictOptions, set_model_state_dict, set_optimizer_state_dict)
 
     ck = resolve_checkpoint(path)
-    info = read_json(ck / COMPLETE)
+    info = read_complete(ck)
     verify(ck, info, collective=True)  # every file's size and checksum, before any tensor is read
     models, optimizers, offsets = normalize(model, optimizer, layer_offset)
     if optimizers and info.get("optimizer") == "none":
