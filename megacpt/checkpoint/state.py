@@ -129,7 +129,6 @@ class CheckpointManager:
               model_config, tokenizer, run_config) -> Path:
         import torch.distributed.checkpoint as dcp  # lazy: see unpickler.py
 
-
         # an optimizer that never stepped has no state; asking torch for its state dict would initialise it
         # with a zero-gradient step (AdamW: step=1), changing the training run: save "empty" instead
         has_state = any(len(o.state) for o in optimizers)
@@ -277,7 +276,6 @@ class CheckpointManager:
         for path in done[:-self.keep_last]:
             if path != keep:
                 shutil.rmtree(path, ignore_errors=True)
-
 
 
 def save_checkpoint(root: str | os.PathLike, iteration: int, model, optimizer=None, **kw) -> Path:
