@@ -58,7 +58,7 @@ def read_complete(ck: Path) -> dict:
     except FileNotFoundError:
         raise UserError(f"{path}: missing") from None
     except json.JSONDecodeError as e:
-        raise DamagedCheckpoint(ck, [(COMPLETE, "JSON", f"{e.msg} at line {e.lineno} column {e.colno}")]) from None
+        raise DamagedCheckpoint(ck, [(COMPLETE, "JSON", f"invalid JSON at line {e.lineno} column {e.colno} ({e.msg})")]) from None
     except UnicodeDecodeError:
         raise DamagedCheckpoint(ck, [(COMPLETE, "JSON", "bytes that are not UTF-8")]) from None
     if not isinstance(info, dict):

@@ -336,10 +336,10 @@ def test_train_on_a_garbled_complete_json_offers_the_previous_checkpoint(tiny_da
     line = _one_line(capsys.readouterr().err)
     assert rc == 2 and re.fullmatch(
         rf"megacpt train: error: checkpoint {re.escape(str(four))} is damaged \(complete\.json: expected JSON, "
-        rf"found .* at line \d+ column \d+\); the previous complete checkpoint is iter_0000002: resume from it with "
+        rf"found invalid JSON at line \d+ column \d+ \(.*\)\); the previous complete checkpoint is iter_0000002: resume from it with "
         rf"checkpoint\.load={re.escape(str(two))}", line), line
     assert main(["checkpoint", "verify", str(root)]) == 1
-    assert capsys.readouterr().out.startswith(f"DAMAGED {four}: complete.json: expected JSON, found ")
+    assert capsys.readouterr().out.startswith(f"DAMAGED {four}: complete.json: expected JSON, found invalid JSON at line ")
     (four / "complete.json").write_text("[1, 2]")  # JSON, but not what a save writes
     with pytest.raises(DamagedCheckpoint, match=r"complete\.json: expected a JSON object, found a JSON list"):
         verify_checkpoint(four)
