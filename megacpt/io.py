@@ -451,7 +451,8 @@ def pause_for_test(point: str) -> None:
     Points: ``atomic-write`` (an `atomic_path` temporary written, not renamed), ``preprocess-start`` (the output
     temporaries exist, empty), ``preprocess-write`` (the first chunk is in them), ``indexed-finalize`` (a dataset's
     `.idx` temporary is written, nothing renamed yet), ``select-write``, ``convert-write`` (a safetensors shard
-    is in the temp dir), ``score-shard`` (a score shard committed)."""
+    is in the temp dir), ``score-shard`` (a score shard committed), ``checkpoint-save`` (a checkpoint's files are in
+    its temp dir, ``complete.json`` not yet)."""
     spec = os.environ.get("MEGACPT_TEST_PAUSE")
     if spec and spec.partition(":")[0] == point:
         Path(spec.partition(":")[2]).touch()

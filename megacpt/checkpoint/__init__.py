@@ -12,7 +12,8 @@ Layout of a checkpoint root::
         tokenizer/                   copy of the tokenizer dir/file, when given
         complete.json                written last: iteration, optimizer (saved|empty|none), world size, time,
                                      and the manifest: {"checksum": "crc32", "files": {path: {size, crc32}}}
-    ROOT/iter_0000200.tmp/           a save in progress (or killed): never read, removed by the next save
+    ROOT/.iter_0000200.HOST-PID-RAND.tmp/   a save in progress, locked by its writer (or killed, unlocked:
+                                     removed by the next job saving to ROOT); never read
 
 Why this shape:
 - Names are *global and layout-independent*: DTensor (TP) and FSDP2 shards are saved by their global
@@ -21,9 +22,13 @@ Why this shape:
 - Nothing is unpickled when loading. DCP would ``torch.load(weights_only=False)`` any non-tensor value
   it stored, so non-tensors never go to DCP: they are split out into JSON (`objects.json`), and
   ``extra``/``rank_extra`` are JSON with tensors encoded as raw bytes (``{"__tensor__": ...}``).
-- Atomic: everything is written into ``iter_X.tmp``; ``complete.json`` is written last, the dir is
+- Atomic: everything is written into the temp dir; ``complete.json`` is written last, the dir is
   renamed to ``iter_X`` and only then ``latest`` is replaced (temp + rename). A save killed at any
   point leaves ``latest`` and all complete checkpoints untouched.
+- One job per root: ``CheckpointManager`` holds ROOT's lock (``megacpt.io.claim_output``, rank 0 alone) until
+  ``close``; a second live job saving there is refused, naming the holder. Rank 0 creates each save's temp dir
+  (``megacpt.io.tmp_dir_for``: owner-named, flock held until the rename) and names it to the other ranks.
+  Temp dirs nobody holds (killed saves) are removed on start and before each save; a live one never.
 - Verifiable: every file is counted and CRC-32'd as it is written (``checksum.py``: DCP writes through a
   hashing filesystem), each rank records its own files and rank 0 puts them all in ``complete.json``'s
   manifest. Every loader checks sizes and checksums before reading a tensor (``integrity.py``); a mismatch

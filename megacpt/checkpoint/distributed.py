@@ -6,6 +6,8 @@ import warnings
 
 import torch.distributed as dist
 
+from megacpt.errors import UserError
+
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -30,12 +32,24 @@ def broadcast_error(err: BaseException | None) -> None:
         if err is not None:
             raise err
         return
-    msg = [f"{type(err).__name__}: {err}" if err is not None else None]
+    msg = [None if err is None else (isinstance(err, UserError), f"{type(err).__name__}: {err}", str(err))]
     dist.broadcast_object_list(msg, src=0)
     if err is not None:
         raise err
     if msg[0] is not None:
-        raise RuntimeError(f"checkpoint: rank 0 failed: {msg[0]}")
+        user, typed, text = msg[0]
+        if user:  # the user's to fix (e.g. another live job holds the save root): one line on every rank
+            raise UserError(f"rank 0: {text}")
+        raise RuntimeError(f"checkpoint: rank 0 failed: {typed}")
+
+
+def broadcast_object(obj):
+    """Rank 0's ``obj`` on every rank (e.g. the name of a directory rank 0 created)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 @contextlib.contextmanager

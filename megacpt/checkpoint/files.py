@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from megacpt.checkpoint.checksum import FileRecords, check_bytes, copy_file, manifest_of
+from megacpt.checkpoint.checksum import DamagedCheckpoint, FileRecords, check_bytes, copy_file, manifest_of
 from megacpt.config import ModelConfig
 from megacpt.errors import UserError
 from megacpt.io import atomic_path
@@ -47,6 +47,23 @@ def read_json(path: Path, checkpoint: Path | None = None, manifest: dict | None 
         return json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not valid JSON ({e})") from None
+
+
+def read_complete(ck: Path) -> dict:
+    """The ``complete.json`` of the checkpoint dir ``ck``. Garbled (not JSON, not an object): `DamagedCheckpoint`,
+    like any other damaged file, so ``train`` offers the previous complete checkpoint."""
+    path = ck / COMPLETE
+    try:
+        info = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise UserError(f"{path}: missing") from None
+    except json.JSONDecodeError as e:
+        raise DamagedCheckpoint(ck, [(COMPLETE, "JSON", f"invalid JSON at line {e.lineno} column {e.colno} ({e.msg})")]) from None
+    except UnicodeDecodeError:
+        raise DamagedCheckpoint(ck, [(COMPLETE, "JSON", "bytes that are not UTF-8")]) from None
+    if not isinstance(info, dict):
+        raise DamagedCheckpoint(ck, [(COMPLETE, "a JSON object", f"a JSON {type(info).__name__}")])
+    return info
 
 
 def fsync_dir(path: Path) -> None:
@@ -143,7 +160,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     if path.name.endswith(".tmp"):  # a save in progress or killed: complete.json may be there, the rename is not
         raise UserError(f"checkpoint {path}: incomplete (a .tmp dir); the save did not finish")
     if (path / COMPLETE).is_file():
-        info = read_json(path / COMPLETE)
+        info = read_complete(path)
         if info.get("format") != FORMAT:
             raise UserError(f"{path / COMPLETE}: unknown checkpoint format {info.get('format')!r} "
                             f"(expected {FORMAT})")
@@ -159,5 +176,5 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 def read_model_config(path: str | os.PathLike) -> ModelConfig:
     """The ``ModelConfig`` a checkpoint was saved with (records ``padded_vocab_size``)."""
     ck = resolve_checkpoint(path)
-    cfg = read_json(ck / MODEL_CONFIG, ck, manifest_of(ck, read_json(ck / COMPLETE)))
+    cfg = read_json(ck / MODEL_CONFIG, ck, manifest_of(ck, read_complete(ck)))
     return ModelConfig.from_dict(cfg).validate()

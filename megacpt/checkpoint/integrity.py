@@ -34,7 +34,7 @@ import torch.distributed as dist
 from megacpt.checkpoint.checksum import (ALGORITHM, DamagedCheckpoint, crc_problem, file_crc32, manifest_of,
                                          size_problem)
 from megacpt.checkpoint.distributed import is_distributed, rank, world_size
-from megacpt.checkpoint.files import COMPLETE, iteration_of, list_checkpoints, read_json, resolve_checkpoint
+from megacpt.checkpoint.files import iteration_of, list_checkpoints, read_complete, resolve_checkpoint
 from megacpt.checkpoint.unpickler import safe_reader
 from megacpt.errors import UserError
 
@@ -69,7 +69,7 @@ def verify(ck: Path, info: dict | None = None, *, checksums: bool = True, collec
     ``note``: log (once) that a checkpoint without a manifest cannot be verified (loaders do; the
     ``verify`` command prints its own line).
     """
-    info = read_json(ck / COMPLETE) if info is None else info
+    info = read_complete(ck) if info is None else info
     manifest = manifest_of(ck, info)
     wrong_size: list[tuple[str, str, str]] = []   # (file, expected, found): a wrong size says more, first
     wrong_crc: list[tuple[str, str, str]] = []

@@ -15,18 +15,19 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from megacpt.checkpoint.checksum import ALGORITHM, FileRecords, file_crc32, hashing_storage_writer, write_json
-from megacpt.checkpoint.distributed import (barrier, broadcast_error, is_distributed, quiet_single_process, rank,
-                                            world_size)
+from megacpt.checkpoint.distributed import (broadcast_error, broadcast_object, is_distributed, quiet_single_process,
+                                            rank, world_size)
 from megacpt.checkpoint.encoding import from_jsonable, to_jsonable
 from megacpt.checkpoint.files import (COMPLETE, FORMAT, LATEST, MODEL_CONFIG, atomic_text, copy_tokenizer,
-                                      fsync_dir, iteration_dirname, latest_checkpoint, list_checkpoints, read_json,
-                                      resolve_checkpoint)
+                                      fsync_dir, iteration_dirname, latest_checkpoint, list_checkpoints, read_complete,
+                                      read_json, resolve_checkpoint)
 from megacpt.checkpoint.integrity import verify
 from megacpt.checkpoint.names import is_tensor, normalize, state_items
 from megacpt.checkpoint.unpickler import safe_reader
 from megacpt.checkpoint.weights import checkpoint_tensors
 from megacpt.errors import UserError
-from megacpt.io import write_json_atomic
+from megacpt.io import (claim_output, commit_tmp, discard_tmp, pause_for_test, remove_stale_temps, tmp_dir_for,
+                        write_json_atomic)
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,12 @@ class CheckpointManager:
     With ``async_save`` the tensors are staged to CPU memory and written by a background thread
     (``dcp.async_save`` on a dedicated gloo group); the checkpoint is finalised (marked complete,
     ``latest`` updated, old ones pruned) by the next ``save``/``wait``/``close`` on every rank.
+
+    ``ROOT`` is this job's from construction to `close` (``megacpt.io.claim_output``, taken by rank 0 alone: the
+    other ranks only write into the temp dirs rank 0 names): a second live job saving there is refused, naming
+    the holder's pid and host, and the temp dirs of a killed save (``.iter_X.HOST-PID-RAND.tmp``, unlocked) are
+    removed, at the start and before each save. A save in progress is locked by its writer, so it is never
+    removed. Use as a context manager, or call `close`.
     """
 
     def __init__(self, root: str | os.PathLike, keep_last: int = 2, async_save: bool = False):
@@ -64,9 +71,25 @@ class CheckpointManager:
         self.async_save = async_save
         self._pending: _Pending | None = None
         self._async_pg = None
+        self._claim = contextlib.ExitStack()
+        err = None
         if rank() == 0:
-            self.root.mkdir(parents=True, exist_ok=True)
-        barrier()
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+                # the lock is .ROOT.lock beside ROOT (resolved: ROOT may be "." or end in "..")
+                self._claim.enter_context(claim_output(self.root.resolve(), files=[], dirs=[self.root]))
+                for old in self.root.glob("iter_*.tmp"):  # older megacpt's temp dirs (no owner): under the lock
+                    shutil.rmtree(old, ignore_errors=True)
+            except (OSError, UserError) as e:
+                self._claim.close()
+                err = e if isinstance(e, UserError) else UserError(f"checkpoint: cannot create {self.root}: {e}")
+        broadcast_error(err)
+
+    def __enter__(self) -> "CheckpointManager":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # -- public ------------------------------------------------------------------------------------
     def save(self, iteration: int, model: nn.Module | Sequence[nn.Module], optimizer: Any = None, *,
@@ -79,21 +102,32 @@ class CheckpointManager:
         ``rank_extra``: per-rank values (RNG state); restored only on a rank of the same number.
         ``run_config``: the resolved training config, saved as ``run_config.json``.
         """
-        import torch.distributed.checkpoint as dcp  # lazy: see unpickler.py
-
         self.wait()
         models, optimizers, offsets = normalize(model, optimizer, layer_offset)
         final = self.root / iteration_dirname(iteration)
-        tmp = final.with_name(final.name + ".tmp")
-        err = None
+        err, tmp = None, None
         if rank() == 0:
             try:
-                self._remove_stale_tmp()
-                tmp.mkdir(parents=True)
+                remove_stale_temps([], [self.root])  # killed saves since the claim (kept while young: io.py)
+                tmp = tmp_dir_for(final)  # .iter_X.HOST-PID-RAND.tmp, locked by rank 0 until renamed
                 (tmp / "rank_extra").mkdir()
             except OSError as e:
-                err = UserError(f"checkpoint: cannot create {tmp}: {e}")
+                if tmp is not None:
+                    discard_tmp(tmp)
+                err = UserError(f"checkpoint: cannot create a temp dir beside {final}: {e}")
         broadcast_error(err)
+        tmp = Path(broadcast_object(None if tmp is None else str(tmp)))
+        try:
+            return self._save(tmp, final, iteration, models, optimizers, offsets, extra, rank_extra, model_config,
+                              tokenizer, run_config)
+        except BaseException:
+            if rank() == 0:
+                discard_tmp(tmp)
+            raise
+
+    def _save(self, tmp: Path, final: Path, iteration: int, models, optimizers, offsets, extra, rank_extra,
+              model_config, tokenizer, run_config) -> Path:
+        import torch.distributed.checkpoint as dcp  # lazy: see unpickler.py
 
         # an optimizer that never stepped has no state; asking torch for its state dict would initialise it
         # with a zero-gradient step (AdamW: step=1), changing the training run: save "empty" instead
@@ -176,6 +210,8 @@ class CheckpointManager:
                 raise RuntimeError(f"checkpoint: async save of {p.tmp} failed: {'; '.join(bad)}")
             files = {k: v for f in flags for k, v in f[1].items()}
         elif err is not None:
+            if rank() == 0:
+                discard_tmp(p.tmp)
             raise err
         err = None
         if rank() == 0:
@@ -183,20 +219,30 @@ class CheckpointManager:
                 self._finalize(p, files)
             except OSError as e:
                 err = UserError(f"checkpoint: finalising {p.tmp}: {e}")
+            except BaseException:
+                discard_tmp(p.tmp)
+                raise
+            if err is not None:
+                discard_tmp(p.tmp)
         broadcast_error(err)
 
     def close(self) -> None:
-        self.wait()
-        if self._async_pg is not None:
-            with contextlib.suppress(Exception):
-                dist.destroy_process_group(self._async_pg)
-            self._async_pg = None
+        """Finish a pending save, then give ``ROOT`` up (its lock)."""
+        try:
+            self.wait()
+        finally:
+            if self._async_pg is not None:
+                with contextlib.suppress(Exception):
+                    dist.destroy_process_group(self._async_pg)
+                self._async_pg = None
+            self._claim.close()
 
     def latest(self) -> Path | None:
         return latest_checkpoint(self.root)
 
     # -- internals (rank 0) ----------------------------------------------------------------------------
     def _finalize(self, p: _Pending, files: dict[str, dict]) -> None:
+        pause_for_test("checkpoint-save")
         # the manifest: every file of the checkpoint as its writer saw it (complete.json itself excluded)
         unrecorded = sorted(q.relative_to(p.tmp).as_posix() for q in p.tmp.rglob("*")
                             if q.is_file() and q.relative_to(p.tmp).as_posix() not in files)
@@ -212,16 +258,15 @@ class CheckpointManager:
         fsync_dir(p.tmp)
         old = None
         if p.final.exists():  # saving the same iteration again (e.g. after a resume): swap, then drop
-            old = p.final.with_name(p.final.name + ".old.tmp")
-            shutil.rmtree(old, ignore_errors=True)
+            old = tmp_dir_for(p.final)  # an owner-named empty dir, which the rename replaces
             os.replace(p.final, old)
-        os.replace(p.tmp, p.final)
+        commit_tmp(p.tmp, p.final)
         fsync_dir(self.root)
         with atomic_text(self.root / LATEST) as f:
             f.write(p.final.name + "\n")
         fsync_dir(self.root)
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            discard_tmp(old)
         self._prune(keep=p.final)
 
     def _prune(self, keep: Path) -> None:
@@ -232,16 +277,12 @@ class CheckpointManager:
             if path != keep:
                 shutil.rmtree(path, ignore_errors=True)
 
-    def _remove_stale_tmp(self) -> None:
-        for p in self.root.glob("iter_*.tmp"):  # killed saves: never complete, never pointed to
-            shutil.rmtree(p, ignore_errors=True)
-
-
 
 def save_checkpoint(root: str | os.PathLike, iteration: int, model, optimizer=None, **kw) -> Path:
     """One synchronous save with keep-all (see ``CheckpointManager.save`` for the arguments)."""
     keep = kw.pop("keep_last", 0)
-    return CheckpointManager(root, keep_last=keep).save(iteration, model, optimizer, **kw)
+    with CheckpointManager(root, keep_last=keep) as mgr:
+        return mgr.save(iteration, model, optimizer, **kw)
 
 
 @dataclass
@@ -267,7 +308,7 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module | Sequence[nn.Modu
         StateDictOptions, set_model_state_dict, set_optimizer_state_dict)
 
     ck = resolve_checkpoint(path)
-    info = read_json(ck / COMPLETE)
+    info = read_complete(ck)
     verify(ck, info, collective=True)  # every file's size and checksum, before any tensor is read
     models, optimizers, offsets = normalize(model, optimizer, layer_offset)
     if optimizers and info.get("optimizer") == "none":

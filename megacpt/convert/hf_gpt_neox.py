@@ -303,16 +303,15 @@ def hf_to_megacpt(hf_dir: str | os.PathLike, out: str | os.PathLike, tp: int = 1
     cfg.padded_vocab_size = max(-(-cfg.vocab_size // m) * m, cfg.padded_vocab_size or 0)
     ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp).resolve(tp * pp).validate_model(cfg)
     out = Path(out)
-    # an iter_*.tmp of a killed conversion is no checkpoint: the save below removes it
+    # a killed conversion's temp dir (.iter_0000000.*.tmp, hidden) is no checkpoint: the save below removes it
     if is_checkpoint(out) or (out.is_dir() and any(not p.name.endswith(".tmp") for p in out.glob("iter_*"))):
         raise UserError(f"--out {out}: already holds a checkpoint; choose a new directory")
     tokenizer = tokenizer if tokenizer is not None else find_hf_tokenizer(hf_dir)
     sd = dict(hf_state_dict(hf_dir, cfg, allow_pickle=allow_pickle))
     if cfg.tie_word_embeddings:  # the model's state dict (what training saves) names both
         sd["embed_out.weight"] = sd["embed_in.weight"]
-    mgr = CheckpointManager(out, keep_last=0)
-    with describe_interrupt(lambda: f"; no checkpoint was written to {out} (the re-run removes a partial "
-                                    "iter_0000000.tmp): re-run the same command"):
+    with CheckpointManager(out, keep_last=0) as mgr, describe_interrupt(
+            lambda: f"; no checkpoint was written to {out}: re-run the same command"):
         mgr.save(0, sd, extra={"converted_from": {"hf_dir": str(Path(hf_dir).resolve()), "tp": tp, "pp": pp,
                                                   "architectures": raw.get("architectures")}},
                  model_config=cfg, tokenizer=tokenizer)

@@ -733,9 +733,27 @@ def log_start(job: JobConfig, rt: Runtime, model: Model, state: TrainState, fuse
 def train(job: JobConfig, on_step: Callable[[int, float], None] | None = None) -> TrainResult:
     """Run (or resume) a training job. All validation happens before any process-group work."""
     resume = prepare_job(job)
-    cfg, t, lg = job.model, job.train, job.logging
-
     rt = init_runtime(job)
+    ckpt, lost = None, False
+    try:
+        if job.checkpoint.save:  # the save root is this job's until the end: a second live job there is refused
+            ckpt = CheckpointManager(job.checkpoint.save, keep_last=job.checkpoint.keep_last,
+                                     async_save=job.checkpoint.async_save)
+        return run_loop(job, rt, resume, ckpt, on_step)
+    except PeerLost:
+        lost = True
+        raise
+    finally:
+        if ckpt is not None and not lost:  # finishing a pending save is collective: not without the peer
+            ckpt.close()  # (after a lost peer the process exits: its locks go with it)
+        if rt.owns_process_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_loop(job: JobConfig, rt: Runtime, resume: str | None, ckpt: CheckpointManager | None,
+             on_step: Callable[[int, float], None] | None) -> TrainResult:
+    """Build model, optimizer and data, restore ``resume``, train, save into ``ckpt`` (None: no checkpoints)."""
+    cfg, t, lg = job.model, job.train, job.logging
     seed_everything(t.seed)
     model = build_model(job, rt, cfg, resume or job.checkpoint.init_from)
     if resume is None and job.checkpoint.init_from:
@@ -749,10 +767,6 @@ def train(job: JobConfig, on_step: Callable[[int, float], None] | None = None) -
     # stays gathered after hidden_states) and PP (the last stage's loss function applies it)
     fused = t.fused_loss
     state = restore(resume, model, optimizers, sched, job, rt) if resume is not None else TrainState()
-    ckpt = None
-    if job.checkpoint.save:
-        ckpt = CheckpointManager(job.checkpoint.save, keep_last=job.checkpoint.keep_last,
-                                 async_save=job.checkpoint.async_save)
 
     logger = MetricsLogger(job, rt)
     stop = _StopFlag(t.exit_signal_save)
@@ -800,12 +814,8 @@ def train(job: JobConfig, on_step: Callable[[int, float], None] | None = None) -
             raise lost from e
         raise
     finally:
-        if ckpt is not None and lost is None:  # finishing a pending save is collective: not without the peer
-            ckpt.close()
         stop.restore()
         logger.close()
-        if rt.owns_process_group and dist.is_initialized():
-            dist.destroy_process_group()
     return result
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -140,6 +141,9 @@ def test_load_errors_name_the_tensor(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- kill -9
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+OWNED_TMP = re.compile(r"\.iter_\d{7}\.[A-Za-z0-9_]+-(\d+)-[0-9a-f]{8}\.tmp")
+
 _KILLER = textwrap.dedent("""
     import os, signal, sys
     import torch
@@ -149,6 +153,7 @@ _KILLER = textwrap.dedent("""
     import megacpt.checkpoint.state as S
 
     root, where = sys.argv[1], sys.argv[2]
+    print(os.getpid(), flush=True)
     model = build(); opt = optimizer(model.parameters()); fake_step(model.parameters(), opt)
     mgr = C.CheckpointManager(root, keep_last=3)
     mgr.save(1, model, opt, extra={{"it": 1}})
@@ -165,6 +170,11 @@ _KILLER = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("where", ["writing", "finalize"])
+@pytest.mark.fault(fault="kill -9 mid-checkpoint-save (writing the shards / complete.json written, not renamed)",
+                   stage="train", sees="nothing (killed); the previous checkpoint loads; the next job saving to the "
+                                       "root removes the killed save's temp dir",
+                   left="the complete checkpoints and the hidden temp dir .iter_N.HOST-PID-RAND.tmp until the next "
+                        "job saving to the root")
 def test_save_killed_midway_leaves_previous_checkpoint(tmp_path, where):
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     script = tmp_path / "killer.py"
@@ -172,17 +182,76 @@ def test_save_killed_midway_leaves_previous_checkpoint(tmp_path, where):
     root = tmp_path / "ck"
     r = subprocess.run([sys.executable, str(script), str(root), where], capture_output=True, text=True, timeout=120)
     assert r.returncode == -9, r.stderr[-2000:]
-    # the killed save left only a .tmp dir: never listed, never pointed to
-    assert (root / "iter_0000002.tmp").is_dir()
+    # the killed save left only its temp dir, named after it and its writer: never listed, never pointed to
+    (left,) = [p for p in root.iterdir() if p.name.startswith(".iter_0000002.")]
+    assert left.is_dir() and OWNED_TMP.fullmatch(left.name)[1] == r.stdout.split()[0], left.name
     assert [p.name for p in list_checkpoints(root)] == ["iter_0000001"]
     assert latest_checkpoint(root).name == "iter_0000001"
     model = build(seed=9)
     assert load_checkpoint(root, model).extra == {"it": 1}
     with pytest.raises(UserError, match="incomplete"):
-        load_checkpoint(root / "iter_0000002.tmp", model)
-    # the next save cleans up the leftover
-    CheckpointManager(root, keep_last=3).save(3, model)
+        load_checkpoint(left, model)
+    # the next job saving there removes it on start: its writer is dead, its lock went with it
+    with CheckpointManager(root, keep_last=3):
+        assert sorted(os.listdir(root)) == ["iter_0000001", "latest"]
+    save_checkpoint(root, 3, model)
     assert sorted(os.listdir(root)) == ["iter_0000001", "iter_0000003", "latest"]
+    assert sorted(os.listdir(tmp_path)) == ["ck", "killer.py"]  # the root's lock went with its job
+
+
+def _holder(code: str) -> subprocess.Popen:
+    """A child that runs ``code`` (megacpt importable), prints "ready" and sleeps until killed."""
+    script = textwrap.dedent(code) + "\nprint('ready', flush=True)\nimport time; time.sleep(120)\n"
+    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                         env={**os.environ, "PYTHONPATH": REPO})
+    assert p.stdout.readline().strip() == "ready"
+    return p
+
+
+@pytest.mark.fault(fault="a live job's checkpoint save in progress in the same root (simulated: a process holding "
+                         "its temp dir's lock)", stage="train",
+                   sees="nothing: the next job's start removes only the unlocked temp dirs of dead writers",
+                   left="the live save's temp dir, untouched")
+def test_a_live_saves_temp_dir_is_kept_a_dead_ones_removed(tmp_path):
+    root = tmp_path / "ck"
+    root.mkdir()
+    make = f"from megacpt import io\nt = io.tmp_dir_for({str(root / 'iter_0000002')!r}); (t / 'x.distcp').write_text('x')"
+    live = _holder(make)
+    try:
+        dead = subprocess.run([sys.executable, "-c", make + "\nimport os; os._exit(0)  # as if killed"],
+                              timeout=60, env={**os.environ, "PYTHONPATH": REPO})
+        assert dead.returncode == 0
+        temps = sorted(p.name for p in root.iterdir())
+        assert len(temps) == 2 and all(OWNED_TMP.fullmatch(n) for n in temps), temps
+        (root / "iter_0000001.tmp").mkdir()  # an older megacpt's temp dir (no owner): goes under the root's lock
+        with CheckpointManager(root) as mgr:
+            (kept,) = [p for p in root.iterdir() if OWNED_TMP.fullmatch(p.name)[1] == str(live.pid)]
+            assert sorted(p.name for p in root.iterdir()) == [kept.name]
+            mgr.save(3, build())
+        assert sorted(p.name for p in root.iterdir()) == sorted([kept.name, "iter_0000003", "latest"])
+        assert (kept / "x.distcp").read_text() == "x"
+    finally:
+        live.kill()
+        live.wait()
+    save_checkpoint(root, 4, build())  # its writer gone: the next job removes it
+    assert sorted(os.listdir(root)) == ["iter_0000003", "iter_0000004", "latest"]
+
+
+@pytest.mark.fault(fault="a second job saving checkpoints to the root of a live one", stage="train",
+                   sees="one line: ROOT is being written by another live job (pid P on HOST; lock ...); exit 2",
+                   left="the live job's checkpoints and temp dirs, untouched")
+def test_a_second_job_on_a_live_jobs_root_is_refused(tmp_path):
+    root = tmp_path / "ck"
+    holder = _holder(f"from megacpt.checkpoint import CheckpointManager\nm = CheckpointManager({str(root)!r})")
+    try:
+        with pytest.raises(UserError, match=rf"ck is being written by another live job \(pid {holder.pid} on "):
+            CheckpointManager(root)
+    finally:
+        holder.kill()
+        holder.wait()
+    with CheckpointManager(root) as mgr:  # killed: its lock went with it
+        mgr.save(1, build())
+    assert sorted(os.listdir(tmp_path)) == ["ck"]
 
 
 class _Evil:

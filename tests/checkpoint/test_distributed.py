@@ -9,12 +9,18 @@ One process spawn serves every test here (spawning 4 torch processes dominates t
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from megacpt.testing import run_distributed
 from megacpt.checkpoint import load_checkpoint, read_tensors, save_checkpoint, verify_checkpoint
+
+from tests.faults import leftovers
 
 from .helpers import assert_states_equal, build, fake_step, full, model_config, named_state, optimizer
 
@@ -32,7 +38,20 @@ def _layouts_worker(rank: int, world: int, root_in: str, out: str, hf_dir: str, 
     owned = {layout: _reshard(rank, world, layout, root_in, f"{out}/{layout}") for layout in LAYOUTS}
     _convert_at_tp2pp2(world, hf_dir, ck_conv, f"{out}/conv")
     owned["damaged"] = _damaged_collective_load(rank, root_in, f"{out}/damaged")
+    owned["refused"] = _refused(f"{out}/held")
     return owned
+
+
+def _refused(root: str) -> str | None:
+    """Another live job holds ``root`` (the parent started it): every rank is refused, none waits."""
+    from megacpt.checkpoint import CheckpointManager
+    from megacpt.errors import UserError
+
+    try:
+        CheckpointManager(root)
+    except UserError as e:
+        return str(e)
+    return None
 
 
 def _damaged_collective_load(rank: int, root_in: str, out: str) -> str | None:
@@ -136,8 +155,18 @@ def layouts_run(tmp_path_factory):
     save_checkpoint(tmp / "in", 2, ref, opt, extra={"from": "single"})
     hf = make_hf_dir(tmp / "hf", seed=4)
     conv = hf_to_megacpt(hf, tmp / "conv_in", tp=2, pp=2)
-    owned = run_distributed(_layouts_worker, 4, str(tmp / "in"), str(tmp / "out"), str(hf), str(conv),
-                            timeout=300)
+    holder = subprocess.Popen([sys.executable, "-c", f"from megacpt.checkpoint import CheckpointManager\n"
+                               f"m = CheckpointManager({str(tmp / 'out' / 'held')!r})\nprint('held', flush=True)\n"
+                               "import time; time.sleep(600)"], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        owned = run_distributed(_layouts_worker, 4, str(tmp / "in"), str(tmp / "out"), str(hf), str(conv),
+                                timeout=300)
+    finally:
+        holder.kill()
+        holder.wait()
+    owned[0]["holder"] = holder.pid
     fake_step(ref.parameters(), opt)  # the step every layout took after loading
     return dict(tmp=tmp, ref=ref, opt=opt, owned=owned, hf=hf)
 
@@ -169,6 +198,20 @@ def test_damage_found_by_one_rank_stops_every_rank(layouts_run):
     msgs = [r["damaged"] for r in layouts_run["owned"]]
     assert len(set(msgs)) == 1 and msgs[0] is not None, msgs
     assert "__0_0.distcp: expected crc32 " in msgs[0] and "(same size, different bytes)" in msgs[0]
+
+
+@pytest.mark.distributed
+@pytest.mark.fault(fault="a second multi-rank job saving to the root of a live one", stage="train",
+                   sees="one line on every rank: ROOT is being written by another live job (pid P on HOST; ...); "
+                        "no rank waits", left="the live job's root, untouched")
+def test_every_rank_of_a_second_job_on_a_live_root_is_refused(layouts_run):
+    msgs = [r["refused"] for r in layouts_run["owned"]]
+    pid = layouts_run["owned"][0]["holder"]
+    assert msgs[0] is not None and f"held is being written by another live job (pid {pid} on " in msgs[0], msgs
+    assert msgs[1:] == [f"rank 0: {msgs[0]}"] * 3, msgs
+    # the saves of the 4-rank run (rank 0 claimed each root) left no temporaries, nor locks; the holder, killed
+    # with -9, left its lock file (empty of meaning without a holder: the next job on that root takes it over)
+    assert leftovers(layouts_run["tmp"] / "out") == [".held.lock"]
 
 
 @pytest.mark.distributed

@@ -313,3 +313,35 @@ def test_train_on_damaged_latest_names_the_previous_checkpoint_and_resumes_from_
     with pytest.raises(UserError, match=rf"is damaged .*; no earlier complete checkpoint is left in "
                                         rf"{re.escape(str(root))}$"):
         trainer.train(load_job_config(None, [*over, "train.train_iters=6"]))
+
+
+@pytest.mark.fault(fault="garbled complete.json of the latest checkpoint", stage="train (resume)",
+                   sees="one line: checkpoint iter_N is damaged (complete.json: expected JSON, found ...); the previous "
+                        "complete checkpoint is iter_M: resume from it with checkpoint.load=ROOT/iter_M",
+                   left="both checkpoints untouched; resuming from iter_M re-saves iter_N")
+def test_train_on_a_garbled_complete_json_offers_the_previous_checkpoint(tiny_data, tmp_path, capsys):
+    from megacpt.train import trainer
+    from megacpt.train.job import load_job_config
+    from tests.train.conftest import job_overrides
+
+    root = tmp_path / "run"
+    over = job_overrides(tiny_data, "train.train_iters=4", "checkpoint.save_interval=2", "checkpoint.keep_last=0",
+                         "data.eval_prefixes={}", f"checkpoint.save={root}")
+    assert main(["train", *over]) == 0  # (through main: its log handler writes to this test's captured stdout)
+    capsys.readouterr()
+    two, four = root / "iter_0000002", root / "iter_0000004"
+    text = (four / "complete.json").read_text()
+    (four / "complete.json").write_text(text[: len(text) // 2])  # cut mid-write by a crash of the storage
+    rc = main(["train", *over])
+    line = _one_line(capsys.readouterr().err)
+    assert rc == 2 and re.fullmatch(
+        rf"megacpt train: error: checkpoint {re.escape(str(four))} is damaged \(complete\.json: expected JSON, "
+        rf"found invalid JSON at line \d+ column \d+ \(.*\)\); the previous complete checkpoint is iter_0000002: resume from it with "
+        rf"checkpoint\.load={re.escape(str(two))}", line), line
+    assert main(["checkpoint", "verify", str(root)]) == 1
+    assert capsys.readouterr().out.startswith(f"DAMAGED {four}: complete.json: expected JSON, found invalid JSON at line ")
+    (four / "complete.json").write_text("[1, 2]")  # JSON, but not what a save writes
+    with pytest.raises(DamagedCheckpoint, match=r"complete\.json: expected a JSON object, found a JSON list"):
+        verify_checkpoint(four)
+    again = trainer.train(load_job_config(None, [*over, f"checkpoint.load={two}"]))
+    assert sorted(again.losses) == [3, 4] and verify_checkpoint(root).path == four

@@ -22,7 +22,7 @@ def _signal_self(sig: int) -> None:
                    sees="first: 'will save a checkpoint after this step and exit'; second: one line, interrupted by "
                         "SIGTERM at iteration N; re-run the same command: it resumes from the last checkpoint; "
                         "exit 143",
-                   left="the checkpoints saved so far (a partial iter_*.tmp is removed by the next save)")
+                   left="the checkpoints saved so far; a save in progress is removed as the job unwinds")
 def test_second_sigterm_chains_to_the_entry_point_handler():
     with handle_signals():
         stop = trainer._StopFlag(True)
@@ -91,3 +91,34 @@ def test_train_interrupted_says_where_to_resume(tiny_data, tmp_path, exit_signal
     assert stderr.strip().splitlines()[-1] == ("megacpt train: interrupted by SIGTERM at iteration 2; re-run the same "
                                                f"command: it resumes from the last checkpoint in {ck}")
     assert sorted(os.listdir(ck)) == ["iter_0000001", "latest", "metrics.jsonl"] and leftovers(ck) == []
+
+
+@pytest.mark.fault(fault="a second `megacpt train` on the save root of a live one (paused mid-save), then kill -9 of "
+                         "the first", stage="train",
+                   sees="the second: one line, ROOT is being written by another live job (pid P on HOST; lock ...); "
+                        "exit 2; the re-run after the kill trains and exits 0",
+                   left="while the first lives: its save's temp dir, untouched; after the re-run: nothing but "
+                        "complete checkpoints")
+def test_second_train_on_a_live_save_root_is_refused_and_its_save_kept(tiny_data, tmp_path):
+    from tests.faults import Job, leftovers, run
+    from tests.train.conftest import job_overrides
+
+    ck = tmp_path / "ck"
+    args = ["train", *job_overrides(tiny_data, f"checkpoint.save={ck}", "checkpoint.save_interval=1",
+                                    "train.train_iters=1", "scheduler.warmup_iters=0")]
+    first = Job(args, tmp_path, pause="checkpoint-save", name="first")
+    try:
+        first.wait_paused()  # in its first save: the files are in its temp dir, complete.json is not
+        (live,) = leftovers(ck)
+        rc, err = run(args, tmp_path, name="second")
+        assert rc == 2, err
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert lines[-1].startswith(f"megacpt train: error: {ck} is being written by another live job "
+                                    f"(pid {first.proc.pid} on "), err
+        assert "Traceback" not in err
+        assert leftovers(ck) == [live]
+    finally:
+        first.kill()
+    rc, err = run(args, tmp_path, name="rerun")
+    assert rc == 0, err
+    assert leftovers(tmp_path) == [] and sorted(os.listdir(ck)) == ["iter_0000001", "latest", "metrics.jsonl"]

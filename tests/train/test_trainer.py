@@ -14,6 +14,7 @@ from megacpt.errors import UserError
 from megacpt.testing import run_distributed
 from megacpt.train import trainer
 from megacpt.checkpoint import latest_checkpoint, read_tensors, checkpoint_tensors
+from tests.faults import leftovers
 from tests.train.conftest import job_overrides, make_dataset
 
 
@@ -100,11 +101,19 @@ def test_data_validation_errors(tiny_data, tmp_path):
 
 _CHILD = textwrap.dedent("""
     import os, signal, sys
+    from megacpt.checkpoint.state import CheckpointManager
     from megacpt.train.job import load_job_config
     from megacpt.train.trainer import train
     kill_at = int(sys.argv[1])
-    job = load_job_config(None, sys.argv[2:])
-    train(job, on_step=lambda it, loss: os.kill(os.getpid(), signal.SIGKILL) if it == kill_at else None)
+    finalize = CheckpointManager._finalize
+
+    def killed_mid_save(self, p, files):  # the save's files all written, complete.json not yet
+        if p.iteration == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        finalize(self, p, files)
+
+    CheckpointManager._finalize = killed_mid_save
+    train(load_job_config(None, sys.argv[2:]))
 """)
 
 
@@ -118,18 +127,27 @@ def _losses(path):
     return {r["iteration"]: r["loss"] for r in map(json.loads, open(path)) if r["kind"] == "train"}
 
 
+@pytest.mark.fault(fault="kill -9 mid-checkpoint-save", stage="train",
+                   sees="nothing (killed); the re-run resumes from the last complete checkpoint, bitwise",
+                   left="the complete checkpoints and the killed save's temp dir .iter_N.HOST-PID-RAND.tmp until the "
+                        "re-run, which removes it: nothing after the re-run")
 def test_exact_resume_after_kill9(tiny_data, tmp_path):
-    """2N steps straight == N steps, kill -9 (mid-run, after checkpoint N), resume, N steps: bitwise."""
+    """2N steps straight == N steps, kill -9 (in the save of 2N, after checkpoint N), resume, N steps: bitwise;
+    the re-run removes the killed save's temp dir."""
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     common = job_overrides(tiny_data, "train.train_iters=8", "checkpoint.save_interval=4", "checkpoint.keep_last=0")
     a = _child(-1, [*common, f"checkpoint.save={tmp_path / 'a'}", f"logging.jsonl={tmp_path / 'a.jsonl'}"], repo)
     assert a.returncode == 0, a.stderr[-2000:]
     b_args = [*common, f"checkpoint.save={tmp_path / 'b'}", f"logging.jsonl={tmp_path / 'b.jsonl'}"]
-    b = _child(6, b_args, repo)
+    b = _child(8, b_args, repo)
     assert b.returncode == -signal.SIGKILL, b.stderr[-2000:]
     assert latest_checkpoint(tmp_path / "b").name == "iter_0000004"
+    assert [p.name.split(".")[1] for p in (tmp_path / "b").glob(".*.tmp")] == ["iter_0000008"]
     b2 = _child(-1, b_args, repo)
     assert b2.returncode == 0, b2.stderr[-2000:]
+    assert leftovers(tmp_path) == []
+    its = [r["iteration"] for r in map(json.loads, open(tmp_path / "b.jsonl")) if r["kind"] == "train"]
+    assert its == [*range(1, 9), 5, 6, 7, 8]  # the re-run resumed from iter_0000004
     la, lb = _losses(tmp_path / "a.jsonl"), _losses(tmp_path / "b.jsonl")  # b: 1..6, then 5..8 again
     assert [lb[i] for i in (5, 6, 7, 8)] == [la[i] for i in (5, 6, 7, 8)]
     ca, cb = tmp_path / "a" / "iter_0000008", tmp_path / "b" / "iter_0000008"
@@ -157,6 +175,7 @@ def test_dp_tp_pp_match_single_process_and_resume_across_layouts(tiny_data, tmp_
     layouts = {"dp": [], "tp": ["parallel.tensor_model_parallel_size=2"],
                "pp": ["parallel.pipeline_model_parallel_size=2", "parallel.pipeline_schedule=1f1b"]}
     jobs = [job_overrides(tiny_data, *o) for o in layouts.values()]
+    jobs[0].append(f"checkpoint.save={tmp_path / 'dp_ck'}")  # two ranks save; rank 0 alone claims the root
     jobs += [job_overrides(tiny_data, *o, f"checkpoint.load={ck}") for o in layouts.values()]
     # init from the exported HF dir at tp=2 (weights sharded on load); lr ~ 0 keeps them: eval == single's
     jobs.append(job_overrides(tiny_data, *layouts["tp"], f"checkpoint.init_from={tmp_path / 'hf'}",
@@ -178,6 +197,8 @@ def test_dp_tp_pp_match_single_process_and_resume_across_layouts(tiny_data, tmp_
         assert sorted(losses) == [4, 5, 6], name
         for i in (4, 5, 6):
             assert losses[i] == pytest.approx(single.losses[i], rel=1e-5, abs=1e-6), (name, i)
+    assert sorted(os.listdir(tmp_path / "dp_ck")) == ["iter_0000006", "latest", "metrics.jsonl"]
+    assert leftovers(tmp_path) == []
 
 
 def test_init_from_hf_and_export(tiny_data, tmp_path):
