@@ -11,6 +11,38 @@ from dataclasses import dataclass, field
 from megacpt.errors import UserError
 
 
+# -- dtype names: one vocabulary for every command's --dtype -------------------------------------------------
+# canonical name -> torch attribute; "auto" (where a command allows it) picks per device
+DTYPES: dict[str, str] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+# the older spellings (torch's names, and what `eval`/`convert` took before) keep working
+DTYPE_ALIASES: dict[str, str] = {"float32": "fp32", "float": "fp32", "bfloat16": "bf16", "float16": "fp16",
+                                 "half": "fp16"}
+
+
+def dtype_name(name: str) -> str:
+    """Any accepted spelling -> its canonical name (``fp32|bf16|fp16|auto``); unknown names are returned as
+    they are, for the caller's choices check to refuse with the list of canonical names."""
+    key = str(name).strip().lower()
+    return DTYPE_ALIASES.get(key, key)
+
+
+def torch_dtype_name(name: str) -> str:
+    """``fp32``/``float32``/... -> the torch attribute (``float32``); UserError for anything else."""
+    canonical = dtype_name(name)
+    if canonical not in DTYPES:
+        raise UserError(f"dtype {name!r}: expected one of {', '.join(DTYPES)}")
+    return DTYPES[canonical]
+
+
+def add_dtype_argument(parser, default: str = "auto", choices: tuple[str, ...] = (*DTYPES, "auto"),
+                       help: str = "") -> None:
+    """``--dtype`` with the canonical choices shown and the aliases accepted (argparse stores the canonical
+    name)."""
+    aliases = [a for a, c in DTYPE_ALIASES.items() if c in choices]
+    parser.add_argument("--dtype", type=dtype_name, choices=choices, default=default,
+                        help=f"{help + '; ' if help else ''}default {default} (also accepted: {', '.join(aliases)})")
+
+
 def check(cond: bool, field_name: str, msg: str) -> None:
     if not cond:
         raise UserError(f"{field_name}: {msg}")
