@@ -14,12 +14,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed
-from tqdm import tqdm
 
 from megacpt.data.identity import dataset_identity
 from megacpt.data.indexed import IndexedDataset
 from megacpt.data.tokenizer import load_tokenizer
 from megacpt.errors import UserError
+from megacpt.progress import Progress
 from megacpt.score.files import ShardedScoreWriter, score_metadata
 from megacpt.score.nll import ScoringConfig, output_layer, score_documents
 
@@ -151,11 +151,8 @@ def score_dataset(model, dataset_prefix: str, seq_length: int, out: str, cfg: Sc
         torch.cuda.reset_peak_memory_stats(device)
     stats: dict = {}
     doc_lens = ds.document_lengths()  # [num_documents] int64, once (an O(#docs) cumsum)
-    bar = None
-    if progress and rank == 0:
-        todo = sum(int(doc_lens[slice(*writer.span(k))].sum()) for k in mine)
-        bar = tqdm(total=todo, unit="tok", unit_scale=True, desc=f"score perplexity (rank 0/{world})",
-                   file=sys.stderr, dynamic_ncols=True)
+    todo = sum(int(doc_lens[slice(*writer.span(k))].sum()) for k in mine)
+    bar = Progress(f"score perplexity (rank 0/{world})", todo, unit="tok", enabled=progress and rank == 0)
     t0 = time.perf_counter()
     docs = 0
     for k in mine:
@@ -164,15 +161,11 @@ def score_dataset(model, dataset_prefix: str, seq_length: int, out: str, cfg: Sc
         if writes:
             writer.commit(k, cols)
         docs += b - a
-        if bar is not None:
-            el = max(time.perf_counter() - t0, 1e-9)
-            bar.set_postfix(docs_s=f"{docs / el:,.1f}", shard=f"{k + 1}/{writer.num_shards}")
-            bar.update(int(doc_lens[a:b].sum()))
+        bar.update(int(doc_lens[a:b].sum()), docs=b - a)
     if hasattr(model, "finish"):
         model.finish()  # a pipeline stage's last activations have been received downstream
     elapsed = time.perf_counter() - t0
-    if bar is not None:
-        bar.close()
+    bar.close()
     totals = torch.tensor([stats.get("tokens", 0), docs, stats.get("forward_tokens", 0)], dtype=torch.float64)
     totals *= float(writes)  # count each tp group once
     if dist:
