@@ -158,7 +158,7 @@ def test_stage_runner_skips_redoes_and_detects_corruption(tmp_path):
     (tmp_path / "a" / "x.txt").write_text("v2")                          # same size, other bytes
     StageRunner(tmp_path, echo=_stage_lines(lines)).run(_stages(calls))
     # a is redone; its new outputs equal the recorded ones, so b (content-addressed on them) is kept
-    assert calls == ["a", "b", "a"] and "sha256 mismatch" in lines[-3] and "skipped" in lines[-1]
+    assert calls == ["a", "b", "a"] and "sha256 mismatch" in lines[-3] and "cached" in lines[-1]
     assert (tmp_path / "a" / "x.txt").read_text() == "v1" and (tmp_path / "b.txt").read_text() == "v1+b"
     (tmp_path / "a" / "stray.bin").write_bytes(b"x")
     StageRunner(tmp_path, echo=_stage_lines(lines)).run(_stages(calls))
