@@ -119,6 +119,10 @@ def test_selections_and_schedules(demo_run):
     assert by_name(rep, "random-10")["train_iters"][0] < full["train_iters"][0] / 5
 
 
+@pytest.mark.fault(fault="one byte of a selection flipped; a training run's directory deleted", stage="demo re-run",
+                   sees="only the damaged stage (and the evaluation of the lost run) is shown 'running again: "
+                        "...' and redone; the report's numbers are unchanged",
+                   left="the repaired outputs; the manifest updated")
 def test_rerun_skips_and_corruption_is_redone(demo_run):
     wd, cache, _ = demo_run
     before = json.loads((wd / "report.json").read_text())

@@ -148,6 +148,11 @@ def test_volatile_outputs_do_not_cascade(tmp_path):
     assert calls[-1] == "c" and (tmp_path / "d.txt").read_text() == "v1+d"
 
 
+@pytest.mark.fault(fault="a stage's output changed on disk (other bytes, other size, a stray file)", stage="demo",
+                   sees="that stage is shown 'running again: output ... corrupted (sha256 mismatch)' (or size, "
+                        "unexpected file) and redone; stages downstream stay cached when the redo reproduces "
+                        "its outputs",
+                   left="the stage's outputs rebuilt, the stray file removed, the manifest updated")
 def test_stage_runner_skips_redoes_and_detects_corruption(tmp_path):
     calls: list[str] = []
     lines: list[str] = []
@@ -175,6 +180,9 @@ def test_stage_runner_skips_redoes_and_detects_corruption(tmp_path):
     assert m["stages"]["a"]["info"] == {"n": 1} and m["stages"]["a"]["peak_rss_mb"] > 0
 
 
+@pytest.mark.fault(fault="Ctrl-C (KeyboardInterrupt) inside a stage", stage="demo",
+                   sees="the interrupt ends the run; the next run redoes that stage from scratch",
+                   left="the partial output, removed by the next run (the stage has no manifest entry)")
 def test_stage_runner_interrupted_stage_is_redone(tmp_path):
     calls: list[str] = []
 
@@ -267,6 +275,10 @@ def test_real_corpora_from_registries(tmp_path):
     assert card["files"]["domain_crawl"]["docs"] > 300 and card["files"]["general_train"]["words"] > 30_000
 
 
+@pytest.mark.fault(fault="Ctrl-C inside a resumable stage (a training run)", stage="demo",
+                   sees="the next run says 'running, resuming its partial output' and continues from it; a "
+                        "partial output that was since changed starts clean",
+                   left="the stage's partial output (its checkpoints), kept for the resume")
 def test_resumable_stage_keeps_partial_output_after_interruption(tmp_path):
     seen: list[str] = []
 
@@ -315,6 +327,9 @@ def test_empty_apt_lists_are_fetched_once_as_root(tmp_path, monkeypatch):
     assert calls == [["apt-get", "download"]]
 
 
+@pytest.mark.fault(fault="kill -9 of the demo process while a worker runs a command", stage="demo",
+                   sees="the worker process exits within seconds",
+                   left="no orphan worker process holding memory")
 def test_worker_exits_when_the_demo_process_dies(tmp_path):
     """A pool worker busy in a command ends when the demo process is killed (no orphan holding memory)."""
     import subprocess

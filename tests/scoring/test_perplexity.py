@@ -247,6 +247,10 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.fault(fault="kill -9 after two committed shards", stage="score perplexity",
+                   sees="a re-run without --resume: a one-line error asking for --resume; with it, only the "
+                        "missing shards are scored and the Parquet equals an uninterrupted run's byte for byte",
+                   left="OUT.shards/ with the committed shards; no OUT.parquet")
 def test_kill_and_resume_equals_uninterrupted(setup, tmp_path):
     d, hf, prefix = setup
     full, killed = tmp_path / "full.parquet", tmp_path / "killed.parquet"

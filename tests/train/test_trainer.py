@@ -72,6 +72,10 @@ def test_nan_skip_leaves_weights_untouched(tiny_data, monkeypatch):
     assert len(seen) == 1  # only the first (finite) iteration stepped
 
 
+@pytest.mark.fault(fault="SIGTERM mid-run", stage="train",
+                   sees="training stops after the current step with a warning naming the checkpoint it saved; "
+                        "the re-run resumes from that step and finishes",
+                   left="a complete checkpoint of the step it stopped at, `latest` pointing to it")
 def test_sigterm_saves_and_exits_then_resumes(tiny_data, tmp_path):
     ck = tmp_path / "ck"
     j = job(tiny_data, f"checkpoint.save={ck}", "checkpoint.async_save=true")
@@ -118,6 +122,10 @@ def _losses(path):
     return {r["iteration"]: r["loss"] for r in map(json.loads, open(path)) if r["kind"] == "train"}
 
 
+@pytest.mark.fault(fault="kill -9 mid-run, between periodic checkpoints", stage="train",
+                   sees="the process is gone; the re-run resumes from the last complete checkpoint and its losses "
+                        "and final weights equal an uninterrupted run's bitwise",
+                   left="the last complete checkpoint (`latest` points to it)")
 def test_exact_resume_after_kill9(tiny_data, tmp_path):
     """2N steps straight == N steps, kill -9 (mid-run, after checkpoint N), resume, N steps: bitwise."""
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
