@@ -60,9 +60,10 @@ def build_command_parser(name: str) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        rc = _dispatch(list(sys.argv[1:] if argv is None else argv))
-        sys.stdout.flush()  # inside the try: a closed pipe surfaces here, not at interpreter exit
-        return rc
+        try:
+            return _dispatch(list(sys.argv[1:] if argv is None else argv))
+        finally:  # argparse's --help exits too: a closed pipe surfaces here, not at interpreter exit
+            sys.stdout.flush()
     except BrokenPipeError:
         if not _stdout_closed():
             raise  # another pipe (a worker's): a real error

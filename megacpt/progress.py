@@ -1,9 +1,9 @@
-"""Progress of a long stage on stderr, one helper for every command (preprocess, the scorers, eval).
+"""Progress of a long stage on stderr, one helper for every long command (preprocess, the scorers).
 
 On a terminal it is a tqdm bar. Anywhere else (a log file, a pipe, a Slurm ``.out``) a bar's carriage
 returns are noise, so it prints one plain line at the first update and then one every ``every_s`` seconds:
 
-    score perplexity: 1.2M/3.4M tok (35.3%), 41.2k tok/s, 12.1 docs/s, ETA 0m53s
+    score perplexity (rank 0/1): 1.2M/3.4M tok (35.3%), 41.2k tok/s, 12 docs/s, ETA 2m13s
 
 The rate is measured from the start of this run (work done by an earlier, resumed run is not counted as
 speed), and the ETA is what is left divided by that rate. ``enabled=False`` (``--quiet``,
@@ -61,6 +61,7 @@ class Progress:
         self.t0 = clock()
         self._last: float | None = None   # when a line was last printed (None: never)
         self._printed = -1
+        self._closed = False
         self._tqdm = None
         out = self._out()
         if enabled and (bar if bar is not None else _isatty(out)):
@@ -89,15 +90,18 @@ class Progress:
             self._last, self._printed = now, self.done
             print(self.line(now), file=self._out(), flush=True)
 
-    def line(self, now: float | None = None) -> str:
-        """The progress line as of ``now``: done[/total] (pct), rates, ETA."""
+    def line(self, now: float | None = None, final: bool = False) -> str:
+        """The progress line as of ``now``: done[/total] (pct), rates, and the ETA (or, ``final``, the time
+        taken)."""
         elapsed = max((self.clock() if now is None else now) - self.t0, 1e-9)
-        u = f" {self.unit}" if self.unit != "B" else "B"
+        u = "" if self.unit == "B" else f" {self.unit}"   # bytes: the prefix carries it (12.3MB)
         if self.total is not None:
             pct = 100.0 * self.done / max(self.total, 1)
             head = f"{self._num(self.done)}/{self._num(self.total)}{u} ({pct:.1f}%)"
         else:
             head = f"{self._num(self.done)}{u}"
+        if final:
+            return f"{self.name}: {head}, {self._rates(elapsed)}, took {duration(elapsed)}"
         eta = eta_s(self.done - self.start_done, None if self.total is None else self.total - self.start_done,
                     elapsed)
         tail = "" if eta is None or self.done >= (self.total or 0) else f", ETA {duration(eta)}"
@@ -114,17 +118,15 @@ class Progress:
         return ", ".join(parts)
 
     def close(self) -> None:
-        """The final line (done, average rates, time taken); a bar is closed."""
-        if not self.enabled:
+        """The final line (done, average rates, time taken); a bar is closed. Once."""
+        if not self.enabled or self._closed:
             return
+        self._closed = True
         if self._tqdm is not None:
             self._tqdm.close()
             self._tqdm = None
             return
-        if self.done != self._printed:
-            now = self.clock()
-            self._printed = self.done
-            print(f"{self.line(now)} in {duration(now - self.t0)}", file=self._out(), flush=True)
+        print(self.line(final=True), file=self._out(), flush=True)
 
 
 def _isatty(stream) -> bool:

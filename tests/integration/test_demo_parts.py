@@ -362,3 +362,58 @@ def test_worker_exits_when_the_demo_process_dies(tmp_path):
         time.sleep(0.2)
     os.kill(worker, 9)
     pytest.fail(f"worker {worker} outlived the demo process")
+
+
+def test_console_lines_logs_heartbeat_cached_and_rerun_reasons(tmp_path):
+    """The demo's console: where the logs are; 'running ...' (never '(not run yet)'); a heartbeat with the
+    log's last line while a stage is silent; a cached stage's numbers labelled as the earlier run's; a
+    redo says why."""
+    import time
+
+    def slow(ctx):
+        ctx.log.parent.mkdir(parents=True, exist_ok=True)
+        ctx.log.write_text("loading\nstep 1/9\rstep 2/9\r\n\n")
+        time.sleep(0.6)
+        ctx.path("s.txt").write_text("x")
+
+    stages = [Stage("slow", ["s.txt"], slow)]
+    lines: list[str] = []
+    StageRunner(tmp_path, echo=lines.append, heartbeat_s=0.1).run(stages)
+    assert lines[0] == f"per-stage logs: {tmp_path / 'logs'}/STAGE.log"
+    assert lines[1].startswith("[  1/1] slow") and lines[1].endswith(" running ...")
+    beats = [x for x in lines if x.startswith("      ... slow running for 0m00s")]
+    assert beats and all(x.endswith(": step 2/9") for x in beats), lines
+    assert not any("not run yet" in x for x in lines)
+
+    lines.clear()
+    StageRunner(tmp_path, echo=lines.append).run(stages)
+    finished = json.loads((tmp_path / "manifest.json").read_text())["stages"]["slow"]["finished_at"]
+    assert f"cached (up to date; the earlier run at {finished}: " in lines[1] and "MB)" in lines[1], lines
+
+    (tmp_path / "s.txt").write_text("y")
+    lines.clear()
+    StageRunner(tmp_path, echo=lines.append).run(stages)
+    assert lines[1].endswith(" running again: output s.txt corrupted (sha256 mismatch) ..."), lines
+
+
+def test_report_labels_cached_stage_numbers_as_the_earlier_runs():
+    from megacpt.demo.report import _ran
+
+    assert _ran({"skipped": False, "finished_at": "2026-12-05T08:00:00Z"}) == "this invocation"
+    assert _ran({"skipped": True, "finished_at": "2026-12-05T08:00:00Z"}) == "cached: earlier run (2026-12-05T08:00:00Z)"
+
+
+def test_peak_rss_is_measured_from_the_command_start():
+    """A persistent worker's second command does not report the first one's peak as its own."""
+    import numpy as np
+
+    from megacpt.demo.stages import _peak_rss_kb, _reset_peak_rss
+
+    big = np.ones(256 * 2**20 // 8)      # 256 MiB touched
+    del big
+    before = _peak_rss_kb()
+    _reset_peak_rss()
+    after = _peak_rss_kb()
+    if after == before:
+        pytest.skip("this kernel cannot reset the peak RSS (/proc/self/clear_refs)")
+    assert after < before - 200 * 1024
