@@ -44,7 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(implies --compile-loss; ~10%% faster on CPU once compiled: compile time per "
                         "process, amortised over a long pass)")
     p.add_argument("--resume", action="store_true", help="finish an interrupted run from OUT.shards/")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (terminal) or lines (otherwise)")
 
 
 def run(args: argparse.Namespace) -> int:
