@@ -83,10 +83,17 @@ def collect(tests_dir: Path, root: Path | None = None) -> list[Row]:
     for path in sorted(tests_dir.rglob("*.py")):
         rel = path.relative_to(root).as_posix()
         tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+        used = set()
         for name, fn in _tests(tree):
             for dec in fn.decorator_list:
                 if _is_fault_marker(dec):
                     rows.append(_row(dec, f"{rel}::{name}", f"{rel}:{dec.lineno}"))
+                    used.add(id(dec))
+        # a marker anywhere else (pytestmark, a class, pytest.param(marks=...)) would be a row silently lost
+        for node in ast.walk(tree):
+            if _is_fault_marker(node) and id(node) not in used:
+                raise MarkerError(f"{rel}:{node.lineno}: fault marker: put it on the test function itself "
+                                  "(a decorator), one per fault")
     return sorted(rows, key=lambda r: (r.stage.lower(), r.fault.lower(), r.test_id))
 
 

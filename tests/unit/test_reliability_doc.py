@@ -95,3 +95,14 @@ def test_unreadable_marker_is_an_error_naming_the_line(tmp_path, capsys, marker,
     assert tool.main(["--tests", str(tests), "--out", str(tmp_path / "r.md")]) == 2
     assert f"tests/test_x.py:4: fault marker: {error}" in capsys.readouterr().err
     assert not (tmp_path / "r.md").exists()
+
+
+def test_a_marker_not_on_a_test_function_is_an_error(tmp_path, capsys):
+    """pytestmark / pytest.param(marks=...) would be rows silently lost: refused, naming the line."""
+    tool = _tool()
+    tests = tmp_path / "tests"
+    tests.mkdir()
+    (tests / "test_x.py").write_text('import pytest\n\npytestmark = pytest.mark.fault(fault="a", stage="b", '
+                                     'sees="c", left="d")\n')
+    assert tool.main(["--tests", str(tests), "--out", str(tmp_path / "r.md")]) == 2
+    assert "tests/test_x.py:3: fault marker: put it on the test function itself" in capsys.readouterr().err
