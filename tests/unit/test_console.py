@@ -224,22 +224,19 @@ def test_every_dtype_flag_takes_the_canonical_names_and_the_old_spellings(comman
         _parse([*argv, "--dtype", "int8"])
     err = capsys.readouterr().err
     assert "invalid choice: 'int8' (choose from " + ", ".join(f"'{n}'" for n in allowed) + ")" in err
-    parser = build_command_parser(argv[0])
-    helptext = parser.format_help() if len(argv) == 1 else _subparser_help(parser, argv[1])
-    assert "--dtype {" + ",".join(allowed) + "}" in helptext
+    assert "--dtype {" + ",".join(allowed) + "}" in _subcommand_help(argv[0], argv[1])
 
 
-def _subparser_help(parser, name):
+def _subcommand_help(command: str, name: str) -> str:
     import argparse
 
+    parser = build_command_parser(command)
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     choice = sub.choices[name]
-    if name in getattr(sys.modules.get("megacpt.selection.cli"), "SCORERS", {}):  # built lazily: build it now
+    if command == "score":  # a scorer's options are built when it is chosen: build them now
         from megacpt.selection.cli import SCORERS
 
-        if not getattr(choice, "_megacpt_loaded", False):
-            SCORERS[name].add_arguments(choice)
-            choice._megacpt_loaded = True
+        SCORERS[name].add_arguments(choice)
     return choice.format_help()
 
 
