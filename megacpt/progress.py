@@ -67,7 +67,8 @@ class Progress:
         if enabled and (bar if bar is not None else _isatty(out)):
             from tqdm import tqdm
 
-            self._tqdm = tqdm(total=total, unit=unit, unit_scale=True, desc=name,
+            scale = unit == "B" or total is None or total >= 10_000   # 1.2M tok, but 5/10 docs
+            self._tqdm = tqdm(total=total, unit=unit, unit_scale=scale, desc=name,
                               file=out, dynamic_ncols=True, mininterval=min(every_s, 1.0))
 
     def _out(self) -> TextIO:
