@@ -371,7 +371,7 @@ def _hms(s: float) -> str:
     return f"{s // 60}m{s % 60:02d}s"
 
 
-def last_log_line(log: Path, max_chars: int = 120) -> str:
+def last_log_line(log: Path, max_chars: int = 200) -> str:
     """The last non-empty line of a stage's log (a progress bar's carriage returns count as line ends)."""
     try:
         with open(log, "rb") as f:
