@@ -150,9 +150,16 @@ class ParallelConfig:
     data_parallel_type: str = "fsdp"   # fsdp | ddp
     sequence_parallel: bool = False
     # FSDP2 MixedPrecisionPolicy: compute/all-gather dtype of params, dtype of the gradient reduce-scatter
-    mixed_precision_param: str = "float32"   # float32 | bfloat16 | float16
+    mixed_precision_param: str = "float32"   # float32 | bfloat16 | float16 (fp32 | bf16 | fp16 accepted)
     mixed_precision_reduce: str = "float32"  # float32 | bfloat16
     fsdp_reshard_after_forward: bool = True  # ZeRO-3 (True) vs ZeRO-2-like (False); always False under PP
+
+    def __post_init__(self) -> None:
+        # FSDP's policy is given torch's names; the one dtype vocabulary (bf16, ...) is accepted as well
+        for name in ("mixed_precision_param", "mixed_precision_reduce"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                setattr(self, name, DTYPES.get(dtype_name(value), value))
 
     def resolve(self, world_size: int) -> "ParallelConfig":
         tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
@@ -327,7 +334,7 @@ class TrainConfig:
     micro_batch_size: int = 1         # per data-parallel rank, per micro-step
     global_batch_size: int = 8        # = micro_batch_size * dp * grad-accumulation steps
     seed: int = 1234
-    precision: str = "auto"           # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    precision: str = "auto"           # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32 (or an alias: bfloat16, ...)
     device: str = "auto"              # auto | cpu | cuda
     fused_loss: bool = True           # fused linear + cross-entropy (never materialises [tokens, vocab])
     compile: bool = False             # torch.compile each transformer layer (torchtitan-style, per block)
@@ -335,3 +342,7 @@ class TrainConfig:
     max_consecutive_nan_skips: int = 5  # stop after K non-finite steps in a row
     peak_flops: float | None = None   # per-device peak FLOP/s for MFU; default: table by device name
     exit_signal_save: bool = True     # SIGTERM/SIGUSR1 -> checkpoint + clean exit
+
+    def __post_init__(self) -> None:
+        if isinstance(self.precision, str):
+            self.precision = dtype_name(self.precision)   # the one dtype vocabulary: float32 -> fp32

@@ -244,3 +244,15 @@ def test_dtype_names():
     assert set(DTYPES) == {"fp32", "bf16", "fp16"}
     assert dtype_name("float32") == "fp32" and dtype_name("half") == "fp16" and dtype_name(" BFloat16 ") == "bf16"
     assert dtype_name("auto") == "auto" and dtype_name("int8") == "int8"  # left for the choices check to refuse
+
+
+def test_training_config_dtypes_take_the_same_vocabulary():
+    """`megacpt train`'s dtypes are config keys: train.precision (fp32|bf16|auto) and FSDP's
+    parallel.mixed_precision_* (torch's names) accept each other's spellings."""
+    from megacpt.config import ParallelConfig, TrainConfig, fields_from_dict
+
+    assert fields_from_dict(TrainConfig, "train", {"precision": "bfloat16"}).precision == "bf16"
+    assert fields_from_dict(TrainConfig, "train", {"precision": "float32"}).precision == "fp32"
+    par = fields_from_dict(ParallelConfig, "parallel", {"mixed_precision_param": "bf16",
+                                                         "mixed_precision_reduce": "fp32"})
+    assert (par.mixed_precision_param, par.mixed_precision_reduce) == ("bfloat16", "float32")
