@@ -74,7 +74,7 @@ def _rank_main(rank: int, world: int, docs: list[np.ndarray], seq_length: int, t
     if rank == world - 1:
         out["stream_nll"] = [r[1] for r in res]
         out["stream_forward_tokens"] = stats["forward_tokens"]
-        out["real_tokens"] = stats["tokens"]
+        out["real_tokens"] = stats["input_tokens"]
 
     # -- gpipe: torch.distributed.pipelining, fixed [rows, L] ---------------------------------------------
     part = split_stage(_model(0), rank, world, copy_model=False)

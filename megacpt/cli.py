@@ -14,6 +14,7 @@ import sys
 
 from megacpt import __version__
 from megacpt.errors import UserError
+from megacpt.io import handle_signals, report_interrupt
 
 # name -> (package cli module, one-line help). Order is the order shown in `megacpt --help`.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -22,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "merge": ("megacpt.data.cli", "merge indexed datasets (Megatron's tools/merge_datasets.py)"),
     "inspect": ("megacpt.data.cli", "summarise an indexed dataset: counts, lengths, first docs"),
     "convert": ("megacpt.convert.cli", "HF GPT-NeoX <-> megacpt checkpoint conversion (with resharding)"),
+    "checkpoint": ("megacpt.checkpoint.cli", "checkpoint verify: check files against their recorded sizes/checksums"),
     "score": ("megacpt.selection.cli", "per-document scores: perplexity, pos-entropy, similarity, dsir"),
     "select": ("megacpt.selection.cli", "select a subset to a token budget (ETS/ETA-DACP, random)"),
     "report": ("megacpt.selection.cli", "reports over selections"),
@@ -78,11 +80,15 @@ def _dispatch(argv: list[str]) -> int:
     if name not in COMMANDS:
         _top_parser().parse_args([name])  # prints the choices and exits 2
     args = build_command_parser(name).parse_args(rest)
-    try:
-        return int(args._run(args) or 0)
-    except UserError as e:  # bad input or config: one clear line, no traceback
-        print(f"megacpt {name}: error: {e}", file=sys.stderr)
-        return 2
+    # SIGTERM/SIGINT/SIGHUP unwind the command (its temporaries removed) into one line and exit 128 + signal
+    with handle_signals():
+        try:
+            return int(args._run(args) or 0)
+        except UserError as e:  # bad input or config: one clear line, no traceback
+            print(f"megacpt {name}: error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt as e:  # megacpt.io.Interrupted: what was interrupted and how to go on
+            return report_interrupt(f"megacpt {name}", e)
 
 
 # `megacpt inspect --json | head`: the reader went away, which is how a pipe ends, not an error. Exit as a

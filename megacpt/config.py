@@ -342,6 +342,10 @@ class TrainConfig:
     max_consecutive_nan_skips: int = 5  # stop after K non-finite steps in a row
     peak_flops: float | None = None   # per-device peak FLOP/s for MFU; default: table by device name
     exit_signal_save: bool = True     # SIGTERM/SIGUSR1 -> checkpoint + clean exit
+    # a collective that waits longer for a peer fails: a dead or hung node ends the job with a clear error
+    # instead of a hang. Generous, because some ranks legitimately wait on others (rank 0 building the
+    # dataset's index caches or exporting the model); gloo's own default is 30 min, NCCL's 10 min
+    collective_timeout_s: float = 1800.0
 
     def __post_init__(self) -> None:
         if isinstance(self.precision, str):

@@ -10,7 +10,8 @@ Layout of a checkpoint root::
         rank_extra/rank_00003.json   ``rank_extra`` of each rank (RNG states): one file per rank
         model_config.json            ModelConfig, so `megacpt.convert.load_model(ROOT)` is self-contained
         tokenizer/                   copy of the tokenizer dir/file, when given
-        complete.json                written last: iteration, optimizer (saved|empty|none), world size, time
+        complete.json                written last: iteration, optimizer (saved|empty|none), world size, time,
+                                     and the manifest: {"checksum": "crc32", "files": {path: {size, crc32}}}
     ROOT/iter_0000200.tmp/           a save in progress (or killed): never read, removed by the next save
 
 Why this shape:
@@ -23,6 +24,11 @@ Why this shape:
 - Atomic: everything is written into ``iter_X.tmp``; ``complete.json`` is written last, the dir is
   renamed to ``iter_X`` and only then ``latest`` is replaced (temp + rename). A save killed at any
   point leaves ``latest`` and all complete checkpoints untouched.
+- Verifiable: every file is counted and CRC-32'd as it is written (``checksum.py``: DCP writes through a
+  hashing filesystem), each rank records its own files and rank 0 puts them all in ``complete.json``'s
+  manifest. Every loader checks sizes and checksums before reading a tensor (``integrity.py``); a mismatch
+  is one line naming the checkpoint, the file, expected and found. ``megacpt checkpoint verify`` does the
+  same without loading (``cli.py``). A checkpoint without a manifest (older megacpt) loads with a note.
 
 Use (the same calls on every rank, single process works without a process group)::
 
@@ -51,13 +57,16 @@ Modules: ``files`` (names, ``complete.json``/``model_config.json``, ``latest``, 
 ``state`` (DCP training state: ``CheckpointManager``, ``load_checkpoint``), ``weights`` (consolidated
 weights: full tensors read in one process), ``names`` (global layout-free names), ``encoding`` (JSON with
 tensors), ``unpickler`` (the restricted unpickler of DCP's ``.metadata``), ``distributed`` (collective
-helpers). Used by ``train`` (save/resume), ``convert`` (HF <-> checkpoint, ``load_model``) and, through
-``convert``, by ``score``/``eval``/``selection``.
+helpers), ``checksum`` (sizes and CRC-32s recorded while writing), ``integrity`` (checking them: ``verify``,
+``previous_checkpoint``), ``cli`` (``megacpt checkpoint verify``). Used by ``train`` (save/resume),
+``convert`` (HF <-> checkpoint, ``load_model``) and, through ``convert``, by ``score``/``eval``/``selection``.
 """
+from megacpt.checkpoint.checksum import DamagedCheckpoint
 from megacpt.checkpoint.encoding import from_jsonable, to_jsonable
 from megacpt.checkpoint.files import (COMPLETE, FORMAT, LATEST, MODEL_CONFIG, TOKENIZER_FILES, copy_tokenizer,
                                       is_checkpoint, iteration_dirname, latest_checkpoint, list_checkpoints,
                                       read_model_config, resolve_checkpoint, tokenizer_files)
+from megacpt.checkpoint.integrity import Verified, previous_checkpoint, verify_checkpoint
 from megacpt.checkpoint.names import shift_layers
 from megacpt.checkpoint.state import CheckpointManager, LoadedCheckpoint, load_checkpoint, save_checkpoint
 from megacpt.checkpoint.weights import checkpoint_tensors, read_tensors
@@ -65,4 +74,5 @@ from megacpt.checkpoint.weights import checkpoint_tensors, read_tensors
 __all__ = ["CheckpointManager", "LoadedCheckpoint", "save_checkpoint", "load_checkpoint", "checkpoint_tensors",
            "read_tensors", "read_model_config", "resolve_checkpoint", "latest_checkpoint", "list_checkpoints",
            "is_checkpoint", "iteration_dirname", "tokenizer_files", "copy_tokenizer", "shift_layers",
-           "to_jsonable", "from_jsonable", "FORMAT", "LATEST", "COMPLETE", "MODEL_CONFIG", "TOKENIZER_FILES"]
+           "to_jsonable", "from_jsonable", "FORMAT", "LATEST", "COMPLETE", "MODEL_CONFIG", "TOKENIZER_FILES",
+           "DamagedCheckpoint", "Verified", "verify_checkpoint", "previous_checkpoint"]

@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from megacpt.checkpoint.checksum import FileRecords, check_bytes, copy_file, manifest_of
 from megacpt.config import ModelConfig
 from megacpt.errors import UserError
 from megacpt.io import atomic_path
@@ -28,11 +29,22 @@ def iteration_dirname(iteration: int) -> str:
     return f"iter_{int(iteration):07d}"
 
 
-def read_json(path: Path) -> Any:
+def iteration_of(path: str | os.PathLike) -> int | None:
+    """``iter_0000100`` -> 100 (None for any other name)."""
+    m = _ITER_RE.match(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
+def read_json(path: Path, checkpoint: Path | None = None, manifest: dict | None = None) -> Any:
+    """A JSON file; with the ``manifest`` of ``checkpoint``, its bytes are checked as they are read."""
     try:
-        return json.loads(path.read_text())
+        data = path.read_bytes()
     except FileNotFoundError:
         raise UserError(f"{path}: missing") from None
+    if checkpoint is not None:
+        check_bytes(checkpoint, path.relative_to(checkpoint).as_posix(), data, manifest)
+    try:
+        return json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not valid JSON ({e})") from None
 
@@ -69,15 +81,18 @@ def tokenizer_files(src: str | os.PathLike) -> list[Path]:
             if p.is_file() and (p.name in TOKENIZER_FILES or p.suffix == ".model")]
 
 
-def copy_tokenizer(src: str | os.PathLike, dst: Path) -> None:
-    """Copy a tokenizer (dir or single file) into the dir ``dst``."""
+def copy_tokenizer(src: str | os.PathLike, dst: Path, records: FileRecords | None = None) -> None:
+    """Copy a tokenizer (dir or single file) into the dir ``dst`` (checksummed into ``records`` if given)."""
     files = tokenizer_files(src)
     if not files:
         raise UserError(f"tokenizer {src}: not found (expected a tokenizer file or a dir with one of "
                         f"{', '.join(TOKENIZER_FILES[:2])}, *.model)")
     dst.mkdir(parents=True, exist_ok=True)
     for f in files:
-        shutil.copyfile(f, dst / f.name)
+        if records is None:
+            shutil.copyfile(f, dst / f.name)
+        else:
+            copy_file(f, dst / f.name, records)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -144,4 +159,5 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 def read_model_config(path: str | os.PathLike) -> ModelConfig:
     """The ``ModelConfig`` a checkpoint was saved with (records ``padded_vocab_size``)."""
     ck = resolve_checkpoint(path)
-    return ModelConfig.from_dict(read_json(ck / MODEL_CONFIG)).validate()
+    cfg = read_json(ck / MODEL_CONFIG, ck, manifest_of(ck, read_json(ck / COMPLETE)))
+    return ModelConfig.from_dict(cfg).validate()

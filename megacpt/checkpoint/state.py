@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import time
@@ -13,17 +14,21 @@ from typing import Any, Sequence
 import torch.distributed as dist
 import torch.nn as nn
 
+from megacpt.checkpoint.checksum import ALGORITHM, FileRecords, file_crc32, hashing_storage_writer, write_json
 from megacpt.checkpoint.distributed import (barrier, broadcast_error, is_distributed, quiet_single_process, rank,
                                             world_size)
 from megacpt.checkpoint.encoding import from_jsonable, to_jsonable
 from megacpt.checkpoint.files import (COMPLETE, FORMAT, LATEST, MODEL_CONFIG, atomic_text, copy_tokenizer,
                                       fsync_dir, iteration_dirname, latest_checkpoint, list_checkpoints, read_json,
                                       resolve_checkpoint)
+from megacpt.checkpoint.integrity import verify
 from megacpt.checkpoint.names import is_tensor, normalize, state_items
 from megacpt.checkpoint.unpickler import safe_reader
 from megacpt.checkpoint.weights import checkpoint_tensors
 from megacpt.errors import UserError
 from megacpt.io import write_json_atomic
+
+log = logging.getLogger(__name__)
 
 
 def _layout() -> dict:
@@ -39,6 +44,7 @@ class _Pending:
     tmp: Path
     final: Path
     iteration: int
+    records: FileRecords          # the files this rank wrote, with their sizes and checksums
     optimizer: str = "none"
 
 
@@ -115,36 +121,38 @@ class CheckpointManager:
             dist.all_gather_object(gathered, objects)
             for g in gathered:
                 objects.update(g)
+        records = FileRecords(tmp)  # every file this rank writes, checksummed on its way to disk
         if rank_json is not None:
-            write_json_atomic(tmp / "rank_extra" / f"rank_{rank():05d}.json", rank_json)
+            write_json(tmp / "rank_extra" / f"rank_{rank():05d}.json", rank_json, records)
         err = None
         if rank() == 0:
             try:
-                write_json_atomic(tmp / "objects.json", objects)
-                write_json_atomic(tmp / "extra.json", to_jsonable(extra or {}, "extra"))
+                write_json(tmp / "objects.json", objects, records)
+                write_json(tmp / "extra.json", to_jsonable(extra or {}, "extra"), records)
                 if model_config is not None:
                     cfg = model_config.to_dict() if hasattr(model_config, "to_dict") else dict(model_config)
-                    write_json_atomic(tmp / MODEL_CONFIG, cfg)
+                    write_json(tmp / MODEL_CONFIG, cfg, records)
                 if run_config is not None:
-                    write_json_atomic(tmp / "run_config.json", run_config)
+                    write_json(tmp / "run_config.json", run_config, records)
                 if tokenizer is not None:
-                    copy_tokenizer(tokenizer, tmp / "tokenizer")
+                    copy_tokenizer(tokenizer, tmp / "tokenizer", records)
             except (OSError, UserError) as e:
                 err = e if isinstance(e, UserError) else UserError(f"checkpoint: writing {tmp}: {e}")
         broadcast_error(err)
 
+        writer = hashing_storage_writer(tmp, records)  # DCP's FileSystemWriter, its shards checksummed
         if self.async_save:
             if is_distributed() and self._async_pg is None:
                 self._async_pg = dist.new_group(backend="gloo")  # the writer thread's own collectives
             with quiet_single_process():
-                fut = dcp.async_save(tensors, checkpoint_id=str(tmp), process_group=self._async_pg,
-                                     no_dist=not is_distributed())
+                fut = dcp.async_save(tensors, checkpoint_id=str(tmp), storage_writer=writer,
+                                     process_group=self._async_pg, no_dist=not is_distributed())
             fut = getattr(fut, "upload_completion", fut)
-            self._pending = _Pending(fut, tmp, final, int(iteration), optim_kind)
+            self._pending = _Pending(fut, tmp, final, int(iteration), records, optim_kind)
         else:
             with quiet_single_process():
-                dcp.save(tensors, checkpoint_id=str(tmp), no_dist=not is_distributed())
-            self._pending = _Pending(None, tmp, final, int(iteration), optim_kind)
+                dcp.save(tensors, checkpoint_id=str(tmp), storage_writer=writer, no_dist=not is_distributed())
+            self._pending = _Pending(None, tmp, final, int(iteration), records, optim_kind)
             self.wait()
         return final
 
@@ -159,18 +167,20 @@ class CheckpointManager:
                 p.future.result()
             except BaseException as e:  # noqa: BLE001 - reported on every rank below
                 err = e
+        files = p.records.as_dict()
         if is_distributed():  # every rank's shards are on disk before rank 0 marks the checkpoint complete
             flags = [None] * world_size()
-            dist.all_gather_object(flags, None if err is None else f"rank {rank()}: {err}")
-            bad = [f for f in flags if f is not None]
+            dist.all_gather_object(flags, (None if err is None else f"rank {rank()}: {err}", files))
+            bad = [f[0] for f in flags if f[0] is not None]
             if bad:
                 raise RuntimeError(f"checkpoint: async save of {p.tmp} failed: {'; '.join(bad)}")
+            files = {k: v for f in flags for k, v in f[1].items()}
         elif err is not None:
             raise err
         err = None
         if rank() == 0:
             try:
-                self._finalize(p)
+                self._finalize(p, files)
             except OSError as e:
                 err = UserError(f"checkpoint: finalising {p.tmp}: {e}")
         broadcast_error(err)
@@ -186,10 +196,19 @@ class CheckpointManager:
         return latest_checkpoint(self.root)
 
     # -- internals (rank 0) ----------------------------------------------------------------------------
-    def _finalize(self, p: _Pending) -> None:
+    def _finalize(self, p: _Pending, files: dict[str, dict]) -> None:
+        # the manifest: every file of the checkpoint as its writer saw it (complete.json itself excluded)
+        unrecorded = sorted(q.relative_to(p.tmp).as_posix() for q in p.tmp.rglob("*")
+                            if q.is_file() and q.relative_to(p.tmp).as_posix() not in files)
+        if unrecorded:  # written by a path that bypassed our streams (a torch change?): hash them by reading
+            log.warning("checkpoint %s: %d file(s) (%s) were written without passing through a checksum; "
+                        "reading them back to checksum them", p.tmp, len(unrecorded), ", ".join(unrecorded[:3]))
+            for rel in unrecorded:
+                files[rel] = {"size": (p.tmp / rel).stat().st_size, ALGORITHM: file_crc32(p.tmp / rel)}
         write_json_atomic(p.tmp / COMPLETE, {
             "format": FORMAT, "iteration": p.iteration, "optimizer": p.optimizer, **_layout(),
-            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "manifest": {"checksum": ALGORITHM, "files": dict(sorted(files.items()))}})
         fsync_dir(p.tmp)
         old = None
         if p.final.exists():  # saving the same iteration again (e.g. after a resume): swap, then drop
@@ -240,6 +259,8 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module | Sequence[nn.Modu
 
     Collective when a process group exists. ``path``: root (follows ``latest``) or an iteration dir.
     Tensors are cast to the model's dtypes. ``strict``: every model tensor must be in the checkpoint.
+    First every file's size and checksum is checked against the manifest (``integrity.verify``, shared out
+    over the ranks), also when only the weights are loaded; a mismatch raises ``DamagedCheckpoint``.
     """
     import torch.distributed.checkpoint as dcp  # lazy: see unpickler.py
     from torch.distributed.checkpoint.state_dict import (
@@ -247,6 +268,7 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module | Sequence[nn.Modu
 
     ck = resolve_checkpoint(path)
     info = read_json(ck / COMPLETE)
+    verify(ck, info, collective=True)  # every file's size and checksum, before any tensor is read
     models, optimizers, offsets = normalize(model, optimizer, layer_offset)
     if optimizers and info.get("optimizer") == "none":
         raise UserError(f"checkpoint {ck}: holds weights only (no optimizer state); load it without an "

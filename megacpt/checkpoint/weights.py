@@ -12,17 +12,22 @@ import torch
 
 from megacpt.checkpoint.distributed import quiet_single_process
 from megacpt.checkpoint.files import resolve_checkpoint
+from megacpt.checkpoint.integrity import verify
 from megacpt.checkpoint.unpickler import safe_reader
 from megacpt.errors import UserError
 
 
 def checkpoint_tensors(path: str | os.PathLike, prefix: str = "model.") -> dict[str, tuple[tuple, torch.dtype]]:
-    """name (without prefix) -> (global shape, dtype) of the tensors stored in a checkpoint dir."""
+    """name (without prefix) -> (global shape, dtype) of the tensors stored in a checkpoint dir.
+
+    Verifies the checkpoint's files first (``integrity.verify``, in this process: no process group is used).
+    """
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata  # lazy: see unpickler.py
 
     ck = resolve_checkpoint(path)
     if not (ck / ".metadata").is_file():
         raise UserError(f"checkpoint {ck}: no .metadata (not a DCP checkpoint, or damaged)")
+    verify(ck)
     md = safe_reader(ck).read_metadata()
     return {k[len(prefix):]: (tuple(v.size), v.properties.dtype)
             for k, v in md.state_dict_metadata.items()

@@ -3,7 +3,8 @@
 - ``load_model(path, dtype, device) -> (GPTNeoX, ModelConfig)``: single process, eval mode. ``path`` is an
   HF GPT-NeoX dir (config.json + safetensors) or a megacpt checkpoint (root with ``latest``, or one
   ``iter_XXXXXXX`` dir). Weights stream in one tensor (HF) or one DCP read (megacpt) at a time into a model
-  built on the meta device, so only one copy of the weights is ever in memory.
+  built on the meta device, so only one copy of the weights is ever in memory. A checkpoint's files are
+  checked against the sizes and checksums its save recorded first (``megacpt.checkpoint.integrity``).
 - ``load_weights(model, path, layer_offset=0)``: the same weights into an existing, possibly parallelized
   model (DTensor TP, FSDP2, a pipeline stage) - what ``train`` uses for ``init_from``. Collective.
 - ``find_tokenizer(path) -> str | None``: the tokenizer shipped with a model dir or checkpoint.

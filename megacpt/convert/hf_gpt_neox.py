@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import zipfile
 from pathlib import Path
 from typing import Iterator
@@ -29,6 +28,7 @@ from megacpt.checkpoint import (CheckpointManager, checkpoint_tensors, copy_toke
                                 read_model_config, read_tensors, resolve_checkpoint, tokenizer_files)
 from megacpt.config import ModelConfig, ParallelConfig, torch_dtype_name
 from megacpt.errors import InputError, UserError
+from megacpt.io import claim_output, commit_tmp, describe_interrupt, discard_tmp, pause_for_test, tmp_dir_for
 from megacpt.model.hf_config import hf_config_from_model_config, model_config_from_hf
 
 SUPPORTED_ARCHITECTURES = ("GPTNeoXForCausalLM",)
@@ -299,16 +299,19 @@ def hf_to_megacpt(hf_dir: str | os.PathLike, out: str | os.PathLike, tp: int = 1
     cfg.padded_vocab_size = max(-(-cfg.vocab_size // m) * m, cfg.padded_vocab_size or 0)
     ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp).resolve(tp * pp).validate_model(cfg)
     out = Path(out)
-    if is_checkpoint(out) or (out.is_dir() and any(out.glob("iter_*"))):
+    # an iter_*.tmp of a killed conversion is no checkpoint: the save below removes it
+    if is_checkpoint(out) or (out.is_dir() and any(not p.name.endswith(".tmp") for p in out.glob("iter_*"))):
         raise UserError(f"--out {out}: already holds a checkpoint; choose a new directory")
     tokenizer = tokenizer if tokenizer is not None else find_hf_tokenizer(hf_dir)
     sd = dict(hf_state_dict(hf_dir, cfg, allow_pickle=allow_pickle))
     if cfg.tie_word_embeddings:  # the model's state dict (what training saves) names both
         sd["embed_out.weight"] = sd["embed_in.weight"]
     mgr = CheckpointManager(out, keep_last=0)
-    mgr.save(0, sd, extra={"converted_from": {"hf_dir": str(Path(hf_dir).resolve()), "tp": tp, "pp": pp,
-                                              "architectures": raw.get("architectures")}},
-             model_config=cfg, tokenizer=tokenizer)
+    with describe_interrupt(lambda: f"; no checkpoint was written to {out} (the re-run removes a partial "
+                                    "iter_0000000.tmp): re-run the same command"):
+        mgr.save(0, sd, extra={"converted_from": {"hf_dir": str(Path(hf_dir).resolve()), "tp": tp, "pp": pp,
+                                                  "architectures": raw.get("architectures")}},
+                 model_config=cfg, tokenizer=tokenizer)
     return out
 
 
@@ -349,9 +352,15 @@ def megacpt_to_hf(ckpt: str | os.PathLike, out: str | os.PathLike, dtype: str | 
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out}: exists and is not an empty directory")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    with claim_output(out), describe_interrupt(lambda: f"; nothing was written to {out}: re-run the same command"):
+        _write_hf_dir(ck, cfg, out, shards, out_dtype)
+    return out
+
+
+def _write_hf_dir(ck: Path, cfg: ModelConfig, out: Path, shards: list[list[tuple[str, str]]],
+                  out_dtype: torch.dtype) -> None:
+    """Write the HF dir into a temp dir beside ``out`` and rename it into place."""
+    tmp = tmp_dir_for(out)
     try:
         weight_map, total = {}, 0
         for i, shard in enumerate(shards):
@@ -366,6 +375,7 @@ def megacpt_to_hf(ckpt: str | os.PathLike, out: str | os.PathLike, dtype: str | 
                 total += block[hf].numel() * out_dtype.itemsize
             save_file(block, str(tmp / fname), metadata={"format": "pt"})
             del block, tensors
+            pause_for_test("convert-write")
         if len(shards) > 1:
             (tmp / "model.safetensors.index.json").write_text(json.dumps(
                 {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
@@ -377,8 +387,7 @@ def megacpt_to_hf(ckpt: str | os.PathLike, out: str | os.PathLike, dtype: str | 
             copy_tokenizer(ck / "tokenizer", tmp)
         if out.exists():
             out.rmdir()
-        os.replace(tmp, out)
+        commit_tmp(tmp, out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard_tmp(tmp)
         raise
-    return out

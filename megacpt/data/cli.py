@@ -58,6 +58,8 @@ def add_preprocess_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--json-keys", nargs="+", default=["text"], help="one output dataset per key")
     g.add_argument("--skip-bad-lines", action="store_true", help="count, report and skip bad records "
                    "instead of stopping at the first one")
+    g.add_argument("--allow-empty", action="store_true", help="write an empty dataset when the input has no "
+                   "records (default: an error naming the input)")
     g = parser.add_argument_group("tokenizer")
     g.add_argument("--tokenizer-type", default="auto",
                    choices=["HuggingFaceTokenizer", "SentencePieceTokenizer", "GPT2BPETokenizer", "NullTokenizer",
@@ -113,6 +115,7 @@ def preprocess_config(args: argparse.Namespace) -> PreprocessConfig:
         json_keys=list(args.json_keys), append_eod=args.append_eod,
         workers=args.workers, partitions=args.partitions, partition_index=args.partition_index,
         keep_sequential_samples=args.keep_sequential_samples, skip_bad_lines=args.skip_bad_lines,
+        allow_empty=args.allow_empty,
         hf_dataset=args.hf_dataset, split=args.split, dtype=args.dtype, chunk_bytes=args.chunk_bytes,
         fast=args.fast, log_interval=args.log_interval, progress=not args.quiet,
         split_sentences=args.split_sentences, keep_newlines=args.keep_newlines, lang=args.lang,

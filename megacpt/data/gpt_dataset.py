@@ -126,21 +126,32 @@ def normalize_split(split: str | Sequence[float]) -> str:
     return ",".join(f"{v:g}" for v in vals + [0.0] * (3 - len(vals)))
 
 
+def _empty_splits(weights: Sequence[float], n: int) -> list[int]:
+    """The splits with a weight that get no document of a dataset of ``n`` (Megatron's rounding in
+    ``get_split_indices``)."""
+    w = [x / sum(weights) for x in weights]
+    bounds = [0]
+    for x in w:
+        bounds.append(bounds[-1] + int(round(x * n)))
+    bounds[-1] = n
+    return [i for i in range(3) if w[i] > 0 and bounds[i + 1] <= bounds[i]]
+
+
 def check_split(split: str | Sequence[float], prefixes: Sequence[str]) -> None:
-    """Every split with a weight must get at least one document of every prefix (Megatron's rounding in
-    ``get_split_indices``); an empty one would make megatron-core's epoch count loop forever."""
+    """Every split with a weight must get at least one document of every prefix; an empty one would make
+    megatron-core's epoch count loop forever. A dataset without documents is named as such."""
     w = [float(x) for x in normalize_split(split).split(",")]
-    w = [x / sum(w) for x in w]
     for p in prefixes:
-        n = IndexedDataset(p).num_documents
-        bounds = [0]
-        for x in w:
-            bounds.append(bounds[-1] + int(round(x * n)))
-        bounds[-1] = n
-        for i, name in enumerate(("train", "valid", "test")):
-            if w[i] > 0 and bounds[i + 1] <= bounds[i]:
-                raise UserError(f"data.split: {split!r} leaves the {name} split of {p} empty ({n} documents); "
-                                f"use a split with 0 for unused parts, e.g. '98,2,0' or '1,0,0'")
+        n = IndexedDataset(p).require_documents().num_documents
+        empty = _empty_splits(w, n)
+        if empty:
+            # the same weights with 0 for the parts this dataset is too small for (never the split given)
+            fit = [0.0 if i in empty else x for i, x in enumerate(w)]
+            if not sum(fit) or _empty_splits(fit, n):
+                fit = [1.0, 0.0, 0.0]
+            names = " and ".join(("train", "valid", "test")[i] for i in empty)
+            raise UserError(f"data.split: {split!r} leaves the {names} split of {p} empty ({n} documents); "
+                            f"give 0 to the parts it is too small for, e.g. '{','.join(f'{x:g}' for x in fit)}'")
 
 
 def build_gpt_datasets(

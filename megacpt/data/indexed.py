@@ -21,7 +21,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from megacpt.errors import UserError
-from megacpt.io import tmp_path_for, write_json_atomic
+from megacpt.io import commit_tmp, discard_tmp, pause_for_test, tmp_path_for, write_json_atomic
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -45,6 +45,11 @@ def data_paths(prefix: str | os.PathLike) -> tuple[Path, Path]:
 
 def sidecar_path(prefix: str | os.PathLike) -> Path:
     return Path(str(prefix) + ".meta.json")
+
+
+def dataset_files(prefix: str | os.PathLike) -> list[Path]:
+    """The files a writer of dataset ``prefix`` writes: ``.bin``, ``.idx``, the sidecar (for `claim_output`)."""
+    return [*data_paths(prefix), sidecar_path(prefix)]
 
 
 def read_sidecar(prefix: str | os.PathLike) -> dict[str, Any] | None:
@@ -165,21 +170,20 @@ class IndexedDatasetWriter:
         idx_tmp = tmp_path_for(self.idx_path)
         try:
             write_index(idx_tmp, self.dtype, lengths, doc_indices)
+            pause_for_test("indexed-finalize")
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.idx_path)  # an old .idx must never pair with the new .bin
-            os.replace(self._bin_tmp, self.bin_path)
-            os.replace(idx_tmp, self.idx_path)
+            commit_tmp(self._bin_tmp, self.bin_path)
+            commit_tmp(idx_tmp, self.idx_path)
         except BaseException:
             for p in (idx_tmp, self._bin_tmp):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(p)
+                discard_tmp(p)
             raise
 
     def abort(self) -> None:
         with contextlib.suppress(Exception):
             self._bin.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._bin_tmp)
+        discard_tmp(self._bin_tmp)
 
     def __enter__(self) -> "IndexedDatasetWriter":
         return self
@@ -300,3 +304,11 @@ class IndexedDataset:
     @property
     def meta(self) -> dict[str, Any] | None:
         return read_sidecar(self.prefix)
+
+    def require_documents(self) -> "IndexedDataset":
+        """Self, or a UserError naming the dataset when it has no documents (nothing to train on, score or
+        select: its input was empty)."""
+        if self.num_documents == 0:
+            raise UserError(f"the dataset {self.prefix} has 0 documents (was its input empty? `megacpt "
+                            "preprocess` writes an empty dataset only with --allow-empty)")
+        return self

@@ -6,9 +6,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from megacpt.data.indexed import IndexedDataset, IndexedDatasetWriter, read_sidecar, sidecar_path, write_sidecar
+from megacpt.data.indexed import (IndexedDataset, IndexedDatasetWriter, dataset_files, read_sidecar, sidecar_path,
+                                  write_sidecar)
 from megacpt.errors import UserError
-from megacpt.io import check_writable_dir
+from megacpt.io import check_writable_dir, claim_output
 
 _SUMMED = ("num_documents", "num_sequences", "num_tokens", "input_records", "input_bytes", "skipped_lines",
            "fast_path_fallbacks")
@@ -40,6 +41,11 @@ def merge_datasets(prefixes: Sequence[str], out_prefix: str) -> dict[str, Any]:
     if len(tok_hashes) > 1:
         raise UserError("merge: inputs were tokenized with different tokenizers (sidecar sha256 differ)")
     check_writable_dir(out_prefix)
+    with claim_output(out_prefix, dataset_files(out_prefix)):
+        return _merge(datasets, prefixes, metas, out_prefix)
+
+
+def _merge(datasets: list[IndexedDataset], prefixes: Sequence[str], metas: list, out_prefix: str) -> dict[str, Any]:
     sidecar_path(out_prefix).unlink(missing_ok=True)
     with IndexedDatasetWriter(out_prefix, datasets[0].dtype) as w:
         for p in prefixes:

@@ -9,7 +9,10 @@ records round-robin (or in contiguous blocks with ``--keep-sequential-samples``)
 lists partition 0's records first.
 
 Unlike Megatron, bad input stops the run at once with ``file:line: what`` (or is counted and skipped
-with ``--skip-bad-lines``) and nothing partial is left: outputs are written to temp files and renamed.
+with ``--skip-bad-lines``), an input without any record is an error (unless ``allow_empty``), and nothing
+partial is left: outputs are written to temp files and renamed. A job interrupted by a signal removes its
+temporaries and says how far it got; one killed with -9 leaves them to the next job writing the same output,
+which removes them (``megacpt.io.claim_output``). Workers die quietly with the job.
 
 Memory: the parent holds at most ``2 * workers + 2`` chunks of ``--chunk-bytes`` (default 1 MiB) of raw
 text and their token arrays in flight, plus the index arrays (12 bytes per sequence + 8 per document),
@@ -18,6 +21,7 @@ independent of the corpus size otherwise.
 from __future__ import annotations
 
 import collections
+import contextlib
 import math
 import multiprocessing as mp
 import os
@@ -30,11 +34,11 @@ from typing import Any, Sequence
 import numpy as np
 
 from megacpt.data.encoder import build_encoder
-from megacpt.data.indexed import IndexedDatasetWriter, optimal_dtype, sidecar_path, write_sidecar
+from megacpt.data.indexed import IndexedDatasetWriter, dataset_files, optimal_dtype, sidecar_path, write_sidecar
 from megacpt.data.merge import merge_datasets
 from megacpt.data.readers import Chunk, count_records, expand_inputs, iter_chunks, parse_chunk, plain_text_bytes
 from megacpt.errors import InputError, UserError
-from megacpt.io import check_writable_dir
+from megacpt.io import check_writable_dir, claim_output, describe_interrupt, pause_for_test, quiet_worker
 from megacpt.progress import Progress
 
 MAX_REPORTED_SKIPS = 100
@@ -59,6 +63,7 @@ class PreprocessConfig:
     partition_index: int | None = None  # run only this partition (a separate job); merge later
     keep_sequential_samples: bool = False
     skip_bad_lines: bool = False
+    allow_empty: bool = False         # write a 0-document dataset instead of refusing an input without records
     hf_dataset: str | None = None
     split: str | None = None
     dtype: str = "auto"               # auto (Megatron's rule) | uint16 | int32
@@ -120,6 +125,11 @@ def _init_worker(cfg: PreprocessConfig, dtype: type, partition_of: tuple[str, in
     """``encoder`` is the parent's, inherited through fork (its fast path is verified once, there)."""
     _W["cfg"], _W["dtype"], _W["partition_of"] = cfg, dtype, partition_of
     _W["encoder"] = encoder or _build_encoder(cfg)
+
+
+def _init_pool_worker(*args) -> None:
+    quiet_worker()  # no traceback on SIGTERM/SIGINT/a dead parent: the parent reports the interruption
+    _init_worker(*args)
 
 
 def _build_encoder(cfg: PreprocessConfig):
@@ -202,11 +212,38 @@ def preprocess(cfg: PreprocessConfig) -> dict[str, dict[str, Any]]:
     else:
         parts = range(cfg.partitions) if cfg.partition_index is None else [cfg.partition_index]
         targets = {(p, k): output_prefix(cfg.output_prefix, k, p) for p in parts for k in cfg.json_keys}
-    writers = {t: IndexedDatasetWriter(prefix, dtype) for t, prefix in targets.items()}
+    merged = ([output_prefix(cfg.output_prefix, k) for k in cfg.json_keys]
+              if cfg.partitions > 1 and cfg.partition_index is None else [])
     stats = {"n_records": 0, "nbytes": 0, "skipped": 0, "skipped_examples": [], "fallbacks": 0}
+    phase = ["tokenize"]
+    with contextlib.ExitStack() as claims, describe_interrupt(lambda: _interrupt_note(phase[0], stats, targets)):
+        for prefix in [*targets.values(), *merged]:  # another live job's output is refused here
+            claims.enter_context(claim_output(prefix, dataset_files(prefix)))
+        return _preprocess(cfg, encoder, dtype, sources, spec, targets, merged, stats, phase)
+
+
+def _interrupt_note(phase: str, stats: dict, targets: dict) -> str:
+    outs = list(targets.values())
+    named = outs[0] + (f" and {len(outs) - 1} more" if len(outs) > 1 else "")
+    if phase == "tokenize":
+        return f"after {stats['n_records']:,} documents; nothing was written to {named}; re-run the same command"
+    return f"while writing {named} (after {stats['n_records']:,} documents); re-run the same command"
+
+
+def _describe_inputs(cfg: PreprocessConfig, sources) -> str:
+    names = [s.path for s in sources] + ([cfg.hf_dataset] if cfg.hf_dataset else [])
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def _preprocess(cfg: PreprocessConfig, encoder, dtype: type, sources, spec, targets: dict, merged: list[str],
+                stats: dict, phase: list[str]) -> dict[str, dict[str, Any]]:
+    tokenizer = encoder.tokenizer
+    writers = {t: IndexedDatasetWriter(prefix, dtype) for t, prefix in targets.items()}
     t0 = time.perf_counter()
+    results = _run_chunks(cfg, dtype, spec, sources, encoder)
     try:
-        for result in _run_chunks(cfg, dtype, spec, sources, encoder):
+        pause_for_test("preprocess-start")
+        for result in results:
             if result["error"] is not None:
                 raise InputError(*result["error"])
             stats["skipped"] += len(result["skipped"])
@@ -217,11 +254,20 @@ def preprocess(cfg: PreprocessConfig) -> dict[str, dict[str, Any]]:
             stats["fallbacks"] += result["fallbacks"]
             for target, (data, lengths, doc_ends) in result["out"].items():
                 writers[target].add_raw(data, lengths, doc_ends)
+            pause_for_test("preprocess-write")
+        if stats["n_records"] == 0 and not cfg.allow_empty:
+            skipped = f"; {stats['skipped']} bad line(s) skipped" if stats["skipped"] else ""
+            part = f" (partition {cfg.partition_index})" if cfg.partition_index is not None else ""
+            raise UserError(f"no documents in {_describe_inputs(cfg, sources)}{part}: empty, or every line "
+                            f"blank or skipped{skipped}; nothing was written (pass --allow-empty to write an "
+                            "empty dataset)")
+        phase[0] = "finalize"
         for prefix in targets.values():
             sidecar_path(prefix).unlink(missing_ok=True)  # an old sidecar must not describe new data
         for w in writers.values():
             w.finalize()
     except BaseException:
+        results.close()  # ends the worker pool now, not when the generator is collected
         for w in writers.values():
             w.abort()
         raise
@@ -253,10 +299,8 @@ def preprocess(cfg: PreprocessConfig) -> dict[str, dict[str, Any]]:
         }
         write_sidecar(prefix, meta)
         metas[prefix] = meta
-    if cfg.partitions > 1 and cfg.partition_index is None:
-        for key in cfg.json_keys:
-            out = output_prefix(cfg.output_prefix, key)
-            metas[out] = merge_datasets([targets[(p, key)] for p in range(cfg.partitions)], out)
+    for key, out in zip(cfg.json_keys, merged):
+        metas[out] = merge_datasets([targets[(p, key)] for p in range(cfg.partitions)], out)
     return metas
 
 
@@ -275,7 +319,7 @@ def _run_chunks(cfg: PreprocessConfig, dtype: type, spec, sources, encoder):
     fork = sys.platform == "linux"
     ctx = mp.get_context("fork" if fork else "spawn")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one thread per worker: workers = cores
-    pool = ctx.Pool(cfg.workers, initializer=_init_worker,
+    pool = ctx.Pool(cfg.workers, initializer=_init_pool_worker,
                     initargs=(cfg, dtype, spec, encoder if fork else None))
     try:
         pending: collections.deque = collections.deque()

@@ -13,6 +13,7 @@ from megacpt.config import add_dtype_argument, torch_dtype_name
 from megacpt.convert import find_tokenizer, load_config, load_model
 from megacpt.data.indexed import IndexedDataset, read_sidecar
 from megacpt.errors import UserError
+from megacpt.io import describe_interrupt
 from megacpt.score.job import check_vocab, model_identity, score_dataset
 from megacpt.score.flags import add_scorer_arguments
 from megacpt.score.nll import COLUMNS, ScoringConfig
@@ -54,9 +55,7 @@ def run(args: argparse.Namespace) -> int:
                         micro_batch_size=args.micro_batch_size, impl=args.impl,
                         compile_loss=args.compile_loss or args.compile).validate()
     # every check that needs no model weights, before loading them
-    ds = IndexedDataset(args.data)
-    if ds.num_documents == 0:
-        raise UserError(f"{args.data}: the dataset has no documents")
+    IndexedDataset(args.data).require_documents()
     if Path(args.out).exists() and not args.resume:
         raise UserError(f"{args.out} exists; pass --resume to finish an interrupted run, or remove it")
     tp, world_env = args.tensor_model_parallel_size, int(os.environ.get("WORLD_SIZE", "1"))
@@ -78,9 +77,11 @@ def run(args: argparse.Namespace) -> int:
         model, mcfg = load_model(args.model, dtype=dtype, device=device)
     if args.compile:
         model.compile_layers()
-    summary = score_dataset(model, args.data, args.seq_length, args.out, cfg, shard_docs=args.shard_docs,
-                            resume=args.resume, dtype_name=dtype_name,
-                            model_identity=model_identity(args.model, mcfg), progress=not args.no_progress)
+    with describe_interrupt(lambda: f"{f'on rank {rank}' if world > 1 else ''}; the committed shards are kept in "
+                                    f"{args.out}.shards: re-run the same command with --resume"):
+        summary = score_dataset(model, args.data, args.seq_length, args.out, cfg, shard_docs=args.shard_docs,
+                                resume=args.resume, dtype_name=dtype_name,
+                                model_identity=model_identity(args.model, mcfg), progress=not args.no_progress)
     if rank == 0:
         print(json.dumps(summary, indent=None), file=sys.stderr)
     if dist:

@@ -8,9 +8,13 @@ Schema metadata key ``megacpt.scores`` holds JSON::
 Scorers commit results in shards under ``OUT.shards/`` (each shard an atomic Parquet file), so an
 interrupted run resumes where it stopped; the final file is assembled atomically and the shard
 directory removed. A resumed run must have the same dataset and config as the shards on disk.
+The committed shards are progress, kept on an interruption; only temporaries are removed
+(``megacpt.io.claim_output``: the writer holds OUT's lock and first removes stale temporaries of OUT
+and inside OUT.shards/).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -22,7 +26,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from megacpt.errors import UserError
-from megacpt.io import atomic_path, check_writable_dir, write_json_atomic
+from megacpt.io import atomic_path, check_writable_dir, claim_output, describe_interrupt, pause_for_test, write_json_atomic
 from megacpt.progress import Progress
 
 META_KEY = b"megacpt.scores"
@@ -92,17 +96,30 @@ def read_scores(path: str | os.PathLike) -> ScoreFile:
 
 
 class ShardedScoreWriter:
-    """Resumable score output: shard k covers doc ids [k*shard_docs, min((k+1)*shard_docs, n))."""
+    """Resumable score output: shard k covers doc ids [k*shard_docs, min((k+1)*shard_docs, n)).
+
+    With ``claim`` (one writer per output: rank 0 of a distributed pass) it holds OUT's lock until `close`
+    (or `finalize`, or the end of a ``with`` block), after removing stale temporaries."""
 
     def __init__(self, out: str | os.PathLike, meta: dict[str, Any], num_documents: int, shard_docs: int,
-                 overwrite: bool = False):
+                 overwrite: bool = False, claim: bool = True):
         if shard_docs <= 0:
             raise UserError(f"--shard-docs must be positive, got {shard_docs}")
         self.out = Path(out)
+        self.dir = Path(str(self.out) + ".shards")
         check_writable_dir(self.out)
+        self._claim = contextlib.ExitStack()
+        if claim:
+            self._claim.enter_context(claim_output(self.out, [self.out], dirs=[self.dir]))
+        try:
+            self._open(meta, num_documents, shard_docs, overwrite)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, meta: dict[str, Any], num_documents: int, shard_docs: int, overwrite: bool) -> None:
         if self.out.exists() and not overwrite:
             raise UserError(f"{self.out} exists; pass --overwrite to replace it")
-        self.dir = Path(str(self.out) + ".shards")
         self.meta, self.n, self.shard_docs = meta, num_documents, shard_docs
         state = {"meta": meta, "num_documents": num_documents, "shard_docs": shard_docs}
         state_path = self.dir / "state.json"
@@ -119,6 +136,16 @@ class ShardedScoreWriter:
         if not state_path.exists():
             write_json_atomic(state_path, state)
 
+    def close(self) -> None:
+        """Release OUT's lock (the shards stay: an unfinished pass resumes from them)."""
+        self._claim.close()
+
+    def __enter__(self) -> "ShardedScoreWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     @property
     def num_shards(self) -> int:
         return -(-self.n // self.shard_docs)
@@ -132,11 +159,15 @@ class ShardedScoreWriter:
     def pending(self) -> list[int]:
         return [k for k in range(self.num_shards) if not self._path(k).exists()]
 
+    def committed_documents(self) -> int:
+        return self.n - sum(b - a for a, b in map(self.span, self.pending()))
+
     def commit(self, k: int, columns: dict[str, np.ndarray]) -> None:
         a, b = self.span(k)
         if not np.array_equal(np.asarray(columns["doc_id"]), np.arange(a, b)):
             raise RuntimeError(f"shard {k}: doc ids do not cover [{a}, {b})")
         write_scores(self._path(k), columns, self.meta)
+        pause_for_test("score-shard")
 
     def finalize(self) -> None:
         pa, pq = _pa()
@@ -153,6 +184,7 @@ class ShardedScoreWriter:
             cols = {"doc_id": np.zeros(0, np.int64)}
         write_scores(self.out, cols, self.meta)
         shutil.rmtree(self.dir)
+        self.close()
 
 
 def run_sharded(writer: ShardedScoreWriter, name: str, compute: Callable[[int, int], dict[str, np.ndarray]],
@@ -164,9 +196,11 @@ def run_sharded(writer: ShardedScoreWriter, name: str, compute: Callable[[int, i
     if pending and prog.done:
         print(f"{name}: resuming, {prog.done}/{writer.n} docs already scored", file=sys.stderr)
     it = results if results is not None else ((k, compute(*writer.span(k))) for k in pending)
-    for k, cols in it:
-        writer.commit(k, cols)
-        a, b = writer.span(k)
-        prog.update(b - a)
-    prog.close()
-    writer.finalize()
+    with writer, describe_interrupt(lambda: f"after {writer.committed_documents():,}/{writer.n:,} documents; the "
+                                    f"committed shards are kept in {writer.dir}: re-run the same command to resume"):
+        for k, cols in it:
+            writer.commit(k, cols)
+            a, b = writer.span(k)
+            prog.update(b - a)
+        prog.close()
+        writer.finalize()

@@ -21,7 +21,7 @@ from megacpt.data.tokenizer import load_tokenizer
 from megacpt.errors import UserError
 from megacpt.progress import Progress
 from megacpt.score.files import ShardedScoreWriter, score_metadata
-from megacpt.score.nll import ScoringConfig, output_layer, score_documents
+from megacpt.score.nll import ScoringConfig, output_layer, predicted_tokens, score_documents
 
 SCORER = "perplexity"
 
@@ -110,9 +110,7 @@ def score_dataset(model, dataset_prefix: str, seq_length: int, out: str, cfg: Sc
     pp, pp_rank = getattr(model, "pp_size", 1), getattr(model, "pp_rank", 0)
     dp_size = world // (tp * pp)
     dp_rank, writes = (rank // tp) % dp_size, rank % tp == 0 and pp_rank == pp - 1
-    ds = IndexedDataset(dataset_prefix)
-    if ds.num_documents == 0:
-        raise UserError(f"{dataset_prefix}: the dataset has no documents")
+    ds = IndexedDataset(dataset_prefix).require_documents()
     outp = Path(out)
     shards_dir = Path(str(outp) + ".shards")
     if outp.exists():
@@ -132,12 +130,12 @@ def score_dataset(model, dataset_prefix: str, seq_length: int, out: str, cfg: Sc
         dist.barrier()
     writer = None
     try:
-        if rank == 0:  # creates OUT.shards/state.json or checks it against this run's metadata
+        if rank == 0:  # holds OUT's lock; creates OUT.shards/state.json or checks it against this run's metadata
             writer = ShardedScoreWriter(out, meta, ds.num_documents, shard_docs)
     finally:
         _agree(dist, writer is not None or rank != 0)  # a rank-0 error must not leave the others waiting
     if rank != 0:
-        writer = ShardedScoreWriter(out, meta, ds.num_documents, shard_docs)
+        writer = ShardedScoreWriter(out, meta, ds.num_documents, shard_docs, claim=False)
     pending = writer.pending()
     if dist:
         dist.barrier()  # everyone has listed the same pending shards before anyone commits
@@ -150,23 +148,27 @@ def score_dataset(model, dataset_prefix: str, seq_length: int, out: str, cfg: Sc
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     stats: dict = {}
-    doc_lens = ds.document_lengths()  # [num_documents] int64, once (an O(#docs) cumsum)
-    todo = sum(int(doc_lens[slice(*writer.span(k))].sum()) for k in mine)
+    # the progress counts tokens scored (predicted positions, known from the lengths alone), like the summary
+    doc_pred = predicted_tokens(ds.document_lengths(), seq_length)  # [num_documents] int64, once (O(#docs))
+    todo = sum(int(doc_pred[slice(*writer.span(k))].sum()) for k in mine)
     bar = Progress(f"score perplexity (rank 0/{world})", todo, unit="tok", enabled=progress and rank == 0)
     t0 = time.perf_counter()
-    docs = 0
+    docs = scored = 0
     for k in mine:
         a, b = writer.span(k)
         cols = score_documents(model, ds, a, b, cfg, stats)
         if writes:
             writer.commit(k, cols)
-        docs += b - a
-        bar.update(int(doc_lens[a:b].sum()), docs=b - a)
+        docs, scored = docs + b - a, scored + int(cols["n_pred"].sum())
+        bar.update(int(doc_pred[a:b].sum()), docs=b - a)
     if hasattr(model, "finish"):
         model.finish()  # a pipeline stage's last activations have been received downstream
     elapsed = time.perf_counter() - t0
     bar.close()
-    totals = torch.tensor([stats.get("tokens", 0), docs, stats.get("forward_tokens", 0)], dtype=torch.float64)
+    # tokens_scored: predicted positions, the sum of the n_pred this run wrote (docs/method.md §2.1);
+    # padding = 1 - input tokens / forwarded (padded) tokens
+    totals = torch.tensor([scored, docs, stats.get("forward_tokens", 0),
+                           stats.get("input_tokens", 0)], dtype=torch.float64)
     totals *= float(writes)  # count each tp group once
     if dist:
         totals = totals.to(_collective_device(dist))
@@ -178,7 +180,7 @@ def score_dataset(model, dataset_prefix: str, seq_length: int, out: str, cfg: Sc
     if dist:
         dist.barrier()
     summary = {"out": str(outp), "documents_scored": int(totals[1]), "tokens_scored": int(totals[0]),
-               "padding_fraction": 1 - float(totals[0]) / max(float(totals[2]), 1.0),
+               "padding_fraction": 1 - float(totals[3]) / max(float(totals[2]), 1.0),
                "seconds": elapsed, "tokens_per_s": float(totals[0]) / max(elapsed, 1e-9),
                "tokens_per_s_per_rank": float(totals[0]) / max(elapsed, 1e-9) / world,
                "world_size": world, "shards_resumed": done_before, **_peak_memory(device)}

@@ -74,6 +74,12 @@ def chunk_spans(length: int, seq_length: int) -> list[tuple[int, int]]:
     return [(s, min(s + seq_length, length)) for s in range(0, length, seq_length)]
 
 
+def predicted_tokens(lengths: np.ndarray, seq_length: int) -> np.ndarray:
+    """n_pred of documents of these lengths: every token but the first of each <= L-token chunk."""
+    lengths = np.asarray(lengths, np.int64)
+    return lengths - (-(-lengths // seq_length))  # length - number of chunks
+
+
 def _batches(lengths: np.ndarray, cfg: ScoringConfig) -> Iterable[np.ndarray]:
     """Indices of chunks per forward: longest first, so each batch's padding is small."""
     order = np.argsort(-lengths, kind="stable")
@@ -91,6 +97,10 @@ def chunk_nll(model, chunks: Sequence[np.ndarray | Sequence[int]], cfg: ScoringC
               ) -> tuple[np.ndarray, np.ndarray]:
     """Score each chunk (<= L tokens) on its own: token j >= max(1, target_starts[i]) is predicted from
     tokens < j of the same chunk. Returns (n_pred int64 [k], nll_sum float64 [k]).
+
+    ``stats`` (optional) accumulates ``input_tokens`` (the chunks' tokens, first ones included) and
+    ``forward_tokens`` (rows x padded length): their ratio is the padding. Tokens *scored* are the predicted
+    positions, ``n_pred.sum()`` (docs/method.md §2.1).
 
     ``model`` is a ``megacpt.model.gpt_neox.GPTNeoX`` (``hidden_states`` + ``embed_out``), in the dtype
     to score in, on its device, or a ``PipelineStageScorer``: every stage runs the same batches; only the
@@ -134,7 +144,7 @@ def chunk_nll(model, chunks: Sequence[np.ndarray | Sequence[int]], cfg: ScoringC
         nll_sum[idx] = sums.cpu().numpy()
         n_pred[idx] = scored.sum(1).cpu().numpy()
         if stats is not None:
-            stats["tokens"] = stats.get("tokens", 0) + int(lengths[idx].sum())
+            stats["input_tokens"] = stats.get("input_tokens", 0) + int(lengths[idx].sum())
             stats["forward_tokens"] = stats.get("forward_tokens", 0) + ids.size
     return n_pred, nll_sum
 

@@ -25,7 +25,7 @@ class DocumentTexts:
 
     def __init__(self, prefix: str | os.PathLike, tokenizer: str | None = None):
         self.prefix = str(prefix)
-        self.ds = IndexedDataset(prefix)
+        self.ds = IndexedDataset(prefix).require_documents()  # nothing to score: an error, not an empty file
         meta = self.ds.meta
         if not meta or "tokenizer" not in meta:
             if tokenizer is None:

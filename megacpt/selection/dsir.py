@@ -91,30 +91,29 @@ def score_dataset(prefix: str, task_data: str, out: str, cfg: DsirConfig, json_k
     config.pop("shard_docs")
     meta = score_metadata("dsir", "dsir_log_weight", dataset_identity(prefix, docs.ds), config)
     n = docs.ds.num_documents
-    writer = ShardedScoreWriter(out, meta, n, cfg.shard_docs, overwrite)
+    with ShardedScoreWriter(out, meta, n, cfg.shard_docs, overwrite) as writer:
+        raw_path = writer.dir / "raw_counts.npy"
+        if raw_path.exists():
+            raw = np.load(raw_path)
+        else:  # pass 1: the raw n-gram distribution
+            fit = np.arange(n)
+            if cfg.raw_sample_docs and cfg.raw_sample_docs < n:
+                fit = np.sort(np.random.default_rng(cfg.seed).choice(n, cfg.raw_sample_docs, replace=False))
+            raw = np.zeros(cfg.num_buckets)
+            prog = Progress("dsir fit", fit.size)
+            for a in range(0, fit.size, cfg.shard_docs):
+                ids = fit[a : a + cfg.shard_docs]
+                raw += np.asarray(bucket_counts([docs[int(d)] for d in ids], vec).sum(axis=0)).ravel()
+                prog.update(ids.size)
+            prog.close()
+            with atomic_path(raw_path) as tmp:
+                with open(tmp, "wb") as f:
+                    np.save(f, raw)
+        lr = log_ratio(target, raw, cfg.smoothing)
 
-    raw_path = writer.dir / "raw_counts.npy"
-    if raw_path.exists():
-        raw = np.load(raw_path)
-    else:  # pass 1: the raw n-gram distribution
-        fit = np.arange(n)
-        if cfg.raw_sample_docs and cfg.raw_sample_docs < n:
-            fit = np.sort(np.random.default_rng(cfg.seed).choice(n, cfg.raw_sample_docs, replace=False))
-        raw = np.zeros(cfg.num_buckets)
-        prog = Progress("dsir fit", fit.size)
-        for a in range(0, fit.size, cfg.shard_docs):
-            ids = fit[a : a + cfg.shard_docs]
-            raw += np.asarray(bucket_counts([docs[int(d)] for d in ids], vec).sum(axis=0)).ravel()
-            prog.update(ids.size)
-        prog.close()
-        with atomic_path(raw_path) as tmp:
-            with open(tmp, "wb") as f:
-                np.save(f, raw)
-    lr = log_ratio(target, raw, cfg.smoothing)
+        def compute(a: int, b: int) -> dict[str, np.ndarray]:
+            w, n_ngrams = score_counts(bucket_counts(docs.range(a, b), vec), lr, cfg.normalize)
+            return {"doc_id": np.arange(a, b, dtype=np.int64), "dsir_log_weight": w, "n_ngrams": n_ngrams}
 
-    def compute(a: int, b: int) -> dict[str, np.ndarray]:
-        w, n_ngrams = score_counts(bucket_counts(docs.range(a, b), vec), lr, cfg.normalize)
-        return {"doc_id": np.arange(a, b, dtype=np.int64), "dsir_log_weight": w, "n_ngrams": n_ngrams}
-
-    run_sharded(writer, "dsir", compute)
+        run_sharded(writer, "dsir", compute)
     return out

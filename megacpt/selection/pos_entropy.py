@@ -25,6 +25,7 @@ from threadpoolctl import threadpool_limits
 
 from megacpt.data.identity import dataset_identity
 from megacpt.errors import UserError
+from megacpt.io import quiet_worker
 from megacpt.optional import require
 from megacpt.score.files import ShardedScoreWriter, run_sharded, score_metadata
 from megacpt.selection.documents import DocumentTexts
@@ -137,6 +138,11 @@ def _init_worker(prefix: str, tokenizer: str | None, cfg: PosEntropyConfig) -> N
     _STATE["cfg"] = cfg
 
 
+def _init_pool_worker(*args) -> None:
+    quiet_worker()  # no traceback on SIGTERM/SIGINT/a dead parent: the parent reports the interruption
+    _init_worker(*args)
+
+
 def _score_span(span: tuple[int, int, int]) -> tuple[int, dict[str, np.ndarray]]:
     k, a, b = span
     cols = tag_counts(_STATE["nlp"], _STATE["texts"].range(a, b), _STATE["cfg"])
@@ -152,15 +158,14 @@ def score_dataset(prefix: str, out: str, cfg: PosEntropyConfig, tokenizer: str |
     config = {**asdict(cfg), "model": nlp.meta.get("name", cfg.model), "model_version": nlp.meta.get("version")}
     config.pop("workers")  # does not change the scores, so a resumed run may use a different count
     meta = score_metadata("pos-entropy", "pos_entropy", dataset_identity(prefix, texts.ds), config)
-    writer = ShardedScoreWriter(out, meta, texts.ds.num_documents, cfg.shard_docs, overwrite)
-    spans = [(k, *writer.span(k)) for k in writer.pending()]
-    if cfg.workers == 1 or len(spans) <= 1:
+    with ShardedScoreWriter(out, meta, texts.ds.num_documents, cfg.shard_docs, overwrite) as writer:
+        spans = [(k, *writer.span(k)) for k in writer.pending()]
         _STATE.update(key=(prefix, tokenizer, cfg.model), texts=texts, nlp=nlp, cfg=cfg)
-        run_sharded(writer, "pos-entropy", None, (_score_span(s) for s in spans))
-    else:
-        # fork shares the loaded pipeline copy-on-write; spawn (other platforms) reloads it per worker
-        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-        _STATE.update(key=(prefix, tokenizer, cfg.model), texts=texts, nlp=nlp, cfg=cfg)
-        with ctx.Pool(cfg.workers, initializer=_init_worker, initargs=(prefix, tokenizer, cfg)) as pool:
-            run_sharded(writer, "pos-entropy", None, pool.imap_unordered(_score_span, spans))
+        if cfg.workers == 1 or len(spans) <= 1:
+            run_sharded(writer, "pos-entropy", None, (_score_span(s) for s in spans))
+        else:
+            # fork shares the loaded pipeline copy-on-write; spawn (other platforms) reloads it per worker
+            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+            with ctx.Pool(cfg.workers, initializer=_init_pool_worker, initargs=(prefix, tokenizer, cfg)) as pool:
+                run_sharded(writer, "pos-entropy", None, pool.imap_unordered(_score_span, spans))
     return out

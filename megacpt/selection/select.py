@@ -22,7 +22,7 @@ from megacpt import __version__
 from megacpt.data.identity import dataset_identity, same_dataset
 from megacpt.data.indexed import IndexedDataset, IndexedDatasetWriter, data_paths, sidecar_path, write_sidecar
 from megacpt.errors import UserError
-from megacpt.io import check_writable_dir, sha256_file, write_json_atomic
+from megacpt.io import check_writable_dir, claim_output, describe_interrupt, pause_for_test, sha256_file, write_json_atomic
 from megacpt.selection.combine import STRATEGIES, combined_score, load_metrics, metric_of, strategy_weights
 from megacpt.selection.sample import (DEFAULT_SOFT_WEIGHTING, SOFT_WEIGHTINGS, Budget, hard_order, random_order,
                                       soft_order, take_budget)
@@ -77,7 +77,7 @@ def manifest_path(prefix: str) -> Path:
 def compute_selection(cfg: SelectConfig, ds: IndexedDataset | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """Selected doc ids (ascending) and the manifest fields describing how they were chosen."""
     cfg.validate()
-    ds = ds or IndexedDataset(cfg.data)
+    ds = (ds or IndexedDataset(cfg.data)).require_documents()
     ident = dataset_identity(cfg.data, ds)
     files = [read_scores(p) for p in cfg.scores]
     metrics = load_metrics(files, ident)
@@ -147,6 +147,7 @@ def write_subset(ds: IndexedDataset, ids: np.ndarray, prefix: str, batch_tokens:
             if n_tok >= batch_tokens:
                 flush()
         flush()
+        pause_for_test("select-write")
         w.finalize()
     except BaseException:
         w.abort()
@@ -164,6 +165,12 @@ def select(cfg: SelectConfig, command: list[str] | None = None) -> dict[str, Any
     if existing and not cfg.overwrite:
         raise UserError(f"{existing[0]} exists; pass --overwrite to replace the selection")
     check_writable_dir(out)
+    with claim_output(out, output_paths(out)), describe_interrupt(
+            lambda: f"; nothing was written to {out}: re-run the same command"):
+        return _select(cfg, out, command)
+
+
+def _select(cfg: SelectConfig, out: str, command: list[str] | None) -> dict[str, Any]:
     ds = IndexedDataset(cfg.data)
     ids, info = compute_selection(cfg, ds)   # every input check happens before anything is written
     src_meta = ds.meta or {}

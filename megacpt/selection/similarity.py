@@ -191,12 +191,12 @@ def score_dataset(prefix: str, task_data: str, out: str, cfg: SimilarityConfig, 
     config.pop("device")
     config.pop("batch_size")
     meta = score_metadata("similarity", "similarity", dataset_identity(prefix, docs.ds), config)
-    writer = ShardedScoreWriter(out, meta, docs.ds.num_documents, cfg.shard_docs, overwrite)
 
     def compute(a: int, b: int) -> dict[str, np.ndarray]:
         emb, n_chunks = embed_texts(docs.range(a, b), embedder, cfg)
         return {"doc_id": np.arange(a, b, dtype=np.int64),
                 "similarity": similarity(emb, n_chunks, task_emb, cfg.reduce), "n_chunks": n_chunks}
 
-    run_sharded(writer, "similarity", compute)
+    with ShardedScoreWriter(out, meta, docs.ds.num_documents, cfg.shard_docs, overwrite) as writer:
+        run_sharded(writer, "similarity", compute)
     return out

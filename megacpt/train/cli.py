@@ -10,7 +10,9 @@ import logging
 import os
 import sys
 
+from megacpt.checkpoint import is_checkpoint
 from megacpt.errors import UserError
+from megacpt.io import describe_interrupt
 from megacpt.train.job import load_job_config
 from megacpt.train.plan import build_plan, format_plan, parse_dataset_tokens
 from megacpt.train.trainer import train, world_size_from_env
@@ -77,7 +79,19 @@ def run(args: argparse.Namespace) -> int:
         job.validate(world)
         print(json.dumps(job.to_dict(), indent=2, default=str))
         return 0
-    result = train(job)
+    at: list[int | None] = [None]  # the last iteration done, for the line of an interruption
+
+    def note() -> str:
+        save = job.checkpoint.save
+        if save and is_checkpoint(save):
+            how = f"re-run the same command: it resumes from the last checkpoint in {save}"
+        else:
+            how = ("no checkpoint was saved yet" if save else "checkpoint.save is not set, so nothing was kept") + \
+                  "; re-run the same command to start over"
+        return f"{'before its first step' if at[0] is None else f'at iteration {at[0]}'}; {how}"
+
+    with describe_interrupt(note):
+        result = train(job, on_step=lambda it, loss: at.__setitem__(0, it))
     logging.getLogger("megacpt.train").info(
         "finished: iteration %d, stop reason %s, skipped steps %d, last checkpoint %s", result.iteration,
         result.stop_reason, result.skipped_steps, result.checkpoint)

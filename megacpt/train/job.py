@@ -88,6 +88,7 @@ class JobConfig:
         check(t.device in ("auto", "cpu", "cuda"), "train.device", f"unknown {t.device!r} (auto, cpu, cuda)")
         check(t.max_consecutive_nan_skips >= 1, "train.max_consecutive_nan_skips", "must be >= 1")
         check(t.peak_flops is None or t.peak_flops > 0, "train.peak_flops", "must be > 0")
+        check(t.collective_timeout_s > 0, "train.collective_timeout_s", f"must be > 0, got {t.collective_timeout_s}")
         check(o.lr > 0, "optimizer.lr", f"must be > 0, got {o.lr}")
         check(o.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")
         check(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optimizer.beta1/beta2", "must be in [0, 1)")

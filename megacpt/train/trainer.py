@@ -11,7 +11,9 @@ forward/backward runs under bf16 autocast. On CPU the default is plain fp32, whi
 
 Exact resume: a checkpoint holds model, optimizer, the iteration (the LR schedule is a function of it),
 consumed samples (the data position; sample k of a run is always ``train_dataset[k]``), the NaN counters and
-every rank's RNG state.
+every rank's RNG state. A damaged checkpoint to resume from (a file whose size or checksum differs from the
+manifest its save recorded) stops the run before training, naming the file and the previous complete
+checkpoint; ``checkpoint.load=ROOT/iter_N`` resumes from that one exactly as from ``latest``.
 """
 from __future__ import annotations
 
@@ -21,7 +23,9 @@ import logging
 import math
 import os
 import random
+import re
 import signal
+from datetime import timedelta
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -30,7 +34,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megacpt.checkpoint import CheckpointManager, is_checkpoint, load_checkpoint
+from megacpt.checkpoint import (CheckpointManager, DamagedCheckpoint, is_checkpoint, latest_checkpoint,
+                                load_checkpoint, previous_checkpoint, verify_checkpoint)
 from megacpt.config import ModelConfig
 from megacpt.convert import load_config, load_weights
 from megacpt.convert.hf_gpt_neox import megacpt_to_hf
@@ -60,6 +65,11 @@ ARCH_FIELDS = ("hidden_size", "num_layers", "num_heads", "intermediate_size", "r
 
 class TrainingDiverged(UserError):
     """Too many non-finite steps in a row."""
+
+
+class PeerLost(UserError):
+    """A collective failed or timed out: another rank's process or node died or hangs. Every surviving rank
+    stops with this one line (no traceback) and a non-zero exit; relaunching all nodes resumes the run."""
 
 
 @dataclass
@@ -116,7 +126,9 @@ def init_runtime(job: JobConfig) -> Runtime:
         device = torch.device("cpu")
     owns = False
     if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        # every collective waits at most train.collective_timeout_s for its peers (no endless hang on a
+        # dead or stuck node); with nccl, TORCH_NCCL_ASYNC_ERROR_HANDLING=1 (our launchers) enforces it
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(seconds=t.collective_timeout_s))
         owns = True
     precision = t.precision if t.precision != "auto" else ("bf16" if use_cuda else "fp32")
     rt = Runtime(rank=dist.get_rank() if dist.is_initialized() else 0,
@@ -165,6 +177,15 @@ def resume_dir(job: JobConfig) -> str | None:
     if job.checkpoint.save and is_checkpoint(job.checkpoint.save):
         return job.checkpoint.save
     return None
+
+
+def damaged_resume(e: DamagedCheckpoint) -> UserError:
+    """The checkpoint to resume from is damaged: say so, and name the previous complete one to resume from."""
+    prev = previous_checkpoint(e.checkpoint)
+    if prev is None:
+        return UserError(f"{e}; no earlier complete checkpoint is left in {e.checkpoint.parent}")
+    return UserError(f"{e}; the previous complete checkpoint is {prev.name}: resume from it with "
+                     f"checkpoint.load={prev}")
 
 
 def resolve_model_config(job: JobConfig, resume: str | None) -> ModelConfig:
@@ -259,6 +280,10 @@ def validate_data(job: JobConfig, model_cfg: ModelConfig) -> None:
         for p in data_paths(prefix):
             if not p.exists():
                 raise UserError(f"{name}: {p} does not exist")
+        try:
+            IndexedDataset(prefix).require_documents()
+        except UserError as e:
+            raise UserError(f"{name}: {e}") from None
         tok = (read_sidecar(prefix) or {}).get("tokenizer")
         if not tok:
             log.warning("%s: %s has no tokenizer in its sidecar; vocab not checked", name, prefix)
@@ -448,17 +473,25 @@ def evaluate(model: Model, evals: dict, job: JobConfig, rt: Runtime, fused: bool
 # ------------------------------------------------------------------------------------------------ loop
 
 class _StopFlag:
-    """SIGTERM/SIGUSR1 (Slurm pre-emption) set a flag; the loop checks it between steps on every rank."""
+    """SIGTERM/SIGUSR1 (Slurm pre-emption) set a flag; the loop checks it between steps on every rank.
+
+    The same signal a second time chains to the handler it replaced: under `megacpt train` that is
+    ``megacpt.io.handle_signals``' (stop now, remove temporaries, one line, exit 128 + signal)."""
 
     def __init__(self, enabled: bool):
         self.set = False
         self._old = {}
+        self._seen: set[int] = set()
         if enabled:
             for s in (signal.SIGTERM, signal.SIGUSR1):
                 with contextlib.suppress(ValueError):  # not the main thread
                     self._old[s] = signal.signal(s, self._handler)
 
     def _handler(self, signum, frame) -> None:
+        if signum in self._seen and callable(self._old.get(signum)):
+            self._old[signum](signum, frame)
+            return
+        self._seen.add(signum)
         self.set = True
         log.warning("received signal %d: will save a checkpoint after this step and exit", signum)
 
@@ -545,7 +578,15 @@ def prepare_job(job: JobConfig) -> str | None:
     Sets ``job.model`` to the architecture the run trains; returns the checkpoint to resume from (or None)."""
     job.validate(world_size_from_env())
     resume = resume_dir(job)
-    cfg = resolve_model_config(job, resume)
+    try:
+        if resume is not None:
+            # sizes only (a stat per file, on every rank); `restore` checks checksums, shared out over the ranks
+            verify_checkpoint(resume, checksums=False)
+        cfg = resolve_model_config(job, resume)
+    except DamagedCheckpoint as e:
+        if resume is None:  # checkpoint.init_from's
+            raise
+        raise damaged_resume(e) from None
     job.model = cfg
     job.validate(world_size_from_env())  # again: divisibility against the loaded architecture
     if job.data.seq_length > cfg.max_position_embeddings:
@@ -567,7 +608,10 @@ def init_from_weights(model: Model, path: str) -> None:
 def restore(resume: str, model: Model, optimizers: list, sched: LRSchedule, job: JobConfig,
             rt: Runtime) -> TrainState:
     """Model, optimizer, position and this rank's RNG state from the checkpoint at ``resume``."""
-    ck = load_checkpoint(resume, model.parts, optimizers)
+    try:
+        ck = load_checkpoint(resume, model.parts, optimizers)
+    except DamagedCheckpoint as e:
+        raise damaged_resume(e) from None
     extra = ck.extra
     state = TrainState(int(extra["iteration"]), int(extra["consumed_samples"]), int(extra.get("skipped_steps", 0)),
                        int(extra.get("nan_streak", 0)))
@@ -649,6 +693,35 @@ def agree_to_stop(stop: "_StopFlag", rt: Runtime) -> bool:
     return bool(flag.item())
 
 
+# how gloo, nccl and the c10d store word a peer that is gone (a closed or reset socket) or silent (a timeout)
+_PEER_FAILURE_WORDS = ("connection closed by peer", "connection reset by peer", "broken pipe", "timed out",
+                       "timeout", "connection refused", "communicator was aborted", "remote process exited")
+
+
+def is_peer_failure(e: BaseException) -> bool:
+    """Whether a collective's exception means another rank is gone or silent, not a fault of this rank."""
+    if isinstance(e, dist.DistError):  # DistBackendError, DistNetworkError, DistStoreError
+        return True
+    return isinstance(e, RuntimeError) and any(w in str(e).lower() for w in _PEER_FAILURE_WORDS)
+
+
+def peer_lost(e: BaseException, job: JobConfig, rt: Runtime, iteration: int) -> PeerLost:
+    """The one line a surviving rank ends with: what happened, and where a relaunch resumes."""
+    # the backend's first sentence, without its source location: "Connection closed by peer [host]:port"
+    reason = re.sub(r"^\[[^\]]*\]\s*", "", (str(e).strip().splitlines() or [type(e).__name__])[0])
+    reason = reason.split(". ")[0][:240]
+    src = job.checkpoint.load or job.checkpoint.save
+    try:
+        last = (latest_checkpoint(src) or Path(src)) if src and is_checkpoint(src) else None
+    except UserError:  # a broken `latest`: say where to look, the relaunch will say more
+        last = Path(src)
+    resume = (f"Relaunch every node with the same command to resume from the last complete checkpoint, {last}"
+              if last is not None else "No checkpoint yet: relaunching every node starts from the beginning")
+    return PeerLost(f"rank {rt.rank}: lost a peer after iteration {iteration} ({reason}): another rank's process "
+                    f"or node died or stopped answering (collectives give up after train.collective_timeout_s="
+                    f"{job.train.collective_timeout_s:g} s). {resume}")
+
+
 def log_start(job: JobConfig, rt: Runtime, model: Model, state: TrainState, fused: bool) -> None:
     if not rt.is_main:
         return
@@ -691,6 +764,7 @@ def train(job: JobConfig, on_step: Callable[[int, float], None] | None = None) -
     meter = Throughput(flops_per_token(cfg, job.data.seq_length), rt.world_size, peak)
     result = TrainResult(iteration=state.iteration, skipped_steps=state.skipped_steps)
     log_start(job, rt, model, state, fused)
+    lost: PeerLost | None = None
     try:
         while state.iteration < t.train_iters:
             step = train_step(model, optimizers, sched, train_ds, state, job, rt, fused)
@@ -723,8 +797,13 @@ def train(job: JobConfig, on_step: Callable[[int, float], None] | None = None) -
             ckpt.wait()  # an async save must be complete before export / exit
         if result.stop_reason == "done" and job.checkpoint.export_hf:
             export_hf(job, rt)
+    except RuntimeError as e:  # a dead or hung peer: one clear line on every surviving rank, no traceback
+        if rt.world_size > 1 and is_peer_failure(e):
+            lost = peer_lost(e, job, rt, state.iteration)
+            raise lost from e
+        raise
     finally:
-        if ckpt is not None:
+        if ckpt is not None and lost is None:  # finishing a pending save is collective: not without the peer
             ckpt.close()
         stop.restore()
         logger.close()

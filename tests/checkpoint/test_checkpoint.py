@@ -14,7 +14,7 @@ from megacpt.errors import UserError
 from megacpt.checkpoint import (CheckpointManager, from_jsonable, latest_checkpoint, list_checkpoints,
                                       load_checkpoint, read_model_config, save_checkpoint, to_jsonable)
 
-from .helpers import assert_states_equal, build, fake_step, model_config, named_state, optimizer
+from .helpers import assert_states_equal, build, fake_step, model_config, named_state, optimizer, reseal
 
 
 def test_exact_resume_model_optimizer_extras(tmp_path):
@@ -199,6 +199,9 @@ def test_crafted_metadata_is_not_unpickled(tmp_path, monkeypatch):
     save_checkpoint(tmp_path / "ck", 1, model, model_config=model_config())
     md = tmp_path / "ck" / "iter_0000001" / ".metadata"
     md.write_bytes(pickle.dumps({"x": _Evil()}))
+    with pytest.raises(UserError, match=r"is damaged \(\.metadata: expected \d+ bytes"):  # the manifest disagrees
+        load_checkpoint(tmp_path / "ck", build())
+    reseal(md.parent)  # a crafted checkpoint comes with a matching manifest: the unpickler is what stops it
     with pytest.raises(UserError, match=r"\.metadata references posix\.system.*refusing to unpickle"):
         load_checkpoint(tmp_path / "ck", build())
     from megacpt.convert import load_model
@@ -206,6 +209,7 @@ def test_crafted_metadata_is_not_unpickled(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="refusing to unpickle"):
         load_model(tmp_path / "ck")
     md.write_bytes(b"\x80\x04garbage")
+    reseal(md.parent)
     with pytest.raises(UserError, match="unreadable .metadata"):
         load_checkpoint(tmp_path / "ck", build())
     assert not (tmp_path / "PWNED").exists()

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from megacpt.testing import run_distributed
-from megacpt.checkpoint import load_checkpoint, read_tensors, save_checkpoint
+from megacpt.checkpoint import load_checkpoint, read_tensors, save_checkpoint, verify_checkpoint
 
 from .helpers import assert_states_equal, build, fake_step, full, model_config, named_state, optimizer
 
@@ -31,7 +31,31 @@ LAYOUTS = {
 def _layouts_worker(rank: int, world: int, root_in: str, out: str, hf_dir: str, ck_conv: str) -> dict:
     owned = {layout: _reshard(rank, world, layout, root_in, f"{out}/{layout}") for layout in LAYOUTS}
     _convert_at_tp2pp2(world, hf_dir, ck_conv, f"{out}/conv")
+    owned["damaged"] = _damaged_collective_load(rank, root_in, f"{out}/damaged")
     return owned
+
+
+def _damaged_collective_load(rank: int, root_in: str, out: str) -> str | None:
+    """A byte flipped in the shard, whose checksum rank 1 computes (the files are dealt out over the ranks):
+    every rank raises the same error, none waits."""
+    import shutil
+    from pathlib import Path
+
+    import torch.distributed as dist
+    from megacpt.checkpoint import DamagedCheckpoint
+
+    ck = Path(out) / "iter_0000002"
+    if rank == 0:
+        shutil.copytree(Path(root_in) / "iter_0000002", ck)
+        data = bytearray((ck / "__0_0.distcp").read_bytes())
+        data[100] ^= 1
+        (ck / "__0_0.distcp").write_bytes(bytes(data))
+    dist.barrier()
+    try:
+        load_checkpoint(ck, build(seed=7))
+    except DamagedCheckpoint as e:
+        return str(e)
+    return None
 
 
 def _stage_parts(world: int, pcfg, full_model, vpp: int = 1) -> list:
@@ -131,7 +155,20 @@ def test_reshard_single_to_layout_and_back(layouts_run, layout):
     assert ck.iteration == 3 and ck.extra == {"from": layout} and ck.rank_extra == {"rank": 0}
     assert_states_equal(named_state(ref, opt), named_state(model2, opt2))
     assert sorted(p.name for p in (ck.path / "rank_extra").iterdir()) == [f"rank_{r:05d}.json" for r in range(4)]
-    assert json.loads((ck.path / "complete.json").read_text())["world_size"] == 4
+    info = json.loads((ck.path / "complete.json").read_text())
+    assert info["world_size"] == 4
+    # every rank's files are in the one manifest rank 0 wrote
+    on_disk = sorted(p.relative_to(ck.path).as_posix() for p in ck.path.rglob("*") if p.is_file())
+    assert sorted(info["manifest"]["files"]) == [f for f in on_disk if f != "complete.json"]
+    assert len([f for f in on_disk if f.endswith(".distcp")]) > 1
+    assert verify_checkpoint(ck.path).files == len(on_disk) - 1
+
+
+@pytest.mark.distributed
+def test_damage_found_by_one_rank_stops_every_rank(layouts_run):
+    msgs = [r["damaged"] for r in layouts_run["owned"]]
+    assert len(set(msgs)) == 1 and msgs[0] is not None, msgs
+    assert "__0_0.distcp: expected crc32 " in msgs[0] and "(same size, different bytes)" in msgs[0]
 
 
 @pytest.mark.distributed

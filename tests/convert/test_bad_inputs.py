@@ -15,6 +15,7 @@ from megacpt.convert import load_model
 from megacpt.convert.hf_gpt_neox import hf_to_megacpt, megacpt_to_hf
 from megacpt.errors import UserError
 from megacpt.checkpoint import latest_checkpoint
+from tests.checkpoint.helpers import reseal
 
 from .helpers import assert_bit_exact, make_hf_dir, read_safetensors_dir
 
@@ -187,6 +188,9 @@ def test_checkpoint_problems(hf, tmp_path):
     # model_config.json disagrees with the stored tensors
     cfg = json.loads((it / "model_config.json").read_text())
     (it / "model_config.json").write_text(json.dumps({**cfg, "intermediate_size": 128}))
+    with pytest.raises(UserError, match=r"is damaged \(model_config\.json: expected \d+ bytes"):
+        megacpt_to_hf(ck, tmp_path / "o2")
+    reseal(it)  # edited by hand, manifest included
     with pytest.raises(UserError, match=r"tensor 'layers\.0\.mlp\.dense_h_to_4h\.weight' has shape \[256, 64\]"):
         megacpt_to_hf(ck, tmp_path / "o2")
     with pytest.raises(UserError, match=r"'model\.layers\.0\.mlp\.dense_h_to_4h\.weight': checkpoint shape \[256, 64\] "

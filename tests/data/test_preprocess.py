@@ -304,7 +304,7 @@ def test_cli_flags_frozen_and_inspect(tmp_path, tiny_tokenizer_dir, capsys):
     assert {"--input", "--json-keys", "--tokenizer-type", "--tokenizer-model", "--output-prefix", "--workers",
             "--append-eod", "--partitions", "--keep-sequential-samples", "--log-interval", "--skip-bad-lines",
             "--hf-dataset", "--split", "--vocab-file", "--merge-file", "--split-sentences", "--keep-newlines",
-            "--lang", "--gpt2-parse-special-tokens"} <= flags
+            "--lang", "--gpt2-parse-special-tokens", "--allow-empty"} <= flags
     src = write_jsonl(tmp_path / "in.jsonl", records(10))
     assert main(["preprocess", "--input", src, "--tokenizer-model", tiny_tokenizer_dir, "--output-prefix",
                  str(tmp_path / "o"), "--workers", "1", "--append-eod"]) == 0

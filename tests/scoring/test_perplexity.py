@@ -1,6 +1,7 @@
 """The scoring pass vs a straightforward HF GPTNeoXForCausalLM computation; DP, resume, bad inputs."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -192,16 +193,39 @@ def _dp_worker(rank, world, model_dir, prefix, out, tp=1):
         model = parallel_scoring_model(model_dir, load_config(model_dir), tp, 1, world, torch.device("cpu"))
         assert model.embed_out.weight.to_local().shape[0] == VOCAB // tp  # really vocab-parallel
     return score_dataset(model, prefix, L, out, ScoringConfig(seq_length=L, tokens_per_batch=40),
-                         shard_docs=2, progress=False)["documents_scored"]
+                         shard_docs=2, progress=False)
+
+
+def _assert_summary_matches_file(summary, f):
+    """The summary counts what the file holds: every document, tokens scored = the sum of n_pred."""
+    assert summary["documents_scored"] == f.num_rows == len(DOC_SEQS)
+    assert summary["tokens_scored"] == int(f.columns["n_pred"].sum())
+
+
+def test_summary_tokens_scored_equals_parquet_n_pred(setup, tmp_path, capsys):
+    """`score perplexity`'s JSON summary: tokens_scored = sum of the Parquet's n_pred (predicted positions,
+    docs/method.md §2.1), not the chunks' tokens (which also count each chunk's unpredicted first token)."""
+    d, hf, prefix = setup
+    out = tmp_path / "scores.parquet"
+    assert _cli("--model", d / "hf", "--data", prefix, "--seq-length", L, "--out", out,
+                "--tokens-per-batch", 40, "--shard-docs", 5) == 0
+    summary = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    f = _read(out)
+    _assert_summary_matches_file(summary, f)
+    lengths = IndexedDataset(prefix).document_lengths()
+    assert summary["tokens_scored"] == sum(n - math.ceil(n / L) for n in lengths)  # n - number of chunks
+    assert 0 <= summary["padding_fraction"] < 1
 
 
 @pytest.mark.distributed
 def test_two_ranks_equal_one_rank(setup, tmp_path):
     d, hf, prefix = setup
     one, two = tmp_path / "one.parquet", tmp_path / "two.parquet"
-    assert _dp_worker(0, 1, str(d / "hf"), prefix, str(one)) == len(DOC_SEQS)  # no process group
-    assert run_distributed(_dp_worker, 2, str(d / "hf"), prefix, str(two), timeout=120) == [len(DOC_SEQS)] * 2
+    single = _dp_worker(0, 1, str(d / "hf"), prefix, str(one))  # no process group
+    ranks = run_distributed(_dp_worker, 2, str(d / "hf"), prefix, str(two), timeout=120)
     a, b = _read(one), _read(two)
+    for summary in (single, *ranks):  # every rank returns the global counts
+        _assert_summary_matches_file(summary, a)
     for k in a.columns:
         np.testing.assert_array_equal(a.columns[k], b.columns[k])
     assert a.meta == b.meta
@@ -211,9 +235,11 @@ def test_two_ranks_equal_one_rank(setup, tmp_path):
 def test_tensor_parallel_two_ranks_equals_one_rank(setup, tmp_path):
     d, hf, prefix = setup
     one, two = tmp_path / "one.parquet", tmp_path / "tp2.parquet"
-    assert _dp_worker(0, 1, str(d / "hf"), prefix, str(one)) == len(DOC_SEQS)
-    assert run_distributed(_dp_worker, 2, str(d / "hf"), prefix, str(two), 2, timeout=180) == [len(DOC_SEQS)] * 2
+    _dp_worker(0, 1, str(d / "hf"), prefix, str(one))
+    ranks = run_distributed(_dp_worker, 2, str(d / "hf"), prefix, str(two), 2, timeout=180)
     a, b = _read(one), _read(two)
+    for summary in ranks:  # the two ranks of one tp group score the same documents: counted once
+        _assert_summary_matches_file(summary, b)
     np.testing.assert_array_equal(a.columns["n_pred"], b.columns["n_pred"])
     # row-parallel all-reduces sum in another order: equal up to fp32 rounding
     np.testing.assert_allclose(a.columns["nll_sum"], b.columns["nll_sum"], rtol=1e-5, atol=1e-5)
