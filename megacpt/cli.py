@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from megacpt import __version__
@@ -60,7 +61,18 @@ def build_command_parser(name: str) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        try:
+            return _dispatch(list(sys.argv[1:] if argv is None else argv))
+        finally:  # argparse's --help exits too: a closed pipe surfaces here, not at interpreter exit
+            sys.stdout.flush()
+    except BrokenPipeError:
+        if not _stdout_closed():
+            raise  # another pipe (a worker's): a real error
+        return _quiet_exit_on_closed_pipe()
+
+
+def _dispatch(argv: list[str]) -> int:
     if not argv or argv[0].startswith("-"):
         _top_parser().parse_args(argv or ["--help"])
         return 0
@@ -77,6 +89,32 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         except KeyboardInterrupt as e:  # megacpt.io.Interrupted: what was interrupted and how to go on
             return report_interrupt(f"megacpt {name}", e)
+
+
+# `megacpt inspect --json | head`: the reader went away, which is how a pipe ends, not an error. Exit as a
+# command killed by SIGPIPE would (128 + 13, what the shell reports for `yes | head`), without a traceback.
+SIGPIPE_EXIT = 141
+
+
+def _stdout_closed() -> bool:
+    """True when stdout is a pipe whose reader has closed it (poll reports POLLERR on its write end)."""
+    try:
+        import select
+
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & select.POLLERR for _, ev in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll (Windows) or no real stdout: assume it was stdout
+        return True
+
+
+def _quiet_exit_on_closed_pipe() -> int:
+    # Python's recipe (docs, "Note on SIGPIPE"): point stdout at devnull so the flush at interpreter exit
+    # does not raise again ("Exception ignored ... BrokenPipeError")
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return SIGPIPE_EXIT
 
 
 if __name__ == "__main__":

@@ -11,6 +11,38 @@ from dataclasses import dataclass, field
 from megacpt.errors import UserError
 
 
+# -- dtype names: one vocabulary for every command's --dtype -------------------------------------------------
+# canonical name -> torch attribute; "auto" (where a command allows it) picks per device
+DTYPES: dict[str, str] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+# the older spellings (torch's names, and what `eval`/`convert` took before) keep working
+DTYPE_ALIASES: dict[str, str] = {"float32": "fp32", "float": "fp32", "bfloat16": "bf16", "float16": "fp16",
+                                 "half": "fp16"}
+
+
+def dtype_name(name: str) -> str:
+    """Any accepted spelling -> its canonical name (``fp32|bf16|fp16|auto``); unknown names are returned as
+    they are, for the caller's choices check to refuse with the list of canonical names."""
+    key = str(name).strip().lower()
+    return DTYPE_ALIASES.get(key, key)
+
+
+def torch_dtype_name(name: str) -> str:
+    """``fp32``/``float32``/... -> the torch attribute (``float32``); UserError for anything else."""
+    canonical = dtype_name(name)
+    if canonical not in DTYPES:
+        raise UserError(f"dtype {name!r}: expected one of {', '.join(DTYPES)}")
+    return DTYPES[canonical]
+
+
+def add_dtype_argument(parser, default: str = "auto", choices: tuple[str, ...] = (*DTYPES, "auto"),
+                       help: str = "") -> None:
+    """``--dtype`` with the canonical choices shown and the aliases accepted (argparse stores the canonical
+    name)."""
+    aliases = [a for a, c in DTYPE_ALIASES.items() if c in choices]
+    parser.add_argument("--dtype", type=dtype_name, choices=choices, default=default,
+                        help=f"{help + '; ' if help else ''}default {default} (also accepted: {', '.join(aliases)})")
+
+
 def check(cond: bool, field_name: str, msg: str) -> None:
     if not cond:
         raise UserError(f"{field_name}: {msg}")
@@ -118,9 +150,16 @@ class ParallelConfig:
     data_parallel_type: str = "fsdp"   # fsdp | ddp
     sequence_parallel: bool = False
     # FSDP2 MixedPrecisionPolicy: compute/all-gather dtype of params, dtype of the gradient reduce-scatter
-    mixed_precision_param: str = "float32"   # float32 | bfloat16 | float16
+    mixed_precision_param: str = "float32"   # float32 | bfloat16 | float16 (fp32 | bf16 | fp16 accepted)
     mixed_precision_reduce: str = "float32"  # float32 | bfloat16
     fsdp_reshard_after_forward: bool = True  # ZeRO-3 (True) vs ZeRO-2-like (False); always False under PP
+
+    def __post_init__(self) -> None:
+        # FSDP's policy is given torch's names; the one dtype vocabulary (bf16, ...) is accepted as well
+        for name in ("mixed_precision_param", "mixed_precision_reduce"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                setattr(self, name, DTYPES.get(dtype_name(value), value))
 
     def resolve(self, world_size: int) -> "ParallelConfig":
         tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
@@ -295,7 +334,7 @@ class TrainConfig:
     micro_batch_size: int = 1         # per data-parallel rank, per micro-step
     global_batch_size: int = 8        # = micro_batch_size * dp * grad-accumulation steps
     seed: int = 1234
-    precision: str = "auto"           # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    precision: str = "auto"           # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32 (or an alias: bfloat16, ...)
     device: str = "auto"              # auto | cpu | cuda
     fused_loss: bool = True           # fused linear + cross-entropy (never materialises [tokens, vocab])
     compile: bool = False             # torch.compile each transformer layer (torchtitan-style, per block)
@@ -307,3 +346,7 @@ class TrainConfig:
     # instead of a hang. Generous, because some ranks legitimately wait on others (rank 0 building the
     # dataset's index caches or exporting the model); gloo's own default is 30 min, NCCL's 10 min
     collective_timeout_s: float = 1800.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.precision, str):
+            self.precision = dtype_name(self.precision)   # the one dtype vocabulary: float32 -> fp32

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from megacpt.config import add_dtype_argument
 from megacpt.convert.hf_gpt_neox import hf_to_megacpt, megacpt_to_hf
 from megacpt.errors import UserError
 
@@ -29,8 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                    "loadable by transformers.GPTNeoXForCausalLM.from_pretrained.")
     m.add_argument("--ckpt", required=True, metavar="CKPT_DIR", help="checkpoint root or iter_XXXXXXX dir")
     m.add_argument("--out", required=True, metavar="HF_DIR", help="new (or empty) output dir")
-    m.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="dtype of the exported weights (auto: as stored in the checkpoint)")
+    add_dtype_argument(m, "auto", help="dtype of the exported weights (auto: as stored in the checkpoint)")
     m.add_argument("--max-shard-size", type=float, default=5.0, metavar="GB",
                    help="split the safetensors into shards of at most this many GiB (default 5)")
 

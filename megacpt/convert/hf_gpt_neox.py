@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 
 from megacpt.checkpoint import (CheckpointManager, checkpoint_tensors, copy_tokenizer, is_checkpoint,
                                 read_model_config, read_tensors, resolve_checkpoint, tokenizer_files)
-from megacpt.config import ModelConfig, ParallelConfig
+from megacpt.config import ModelConfig, ParallelConfig, torch_dtype_name
 from megacpt.errors import InputError, UserError
 from megacpt.io import claim_output, commit_tmp, describe_interrupt, discard_tmp, pause_for_test, tmp_dir_for
 from megacpt.model.hf_config import hf_config_from_model_config, model_config_from_hf
@@ -36,8 +36,6 @@ SUPPORTED_ARCHITECTURES = ("GPTNeoXForCausalLM",)
 _IGNORED_HF = re.compile(r"^gpt_neox\.(layers\.\d+\.attention\.(rotary_emb\.inv_freq|bias|masked_bias)"
                          r"|rotary_emb\.inv_freq)$")
 _VOCAB_ROWS = ("embed_in.weight", "embed_out.weight")
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
 
 
 def name_map(cfg: ModelConfig) -> list[tuple[str, str]]:
@@ -98,9 +96,7 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
         return None
     if isinstance(name, torch.dtype):
         return name
-    if name not in _DTYPES:
-        raise UserError(f"--dtype: unknown {name!r}; one of auto, {', '.join(sorted(_DTYPES))}")
-    return _DTYPES[name]
+    return getattr(torch, torch_dtype_name(name))  # one dtype vocabulary (megacpt.config), aliases included
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -100,9 +100,10 @@ def add_preprocess_arguments(parser: argparse.ArgumentParser) -> None:
                    help="process only this partition (a separate job); join with `megacpt merge`")
     g.add_argument("--keep-sequential-samples", action="store_true",
                    help="partitions are contiguous blocks instead of round-robin")
-    g.add_argument("--log-interval", type=float, default=1.0, help="seconds between progress updates")
+    g.add_argument("--log-interval", type=float, default=5.0,
+                   help="seconds between progress lines when stderr is not a terminal (default 5; a terminal gets a bar)")
     g.add_argument("--chunk-bytes", type=int, default=1 << 20, help="raw bytes per work unit")
-    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--quiet", action="store_true", help="no progress bar or lines")
 
 
 def preprocess_config(args: argparse.Namespace) -> PreprocessConfig:

@@ -15,6 +15,7 @@ sample 0, 1, 2, ... so a document-aware causal mask keeps attention within one d
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from pathlib import Path
@@ -26,6 +27,14 @@ import torch
 from megacpt.data.blend import Blend, blend_tokenizer_identity, parse_blend
 from megacpt.data.indexed import IndexedDataset
 from megacpt.errors import UserError
+from megacpt.optional import import_quietly
+
+
+@functools.lru_cache(maxsize=None)
+def _megatron(name: str):
+    """``megatron.core.datasets.NAME``, imported on first use (~4 s) and without megatron-core's import-time
+    "Transformer Engine and Apex are not installed" notices (megacpt.optional.import_quietly)."""
+    return import_quietly(f"megatron.core.datasets.{name}")
 
 
 class _TokenizerInfo:
@@ -54,10 +63,8 @@ class GPTSamples(torch.utils.data.Dataset):
 
     def _leaf(self, idx: int):
         """(GPTDataset, its sample index, dataset id) of global sample ``idx`` (resolving a blend)."""
-        from megatron.core.datasets.blended_dataset import BlendedDataset
-
         ds = self.dataset
-        if isinstance(ds, BlendedDataset):
+        if isinstance(ds, _megatron("blended_dataset").BlendedDataset):
             if ds.dataset_index is None:
                 ds[0]  # megatron-core loads its blend indices lazily on first access
             d = int(ds.dataset_index[idx])
@@ -164,8 +171,8 @@ def build_gpt_datasets(
     weight is 0 or whose count is 0 is None. Index files go to ``cache_dir`` (default: ``cache/`` beside
     the first dataset) and are reused when blend, split, seed, length and counts are unchanged.
     """
-    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+    BlendedMegatronDatasetBuilder = _megatron("blended_megatron_dataset_builder").BlendedMegatronDatasetBuilder
+    GPTDataset, GPTDatasetConfig = _megatron("gpt_dataset").GPTDataset, _megatron("gpt_dataset").GPTDatasetConfig
 
     b: Blend = parse_blend(blend)
     if seq_length < 1:

@@ -36,9 +36,10 @@ import numpy as np
 from megacpt.data.encoder import build_encoder
 from megacpt.data.indexed import IndexedDatasetWriter, dataset_files, optimal_dtype, sidecar_path, write_sidecar
 from megacpt.data.merge import merge_datasets
-from megacpt.data.readers import Chunk, count_records, expand_inputs, iter_chunks, parse_chunk
+from megacpt.data.readers import Chunk, count_records, expand_inputs, iter_chunks, parse_chunk, plain_text_bytes
 from megacpt.errors import InputError, UserError
 from megacpt.io import check_writable_dir, claim_output, describe_interrupt, pause_for_test, quiet_worker
+from megacpt.progress import Progress
 
 MAX_REPORTED_SKIPS = 100
 
@@ -68,7 +69,7 @@ class PreprocessConfig:
     dtype: str = "auto"               # auto (Megatron's rule) | uint16 | int32
     chunk_bytes: int = 1 << 20
     fast: bool = True                 # exact fast BPE path where available (falls back per document)
-    log_interval: float = 1.0         # seconds between progress refreshes
+    log_interval: float = 5.0         # seconds between progress lines (non-terminal stderr)
     progress: bool = True
     split_sentences: bool = False     # Megatron's NLTK punkt splitting: refused, see validate
     keep_newlines: bool = False
@@ -306,7 +307,7 @@ def _preprocess(cfg: PreprocessConfig, encoder, dtype: type, sources, spec, targ
 def _run_chunks(cfg: PreprocessConfig, dtype: type, spec, sources, encoder):
     """Yield encoded chunks in input order; at most ``2 * workers + 2`` in flight (bounded memory)."""
     chunks = iter_chunks(sources, cfg.json_keys, cfg.chunk_bytes, hf_dataset=_hf(cfg))
-    bar = _progress(cfg)
+    bar = _progress(cfg, sources)
     if cfg.workers == 0:
         _init_worker(cfg, dtype, spec, encoder)
         for c in chunks:
@@ -339,25 +340,15 @@ def _run_chunks(cfg: PreprocessConfig, dtype: type, spec, sources, encoder):
         _close(bar)
 
 
-def _progress(cfg: PreprocessConfig):
-    if not cfg.progress:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(unit="B", unit_scale=True, mininterval=cfg.log_interval,
-                desc="preprocess", file=sys.stderr, dynamic_ncols=True)
+def _progress(cfg: PreprocessConfig, sources) -> Progress:
+    """Bytes drive it (MB/s, and the ETA where the input size is known); docs/s beside them."""
+    return Progress("preprocess", plain_text_bytes(sources) if not cfg.hf_dataset else None, unit="B",
+                    every_s=cfg.log_interval, enabled=cfg.progress)
 
 
-def _tick(bar, r) -> None:
-    """Bytes drive the bar (MB/s); documents and docs/s go in the postfix."""
-    if bar is None:
-        return
-    bar.n_docs = getattr(bar, "n_docs", 0) + r["n_records"]
-    elapsed = max(bar.format_dict["elapsed"], 1e-9)
-    bar.set_postfix_str(f"{bar.n_docs} docs, {bar.n_docs / elapsed:.0f} docs/s", refresh=False)
-    bar.update(r["nbytes"])
+def _tick(bar: Progress, r) -> None:
+    bar.update(r["nbytes"], docs=r["n_records"])
 
 
-def _close(bar) -> None:
-    if bar is not None:
-        bar.close()
+def _close(bar: Progress) -> None:
+    bar.close()

@@ -153,6 +153,14 @@ class _ZstdFrames(io.RawIOBase):
         super().close()
 
 
+def plain_text_bytes(sources: Sequence[Source]) -> int | None:
+    """Total bytes that ``iter_chunks`` will count (``Chunk.nbytes``) when every source is uncompressed JSONL
+    (their file sizes); None otherwise (compressed or columnar: known only once read). Drives the ETA."""
+    if not sources or any(s.kind != "jsonl" or not s.path.lower().endswith((".jsonl", ".json")) for s in sources):
+        return None
+    return sum(os.path.getsize(s.path) for s in sources)
+
+
 def iter_chunks(sources: Sequence[Source], json_keys: Sequence[str], chunk_bytes: int = 1 << 20,
                 chunk_rows: int = 4096, hf_dataset: tuple[str, str | None] | None = None) -> Iterator[Chunk]:
     """Chunks of ~``chunk_bytes`` (jsonl) or ``chunk_rows`` rows (columnar), in input order."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 from megacpt.demo.pipeline import STRATEGIES, DemoSettings
@@ -47,7 +48,10 @@ def run(args: argparse.Namespace) -> int:
     settings = DemoSettings.make(args.quick, **kw)
     workdir = Path(args.workdir).resolve()
     check_writable_dir(os.path.join(workdir, "manifest.json"))
-    run_demo(workdir, settings, force=args.force, echo=lambda s: print(s, flush=True))
+    # the console as it is now: an in-process command redirects sys.stdout to its stage's log, and the
+    # heartbeat (another thread) must still reach the user
+    console = sys.stdout
+    run_demo(workdir, settings, force=args.force, echo=lambda s: print(s, file=console, flush=True))
     return 0
 
 

@@ -175,6 +175,13 @@ def _plots(res: StudyResults, out_dir: Path) -> list[tuple[str, str]]:
     return made
 
 
+def _ran(stage: dict) -> str:
+    """'this invocation', or 'cached: earlier run (WHEN)' for a stage whose stored numbers are shown."""
+    if not stage.get("skipped"):
+        return "this invocation"
+    return f"cached: earlier run ({stage['finished_at']})" if stage.get("finished_at") else "cached: earlier run"
+
+
 def write_report(res: StudyResults, out_dir: Path) -> tuple[Path, Path]:
     """Write ``out_dir``/report.md, report.html (+ plots/) and report.json; return md, html."""
     plots = dict((t, p) for t, p in _plots(res, out_dir))
@@ -278,17 +285,19 @@ def write_report(res: StudyResults, out_dir: Path) -> tuple[Path, Path]:
     doc.h2("Cost of each stage")
     doc.p("Wall and CPU seconds (user + system of the commands and of the stage's own work) of each stage when it "
           "last ran; stages run up to `--jobs` at once, so wall times overlap. Peak RSS per stage is that of the "
-          "process that ran it; the run's peak (all processes summed, sampled) is in the header.")
+          "process that ran it; the run's peak (all processes summed, sampled) is in the header. A stage cached "
+          "from an earlier run did not run in this invocation: its numbers are that run's (column *ran*).")
     groups: dict[str, list[dict]] = {}
     for st in res.stages:
         kind = st["name"].split("-")[0]
         groups.setdefault(kind, []).append(st)
-    doc.table(["stage kind", "stages", "wall (s)", "CPU (s)", "max peak RSS (MB)"],
-              [[k, len(v), f"{sum(x['wall_s'] or 0 for x in v):.1f}", f"{sum(x['cpu_s'] or 0 for x in v):.1f}",
-                f"{max(x['peak_rss_mb'] or 0 for x in v):.0f}"] for k, v in groups.items()])
-    doc.table(["stage", "wall (s)", "CPU (s)", "peak RSS (MB)", "skipped"],
+    doc.table(["stage kind", "stages", "cached", "wall (s)", "CPU (s)", "max peak RSS (MB)"],
+              [[k, len(v), sum(bool(x["skipped"]) for x in v), f"{sum(x['wall_s'] or 0 for x in v):.1f}",
+                f"{sum(x['cpu_s'] or 0 for x in v):.1f}", f"{max(x['peak_rss_mb'] or 0 for x in v):.0f}"]
+               for k, v in groups.items()])
+    doc.table(["stage", "wall (s)", "CPU (s)", "peak RSS (MB)", "ran"],
               [[x["name"], f"{x['wall_s'] or 0:.1f}", f"{x['cpu_s'] or 0:.1f}", f"{x['peak_rss_mb'] or 0:.0f}",
-                "yes" if x["skipped"] else ""] for x in res.stages])
+                _ran(x)] for x in res.stages])
     if res.notes:
         doc.h2("Notes")
         doc.bullets(res.notes)

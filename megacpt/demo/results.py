@@ -314,7 +314,8 @@ def collect_results(workdir: Path, s: DemoSettings, summary: list[dict], wall_s:
         date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         origin=read_json(workdir / "corpora/corpora.json")["origin"], settings=_settings(s), arms=results,
         claims=claims, regime=regime, base_curve=_base_curve(workdir), best_strategy=best,
-        stages=[{k: x.get(k) for k in ("name", "wall_s", "cpu_s", "peak_rss_mb", "skipped")} for x in summary],
+        stages=[{k: x.get(k) for k in ("name", "wall_s", "cpu_s", "peak_rss_mb", "skipped", "finished_at")}
+                for x in summary],
         wall_s=wall_s, peak_rss_mb=peak_rss_mb, corpora=read_json(workdir / "corpora/corpora.json"),
         selection_reports=[f"{c}selection-report/report.md" for c in CRAWLS
                            if (workdir / f"{c}selection-report/report.md").exists()],

@@ -31,7 +31,8 @@ def run_demo(workdir: Path, s: DemoSettings, force: bool = False, echo=print) ->
     md, _ = write_report(res, workdir)
     ran = [x for x in summary if not x["skipped"]]
     echo(f"demo finished in {wall:.1f}s ({len(ran)} stages ran, CPU {sum(x.get('cpu_s') or 0 for x in ran):.0f}s; "
-         f"{len(summary) - len(ran)} skipped); peak RSS {runner.peak_rss_mb:.0f} MB (all processes); report: {md}")
+         f"{len(summary) - len(ran)} cached from earlier runs); peak RSS of this invocation "
+         f"{runner.peak_rss_mb:.0f} MB (all processes); report: {md}")
     for line in res.summary_lines():
         echo("  " + line)
     return md

@@ -45,6 +45,7 @@ from megacpt.errors import UserError
 from megacpt.io import sha256_file, write_json_atomic
 
 MANIFEST = "manifest.json"
+NOT_RUN = "not run yet"   # why_stale of a stage without a manifest entry (first run, or interrupted)
 
 
 @dataclass
@@ -76,8 +77,9 @@ class Stage:
 def _run_here(workdir: str, args: list[str], log_path: str) -> tuple[int, float, int]:
     """Run ``megacpt ARGS`` in this process with cwd = workdir and output to the log.
 
-    Returns (exit code, CPU seconds of this process during the command, peak RSS in kB so far).
-    Only one command at a time per process (it changes the working directory).
+    Returns (exit code, CPU seconds of this process during the command, peak RSS in kB during it: the
+    process's peak is reset first where Linux allows, so a persistent worker does not report an earlier
+    command's peak as this one's). Only one command at a time per process (it changes the working directory).
     """
     import signal
 
@@ -86,6 +88,7 @@ def _run_here(workdir: str, args: list[str], log_path: str) -> tuple[int, float,
     # a command may install its own handlers (train: SIGTERM -> checkpoint and stop); they end with it
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     c0 = _self_cpu_s()
+    _reset_peak_rss()
     Path(log_path).parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a", encoding="utf-8") as log, _STREAM.to(log), \
             contextlib.redirect_stdout(_STREAM), contextlib.redirect_stderr(_STREAM):
@@ -107,7 +110,24 @@ def _run_here(workdir: str, args: list[str], log_path: str) -> tuple[int, float,
             for s, h in handlers.items():
                 if h is not None and threading.current_thread() is threading.main_thread():
                     signal.signal(s, h)
-    return rc, _self_cpu_s() - c0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rc, _self_cpu_s() - c0, _peak_rss_kb()
+
+
+def _reset_peak_rss() -> None:
+    """Reset this process's peak RSS (Linux >= 4.0: ``5`` > /proc/self/clear_refs); elsewhere a no-op."""
+    with contextlib.suppress(OSError):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+
+def _peak_rss_kb() -> int:
+    """This process's peak RSS in kB since the last ``_reset_peak_rss`` (VmHWM), else over its lifetime."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def _command(name: str):
@@ -351,16 +371,57 @@ def _hms(s: float) -> str:
     return f"{s // 60}m{s % 60:02d}s"
 
 
+def last_log_line(log: Path, max_chars: int = 200) -> str:
+    """The last non-empty line of a stage's log (a progress bar's carriage returns count as line ends)."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+            tail = f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+    lines = [x.strip() for x in tail.replace("\r", "\n").split("\n") if x.strip()]
+    line = lines[-1] if lines else ""
+    return line if len(line) <= max_chars else line[: max_chars - 3] + "..."
+
+
 class StageRunner:
+    """Runs the stale stages (see the module doc). Console lines go to ``echo``: the log location once, a
+    line per stage as it starts (``running ...``, ``running again: REASON``) and ends, ``cached`` for a
+    stage kept from an earlier run (its stored numbers are labelled as that run's), and, whenever nothing
+    was printed for ``heartbeat_s``, a heartbeat per running stage with the last line of its log."""
+
     def __init__(self, workdir: Path, force: bool = False, env: dict | None = None,
-                 echo: Callable[[str], None] = print, in_process: bool = True, jobs: int = 1, threads: int = 1):
-        self.workdir, self.force, self.env, self.echo = workdir, force, env or {}, echo
+                 echo: Callable[[str], None] = print, in_process: bool = True, jobs: int = 1, threads: int = 1,
+                 heartbeat_s: float = 30.0):
+        self.workdir, self.force, self.env, self._echo = workdir, force, env or {}, echo
         self.in_process, self.jobs, self.threads = in_process, max(1, jobs), threads
+        self.heartbeat_s = heartbeat_s
         self.manifest_path = workdir / MANIFEST
         self.manifest = self._load()
         self.summary: list[dict] = []
         self.peak_rss_mb = 0.0
         self._lock = threading.Lock()
+        self._echo_lock = threading.Lock()
+        self._last_echo = time.perf_counter()
+        self._running: dict[str, tuple[float, Path]] = {}   # stage -> (start, its log), for the heartbeat
+
+    def echo(self, line: str) -> None:
+        with self._echo_lock:
+            self._last_echo = time.perf_counter()
+            self._echo(line)
+
+    def log_path(self, stage: Stage) -> Path:
+        return self.workdir / "logs" / f"{stage.name}.log"
+
+    def _heartbeat(self, stop: threading.Event) -> None:
+        """While stages run: after ``heartbeat_s`` of console silence, one line per running stage."""
+        while not stop.wait(min(1.0, self.heartbeat_s / 4)):
+            now = time.perf_counter()
+            if now - self._last_echo < self.heartbeat_s:
+                continue
+            for name, (t0, log) in sorted(self._running.copy().items()):
+                last = last_log_line(log)
+                self.echo(f"      ... {name} running for {_hms(now - t0)}" + (f": {last}" if last else ""))
 
     def _load(self) -> dict:
         try:
@@ -386,7 +447,7 @@ class StageRunner:
         """None if the stage is done and intact, else the reason it must (re)run."""
         entry = self.manifest["stages"].get(stage.name)
         if entry is None:
-            return "not run yet"
+            return NOT_RUN
         if entry.get("fingerprint") != self.fingerprint(stage):
             return "inputs or parameters changed"
         recorded = entry.get("outputs", {})
@@ -422,7 +483,9 @@ class StageRunner:
             reason = "--force" if self.force else self.why_stale(s)
             if reason is None:
                 entry = self.manifest["stages"][s.name]
-                self.echo(f"{head} skipped (up to date, {entry['wall_s']:.1f}s when run)")
+                rss = f", peak RSS {entry['peak_rss_mb']:.0f} MB" if entry.get("peak_rss_mb") else ""
+                when = f" at {entry['finished_at']}" if entry.get("finished_at") else ""
+                self.echo(f"{head} cached (up to date; the earlier run{when}: {entry['wall_s']:.1f}s{rss})")
                 rows[s.name] = {**entry, "name": s.name, "skipped": True}
             return head, reason
 
@@ -432,6 +495,11 @@ class StageRunner:
             self._done_wall += row.get("wall_s") or 0.0
             self.echo(self._eta_line(remaining))
 
+        self.echo(f"per-stage logs: {self.workdir / 'logs'}/STAGE.log")
+        stop_heartbeat = threading.Event()
+        heartbeat = threading.Thread(target=self._heartbeat, args=(stop_heartbeat,), daemon=True,
+                                     name="demo-heartbeat")
+        heartbeat.start()
         try:
             with RSSMonitor() as mon:
                 if self.jobs == 1:   # in this thread, in order: commands may install signal handlers
@@ -445,6 +513,8 @@ class StageRunner:
                     self._run_graph(stages, rows, skip_or_reason, finished, runner)
                 self.peak_rss_mb = mon.peak_bytes / 2**20
         finally:
+            stop_heartbeat.set()
+            heartbeat.join()
             runner.close()
         self.summary = [rows[n] for n in names]
         return self.summary
@@ -488,25 +558,33 @@ class StageRunner:
         return f"      elapsed {_hms(elapsed)}, {len(remaining)} stages left, ETA ~{_hms(left)}"
 
     def _run_one(self, stage: Stage, reason: str, head: str, runner: CommandRunner) -> dict:
-        resume = stage.resumable and reason == "not run yet" and any(
+        resume = stage.resumable and reason == NOT_RUN and any(
             (self.workdir / rel).exists() for rel in stage.outputs)
-        self.echo(f"{head} running ({reason}{'; resuming its partial output' if resume else ''}) ...")
+        if stage.name not in self.manifest["stages"]:   # first run (or interrupted before it finished)
+            self.echo(f"{head} running{', resuming its partial output' if resume else ''} ...")
+        else:
+            self.echo(f"{head} running again: {reason} ...")
         for rel in stage.outputs if not resume else []:  # never mix a stale partial output with a new one
             p = self.workdir / rel
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
         with self._lock:
             self.manifest["stages"].pop(stage.name, None)
             self._save()
-        log = self.workdir / "logs" / f"{stage.name}.log"
+        log = self.log_path(stage)
         log.unlink(missing_ok=True)
         ctx = StageContext(self.workdir, stage, log, runner)
         t0, c0 = time.perf_counter(), time.thread_time()
-        info = stage.fn(ctx) or {}
+        self._running[stage.name] = (t0, log)
+        try:
+            info = stage.fn(ctx) or {}
+        finally:
+            self._running.pop(stage.name, None)
         wall, cpu = time.perf_counter() - t0, time.thread_time() - c0 + ctx.command_cpu_s
         outputs = hash_outputs(self.workdir, stage.outputs)
         if not outputs:
             raise UserError(f"stage {stage.name} produced none of its outputs {stage.outputs} (log: {log})")
-        peak = max(ctx.peak_rss_kb, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+        # the commands' own peak (each measured from its start); a stage without commands: this process's
+        peak = ctx.peak_rss_kb or _peak_rss_kb()
         with self._lock:
             entry = {"fingerprint": self.fingerprint(stage), "outputs": outputs, "volatile": list(stage.volatile),
                      "wall_s": round(wall, 3), "cpu_s": round(cpu, 3),

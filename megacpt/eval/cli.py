@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import argparse
 
+from megacpt.config import DTYPES, add_dtype_argument
 from megacpt.errors import UserError
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="HF GPT-NeoX dir or megacpt checkpoint dir")
     p.add_argument("--tokenizer", default=None, help="tokenizer dir/file (default: the one shipped with --model)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    add_dtype_argument(p, "fp32", choices=tuple(DTYPES), help="dtype the model is loaded and run in")
     p.add_argument("--device", default="cpu")
     p.add_argument("--micro-batch-size", type=int, default=8, help="sequences per forward pass")
     p.add_argument("--seq-length", type=int, default=None, help="max tokens per sequence (default: the model's)")
@@ -73,7 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(arc_challenge=25,hellaswag=10); default: each task's config")
     h.add_argument("--include-path", default=None, help="dir of custom task YAMLs")
     h.add_argument("--micro-batch-size", type=int, default=1)
-    h.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    add_dtype_argument(h, "fp32", choices=tuple(DTYPES), help="dtype lm-eval loads the model in")
     h.add_argument("--device", default="cpu")
     h.add_argument("--limit", type=int, default=None)
     h.add_argument("--log-samples", action="store_true", help="keep per-sample log-likelihoods (lm-eval --log_samples)")

@@ -17,6 +17,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from megacpt.config import torch_dtype_name
 from megacpt.errors import UserError
 
 
@@ -191,9 +192,8 @@ def load_eval_lm(model_path: str, *, tokenizer_path: str | None = None, dtype: s
     """Model (HF GPT-NeoX dir or megacpt checkpoint) + its tokenizer, checked to belong together."""
     from megacpt.data.tokenizer import load_tokenizer
 
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
-    if torch_dtype is None:
-        raise UserError(f"--dtype {dtype!r}: expected float32, bfloat16 or float16")
+    dtype = torch_dtype_name(dtype)  # fp32/bf16/fp16 or an alias -> torch's name (recorded in the results)
+    torch_dtype = getattr(torch, dtype)
     if not Path(model_path).exists():
         raise UserError(f"--model {model_path}: no such file or directory")
     from megacpt.convert import load_model

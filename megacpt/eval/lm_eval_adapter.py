@@ -16,6 +16,7 @@ from typing import Sequence
 
 import yaml
 
+from megacpt.config import torch_dtype_name
 from megacpt.errors import UserError
 from megacpt.eval.data import Example, write_jsonl
 from megacpt.io import atomic_path, write_json_atomic
@@ -190,6 +191,7 @@ def run_lm_eval(model_dir: str | Path, tasks: Sequence[str], output_path: str | 
         task_arg, num_fewshot_arg = load_with_shots(tm, tasks, num_fewshot), None
     else:
         num_fewshot_arg = num_fewshot
+    dtype = torch_dtype_name(dtype)  # fp32/bf16/fp16 or an alias -> the torch name HF's loader takes
     res = simple_evaluate(model="hf", model_args=f"pretrained={model_dir},dtype={dtype}", tasks=task_arg,
                           task_manager=tm, batch_size=batch_size, device=device, limit=limit, log_samples=log_samples,
                           num_fewshot=num_fewshot_arg)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from megacpt.config import add_dtype_argument, torch_dtype_name
 from megacpt.convert import find_tokenizer, load_config, load_model
 from megacpt.data.indexed import IndexedDataset, read_sidecar
 from megacpt.errors import UserError
@@ -17,9 +18,6 @@ from megacpt.score.job import check_vocab, model_identity, score_dataset
 from megacpt.score.flags import add_scorer_arguments
 from megacpt.score.nll import COLUMNS, ScoringConfig
 from megacpt.score.parallel import init_distributed, parallel_scoring_model, pick_device
-
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = ScoringConfig()
@@ -36,8 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1,
                    help="pipeline stages (layers split evenly); activations stream stage to stage, the last "
                         "stage scores")
-    p.add_argument("--dtype", choices=["auto", *_DTYPES], default="auto",
-                   help="compute dtype (auto: bf16 on GPU, fp32 on CPU); recorded in the output metadata")
+    add_dtype_argument(p, "auto", help="compute dtype (auto: bf16 on GPU, fp32 on CPU); recorded in the output "
+                       "metadata")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--impl", choices=["auto", "triton", "torch"], default="auto", help="fused output layer")
     p.add_argument("--compile-loss", action="store_true",
@@ -47,7 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(implies --compile-loss; ~10%% faster on CPU once compiled: compile time per "
                         "process, amortised over a long pass)")
     p.add_argument("--resume", action="store_true", help="finish an interrupted run from OUT.shards/")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (terminal) or lines (otherwise)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -72,10 +70,11 @@ def run(args: argparse.Namespace) -> int:
     rank, world, dist = init_distributed(args.device)
     device = pick_device(args.device)
     dtype_name = args.dtype if args.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    dtype = getattr(torch, torch_dtype_name(dtype_name))
     if tp * pp > 1:  # this rank's part only: built on meta, materialised, then only its tensors are read
-        model = parallel_scoring_model(args.model, mcfg, tp, pp, world, device, _DTYPES[dtype_name])
+        model = parallel_scoring_model(args.model, mcfg, tp, pp, world, device, dtype)
     else:
-        model, mcfg = load_model(args.model, dtype=_DTYPES[dtype_name], device=device)
+        model, mcfg = load_model(args.model, dtype=dtype, device=device)
     if args.compile:
         model.compile_layers()
     with describe_interrupt(lambda: f"{f'on rank {rank}' if world > 1 else ''}; the committed shards are kept in "

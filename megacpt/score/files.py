@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -28,6 +27,7 @@ import numpy as np
 
 from megacpt.errors import UserError
 from megacpt.io import atomic_path, check_writable_dir, claim_output, describe_interrupt, pause_for_test, write_json_atomic
+from megacpt.progress import Progress
 
 META_KEY = b"megacpt.scores"
 FORMAT = 1
@@ -93,27 +93,6 @@ def read_scores(path: str | os.PathLike) -> ScoreFile:
     if not np.array_equal(order, np.arange(order.size)):
         cols = {n: c[order] for n, c in cols.items()}
     return ScoreFile(str(path), cols, meta)
-
-
-class Progress:
-    """One stderr line every few seconds: done/total and docs/s since start."""
-
-    def __init__(self, name: str, total: int, every_s: float = 5.0, stream=None):
-        self.name, self.total, self.every_s, self.stream = name, total, every_s, stream
-        self.t0 = self.last = time.perf_counter()
-        self.done = 0
-        self.start_done = 0
-        self._printed = -1
-
-    def update(self, n: int, force: bool = False) -> None:
-        self.done += n
-        now = time.perf_counter()
-        if (force and self.done != self._printed) or now - self.last >= self.every_s:
-            self.last, self._printed = now, self.done
-            rate = (self.done - self.start_done) / max(now - self.t0, 1e-9)
-            pct = 100.0 * self.done / max(self.total, 1)
-            print(f"{self.name}: {self.done}/{self.total} docs ({pct:.1f}%), {rate:,.1f} docs/s",
-                  file=self.stream or sys.stderr, flush=True)  # stderr looked up now, not at import
 
 
 class ShardedScoreWriter:
@@ -223,5 +202,5 @@ def run_sharded(writer: ShardedScoreWriter, name: str, compute: Callable[[int, i
             writer.commit(k, cols)
             a, b = writer.span(k)
             prog.update(b - a)
-        prog.update(0, force=True)
+        prog.close()
         writer.finalize()

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed
-from tqdm import tqdm
 
 from megacpt.data.identity import dataset_identity
 from megacpt.data.indexed import IndexedDataset
 from megacpt.data.tokenizer import load_tokenizer
 from megacpt.errors import UserError
+from megacpt.progress import Progress
 from megacpt.score.files import ShardedScoreWriter, score_metadata
 from megacpt.score.nll import ScoringConfig, output_layer, predicted_tokens, score_documents
 
@@ -148,13 +148,10 @@ def score_dataset(model, dataset_prefix: str, seq_length: int, out: str, cfg: Sc
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     stats: dict = {}
-    # the bar counts tokens scored (predicted positions, known from the lengths alone), like the summary
+    # the progress counts tokens scored (predicted positions, known from the lengths alone), like the summary
     doc_pred = predicted_tokens(ds.document_lengths(), seq_length)  # [num_documents] int64, once (O(#docs))
-    bar = None
-    if progress and rank == 0:
-        todo = sum(int(doc_pred[slice(*writer.span(k))].sum()) for k in mine)
-        bar = tqdm(total=todo, unit="tok", unit_scale=True, desc=f"score perplexity (rank 0/{world})",
-                   file=sys.stderr, dynamic_ncols=True)
+    todo = sum(int(doc_pred[slice(*writer.span(k))].sum()) for k in mine)
+    bar = Progress(f"score perplexity (rank 0/{world})", todo, unit="tok", enabled=progress and rank == 0)
     t0 = time.perf_counter()
     docs = scored = 0
     for k in mine:
@@ -163,15 +160,11 @@ def score_dataset(model, dataset_prefix: str, seq_length: int, out: str, cfg: Sc
         if writes:
             writer.commit(k, cols)
         docs, scored = docs + b - a, scored + int(cols["n_pred"].sum())
-        if bar is not None:
-            el = max(time.perf_counter() - t0, 1e-9)
-            bar.set_postfix(docs_s=f"{docs / el:,.1f}", shard=f"{k + 1}/{writer.num_shards}")
-            bar.update(int(doc_pred[a:b].sum()))
+        bar.update(int(doc_pred[a:b].sum()), docs=b - a)
     if hasattr(model, "finish"):
         model.finish()  # a pipeline stage's last activations have been received downstream
     elapsed = time.perf_counter() - t0
-    if bar is not None:
-        bar.close()
+    bar.close()
     # tokens_scored: predicted positions, the sum of the n_pred this run wrote (docs/method.md §2.1);
     # padding = 1 - input tokens / forwarded (padded) tokens
     totals = torch.tensor([scored, docs, stats.get("forward_tokens", 0),

@@ -11,6 +11,7 @@ import os
 import sys
 from typing import Callable, NamedTuple
 
+from megacpt.config import add_dtype_argument
 from megacpt.errors import UserError
 from megacpt.score.flags import add_scorer_arguments, add_task_data_arguments, add_text_arguments
 from megacpt.selection import dsir, pos_entropy, similarity
@@ -52,8 +53,8 @@ def add_similarity_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk-tokens", type=int, default=d.chunk_tokens, help="model tokens per chunk (0: window)")
     p.add_argument("--max-chunks", type=int, default=d.max_chunks, help="chunks embedded per document")
     p.add_argument("--device", default=d.device, help="auto | cpu | cuda[:N]")
-    p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default=d.dtype,
-                   help="auto: bf16 on cuda, fp32 on cpu (recorded in the output metadata)")
+    add_dtype_argument(p, d.dtype, choices=("fp32", "bf16", "auto"),
+                       help="auto: bf16 on cuda, fp32 on cpu (recorded in the output metadata)")
     add_text_arguments(p)
 
 

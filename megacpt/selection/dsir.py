@@ -23,7 +23,8 @@ import numpy as np
 from megacpt.data.identity import dataset_identity
 from megacpt.errors import UserError
 from megacpt.io import atomic_path, sha256_file
-from megacpt.score.files import Progress, ShardedScoreWriter, run_sharded, score_metadata
+from megacpt.progress import Progress
+from megacpt.score.files import ShardedScoreWriter, run_sharded, score_metadata
 from megacpt.selection.documents import DocumentTexts
 from megacpt.selection.similarity import read_task_texts
 
@@ -104,7 +105,7 @@ def score_dataset(prefix: str, task_data: str, out: str, cfg: DsirConfig, json_k
                 ids = fit[a : a + cfg.shard_docs]
                 raw += np.asarray(bucket_counts([docs[int(d)] for d in ids], vec).sum(axis=0)).ravel()
                 prog.update(ids.size)
-            prog.update(0, force=True)
+            prog.close()
             with atomic_path(raw_path) as tmp:
                 with open(tmp, "wb") as f:
                     np.save(f, raw)

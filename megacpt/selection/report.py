@@ -150,10 +150,35 @@ class ReportInputs:
         return self.lengths > 0
 
 
+def selection_names(manifests: Sequence[dict[str, Any]]) -> list[str]:
+    """What the report (tables and plot legends) calls each selection: its output's basename; where several
+    share one (every demo selection is ``.../selected``), strategy + sampling; where those collide too, the
+    shortest trailing part of the output directory that tells them apart."""
+    def label(m: dict[str, Any]) -> str:
+        if m.get("strategy") in ("random", "full") or not m.get("sampling"):
+            return str(m.get("strategy"))
+        return f"{m['strategy']}-{m['sampling']}"
+
+    def dirs(m: dict[str, Any], k: int) -> str:
+        parent = Path(m["output"]["prefix"]).parent.parts
+        return "/".join(parent[-k:]) if parent else ""
+
+    names = [Path(m["output"]["prefix"]).name for m in manifests]
+    for rule in (label, *[lambda m, k=k: dirs(m, k) for k in range(1, 64)]):
+        dup = {n for n in names if names.count(n) > 1}
+        if not dup:
+            return names
+        groups = [i for i, n in enumerate(names) if n in dup]
+        new = {i: rule(manifests[i]) for i in groups}
+        for i in groups:
+            names[i] = new[i] or names[i]
+    return [n if names.count(n) == 1 else f"{n} ({i + 1})" for i, n in enumerate(names)]  # identical outputs
+
+
 def _load_selections(manifests: list[str]) -> tuple[list[Sel], dict]:
+    loaded = [read_manifest(path) for path in manifests]
     sels, data = [], None
-    for path in manifests:
-        m = read_manifest(path)
+    for path, m, name in zip(manifests, loaded, selection_names(loaded)):
         if data is None:
             data = m["data"]
         elif not same_dataset(m["data"], data):
@@ -162,9 +187,6 @@ def _load_selections(manifests: list[str]) -> tuple[list[Sel], dict]:
         ids = np.asarray(m["selected_doc_ids"], dtype=np.int64)
         mask = np.zeros(data["num_documents"], dtype=bool)
         mask[ids] = True
-        name = Path(m["output"]["prefix"]).name
-        if any(s.name == name for s in sels):
-            name = f"{name} ({len(sels)})"
         sels.append(Sel(name, m, ids, mask))
     return sels, data
 

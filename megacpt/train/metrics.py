@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 
 from megacpt.config import ModelConfig
+from megacpt.progress import eta_s
 
 # Dense (no sparsity) peak FLOP/s per device from vendor datasheets. Keys are matched as substrings of
 # torch.cuda.get_device_name(); order matters (more specific first).
@@ -49,6 +50,7 @@ class Throughput:
 
     def __init__(self, flops_per_token: float, n_devices: int, peak: float | None):
         self.fpt, self.n_devices, self.peak = flops_per_token, n_devices, peak
+        self.started, self.steps = time.perf_counter(), 0   # this run (not reset per window): the ETA
         self.reset()
 
     def reset(self) -> None:
@@ -56,7 +58,14 @@ class Throughput:
         self.t0 = time.perf_counter()
 
     def add(self, tokens: int) -> None:
+        """One step's tokens."""
         self.tokens += tokens
+        self.steps += 1
+
+    def eta_s(self, steps_left: int) -> float | None:
+        """Seconds to run ``steps_left`` more steps at this run's pace so far (evaluation and checkpoint
+        time included); None before the first step."""
+        return eta_s(self.steps, self.steps + steps_left, time.perf_counter() - self.started)
 
     def report(self) -> dict[str, float]:
         """tokens/s (global), TFLOP/s per device, MFU (None if the peak is unknown); resets the window."""

@@ -50,6 +50,7 @@ from megacpt.parallel import parallelize
 from megacpt.parallel.loss import fused_lm_nll_sum, tp_group_of, vocab_parallel_cross_entropy
 from megacpt.parallel.mesh import build_mesh
 from megacpt.parallel.pipeline import broadcast_loss, build_pipeline
+from megacpt.progress import duration
 from megacpt.train.job import JobConfig
 from megacpt.train.metrics import Throughput, flops_per_token, memory_stats, peak_flops
 from megacpt.train.optim import LRSchedule, build_optimizer
@@ -667,12 +668,14 @@ def log_step(logger: MetricsLogger, meter: Throughput, state: TrainState, step: 
     perf = meter.report()
     rec = {"kind": "train", "iteration": state.iteration, "consumed_samples": state.consumed_samples,
            "loss": logger.window_mean(), "lr": step.lr, "grad_norm": step.grad_norm,
-           "skipped_steps": state.skipped_steps, **perf, **memory_stats(rt.device)}
+           "skipped_steps": state.skipped_steps, **perf, **memory_stats(rt.device),
+           "eta_s": meter.eta_s(job.train.train_iters - state.iteration)}
     loss_txt = "n/a" if rec["loss"] is None else f"{rec['loss']:.4f}"
     mfu = f" | MFU {100 * perf['mfu']:.1f}%" if perf["mfu"] is not None else ""
     logger.write(rec, f"iter {state.iteration}/{job.train.train_iters} | loss {loss_txt} | lr {step.lr:.3e} | "
                       f"grad_norm {step.grad_norm:.3f} | {perf['tokens_per_s']:,.0f} tok/s | "
-                      f"{perf['tflops_per_device']:.3g} TFLOP/s/dev{mfu} | skipped {state.skipped_steps}")
+                      f"{perf['tflops_per_device']:.3g} TFLOP/s/dev{mfu} | skipped {state.skipped_steps}"
+                      + ("" if rec["eta_s"] is None else f" | ETA {duration(rec['eta_s'])}"))
 
 
 def log_eval(logger: MetricsLogger, iteration: int, results: dict[str, dict]) -> None:

@@ -88,12 +88,19 @@ def test_bad_config_json(hf, tmp_path):
         load_model(hf)
 
 
+@pytest.mark.fault(fault="corrupt safetensors header", stage="convert hf-to-megacpt",
+                   sees="one line: model.safetensors: not a readable safetensors file",
+                   left="no checkpoint directory")
 def test_corrupt_safetensors(hf, tmp_path):
     (hf / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage")
     with pytest.raises(UserError, match=r"model\.safetensors: not a readable safetensors file"):
         hf_to_megacpt(hf, tmp_path / "ck")
+    assert not (tmp_path / "ck").exists()
 
 
+@pytest.mark.fault(fault="truncated safetensors", stage="loading an HF model (score, eval, train init)",
+                   sees="one line naming model.safetensors and the tensor whose bytes are missing",
+                   left="nothing (a read)")
 def test_truncated_safetensors(hf, tmp_path):
     """The tensor data read with plain file I/O (not mmap): a file cut short names the file and tensor."""
     f = hf / "model.safetensors"

@@ -137,7 +137,7 @@ def test_cli_flags_frozen():
                       "--tokenizer", "T"])
     assert (a.hf, a.out, a.tp, a.pp, a.allow_pickle, a.tokenizer) == ("H", "O", 2, 4, True, "T")
     a = p.parse_args(["megacpt-to-hf", "--ckpt", "C", "--out", "O", "--dtype", "bfloat16", "--max-shard-size", "2"])
-    assert (a.ckpt, a.out, a.dtype, a.max_shard_size) == ("C", "O", "bfloat16", 2.0)
+    assert (a.ckpt, a.out, a.dtype, a.max_shard_size) == ("C", "O", "bf16", 2.0)  # an alias, stored canonical
 
 
 @pytest.mark.parametrize("tied", [False, True])

@@ -77,6 +77,7 @@ def test_report_json_has_every_arm_with_per_seed_values(demo_run):
     assert all(s["wall_s"] is not None and s["cpu_s"] is not None for s in rep["stages"])
     assert 0 < rep["peak_rss_mb"] < 2048
     assert "ETA" in first.stdout and "demo finished" in first.stdout
+    assert f"per-stage logs: {wd / 'logs'}/STAGE.log" in first.stdout and "(not run yet)" not in first.stdout
 
 
 def test_report_files(demo_run):
@@ -118,24 +119,28 @@ def test_selections_and_schedules(demo_run):
     assert by_name(rep, "random-10")["train_iters"][0] < full["train_iters"][0] / 5
 
 
+@pytest.mark.fault(fault="one byte of a selection flipped; a training run's directory deleted", stage="demo re-run",
+                   sees="only the damaged stage (and the evaluation of the lost run) is shown 'running again: "
+                        "...' and redone; the report's numbers are unchanged",
+                   left="the repaired outputs; the manifest updated")
 def test_rerun_skips_and_corruption_is_redone(demo_run):
     wd, cache, _ = demo_run
     before = json.loads((wd / "report.json").read_text())
     again = _demo(wd, cache)
     lines = [x for x in again.stdout.splitlines() if x.startswith("[")]
-    assert lines and all("skipped (up to date" in x for x in lines), again.stdout
+    assert lines and all("cached (up to date; the earlier run at " in x for x in lines), again.stdout
     # corrupt one byte of a selection: that stage is detected and redone; the identical result keeps the rest
     target = next((wd / "selections" / "random-10").glob("s*/selected.bin"))
     data = bytearray(target.read_bytes())
     data[0] ^= 0xFF
     target.write_bytes(bytes(data))
     fixed = _demo(wd, cache)
-    redo = [x for x in fixed.stdout.splitlines() if "running (" in x]
+    redo = [x for x in fixed.stdout.splitlines() if x.startswith("[") and " running" in x]
     assert len(redo) == 1 and "select-random-10" in redo[0] and "corrupted" in redo[0], fixed.stdout
     # a lost training run is redone from the base; same seed -> the same numbers (deterministic)
     shutil.rmtree(wd / "runs" / "random-50" / "s1234")
     retrained = _demo(wd, cache)
-    redo = [x.split("]", 1)[1].split()[0] for x in retrained.stdout.splitlines() if "running (" in x]
+    redo = [x.split("]", 1)[1].split()[0] for x in retrained.stdout.splitlines() if x.startswith("[") and " running" in x]
     assert redo == ["cpt-random-50-s1234", "eval-random-50-s1234"], retrained.stdout
     after = json.loads((wd / "report.json").read_text())
     assert [(a["name"], a["per_seed"]) for a in after["arms"]] == [(a["name"], a["per_seed"]) for a in before["arms"]]

@@ -148,6 +148,11 @@ def test_volatile_outputs_do_not_cascade(tmp_path):
     assert calls[-1] == "c" and (tmp_path / "d.txt").read_text() == "v1+d"
 
 
+@pytest.mark.fault(fault="a stage's output changed on disk (other bytes, other size, a stray file)", stage="demo",
+                   sees="that stage is shown 'running again: output ... corrupted (sha256 mismatch)' (or size, "
+                        "unexpected file) and redone; stages downstream stay cached when the redo reproduces "
+                        "its outputs",
+                   left="the stage's outputs rebuilt, the stray file removed, the manifest updated")
 def test_stage_runner_skips_redoes_and_detects_corruption(tmp_path):
     calls: list[str] = []
     lines: list[str] = []
@@ -158,7 +163,7 @@ def test_stage_runner_skips_redoes_and_detects_corruption(tmp_path):
     (tmp_path / "a" / "x.txt").write_text("v2")                          # same size, other bytes
     StageRunner(tmp_path, echo=_stage_lines(lines)).run(_stages(calls))
     # a is redone; its new outputs equal the recorded ones, so b (content-addressed on them) is kept
-    assert calls == ["a", "b", "a"] and "sha256 mismatch" in lines[-3] and "skipped" in lines[-1]
+    assert calls == ["a", "b", "a"] and "sha256 mismatch" in lines[-3] and "cached" in lines[-1]
     assert (tmp_path / "a" / "x.txt").read_text() == "v1" and (tmp_path / "b.txt").read_text() == "v1+b"
     (tmp_path / "a" / "stray.bin").write_bytes(b"x")
     StageRunner(tmp_path, echo=_stage_lines(lines)).run(_stages(calls))
@@ -175,6 +180,9 @@ def test_stage_runner_skips_redoes_and_detects_corruption(tmp_path):
     assert m["stages"]["a"]["info"] == {"n": 1} and m["stages"]["a"]["peak_rss_mb"] > 0
 
 
+@pytest.mark.fault(fault="Ctrl-C (KeyboardInterrupt) inside a stage", stage="demo",
+                   sees="the interrupt ends the run; the next run redoes that stage from scratch",
+                   left="the partial output, removed by the next run (the stage has no manifest entry)")
 def test_stage_runner_interrupted_stage_is_redone(tmp_path):
     calls: list[str] = []
 
@@ -267,6 +275,10 @@ def test_real_corpora_from_registries(tmp_path):
     assert card["files"]["domain_crawl"]["docs"] > 300 and card["files"]["general_train"]["words"] > 30_000
 
 
+@pytest.mark.fault(fault="Ctrl-C inside a resumable stage (a training run)", stage="demo",
+                   sees="the next run says 'running, resuming its partial output' and continues from it; a "
+                        "partial output that was since changed starts clean",
+                   left="the stage's partial output (its checkpoints), kept for the resume")
 def test_resumable_stage_keeps_partial_output_after_interruption(tmp_path):
     seen: list[str] = []
 
@@ -315,6 +327,9 @@ def test_empty_apt_lists_are_fetched_once_as_root(tmp_path, monkeypatch):
     assert calls == [["apt-get", "download"]]
 
 
+@pytest.mark.fault(fault="kill -9 of the demo process while a worker runs a command", stage="demo",
+                   sees="the worker process exits within seconds",
+                   left="no orphan worker process holding memory")
 def test_worker_exits_when_the_demo_process_dies(tmp_path):
     """A pool worker busy in a command ends when the demo process is killed (no orphan holding memory)."""
     import subprocess
@@ -347,3 +362,58 @@ def test_worker_exits_when_the_demo_process_dies(tmp_path):
         time.sleep(0.2)
     os.kill(worker, 9)
     pytest.fail(f"worker {worker} outlived the demo process")
+
+
+def test_console_lines_logs_heartbeat_cached_and_rerun_reasons(tmp_path):
+    """The demo's console: where the logs are; 'running ...' (never '(not run yet)'); a heartbeat with the
+    log's last line while a stage is silent; a cached stage's numbers labelled as the earlier run's; a
+    redo says why."""
+    import time
+
+    def slow(ctx):
+        ctx.log.parent.mkdir(parents=True, exist_ok=True)
+        ctx.log.write_text("loading\nstep 1/9\rstep 2/9\r\n\n")
+        time.sleep(0.6)
+        ctx.path("s.txt").write_text("x")
+
+    stages = [Stage("slow", ["s.txt"], slow)]
+    lines: list[str] = []
+    StageRunner(tmp_path, echo=lines.append, heartbeat_s=0.1).run(stages)
+    assert lines[0] == f"per-stage logs: {tmp_path / 'logs'}/STAGE.log"
+    assert lines[1].startswith("[  1/1] slow") and lines[1].endswith(" running ...")
+    beats = [x for x in lines if x.startswith("      ... slow running for 0m00s")]
+    assert beats and all(x.endswith(": step 2/9") for x in beats), lines
+    assert not any("not run yet" in x for x in lines)
+
+    lines.clear()
+    StageRunner(tmp_path, echo=lines.append).run(stages)
+    finished = json.loads((tmp_path / "manifest.json").read_text())["stages"]["slow"]["finished_at"]
+    assert f"cached (up to date; the earlier run at {finished}: " in lines[1] and "MB)" in lines[1], lines
+
+    (tmp_path / "s.txt").write_text("y")
+    lines.clear()
+    StageRunner(tmp_path, echo=lines.append).run(stages)
+    assert lines[1].endswith(" running again: output s.txt corrupted (sha256 mismatch) ..."), lines
+
+
+def test_report_labels_cached_stage_numbers_as_the_earlier_runs():
+    from megacpt.demo.report import _ran
+
+    assert _ran({"skipped": False, "finished_at": "2026-12-05T08:00:00Z"}) == "this invocation"
+    assert _ran({"skipped": True, "finished_at": "2026-12-05T08:00:00Z"}) == "cached: earlier run (2026-12-05T08:00:00Z)"
+
+
+def test_peak_rss_is_measured_from_the_command_start():
+    """A persistent worker's second command does not report the first one's peak as its own."""
+    import numpy as np
+
+    from megacpt.demo.stages import _peak_rss_kb, _reset_peak_rss
+
+    big = np.ones(256 * 2**20 // 8)      # 256 MiB touched
+    del big
+    before = _peak_rss_kb()
+    _reset_peak_rss()
+    after = _peak_rss_kb()
+    if after == before:
+        pytest.skip("this kernel cannot reset the peak RSS (/proc/self/clear_refs)")
+    assert after < before - 200 * 1024

@@ -111,6 +111,20 @@ def test_cli_matches_hf_reference(setup, tmp_path):
     assert not os.path.exists(str(out) + ".shards")
 
 
+def test_progress_lines_with_rate_and_eta(setup, tmp_path, capsys):
+    """Off a terminal (stderr captured): plain lines with tokens/s, docs/s and an ETA, no bar."""
+    from megacpt.cli import main
+
+    d, hf, prefix = setup
+    assert main(["score", "perplexity", "--model", str(d / "hf"), "--data", prefix, "--seq-length", str(L),
+                 "--out", str(tmp_path / "p.parquet"), "--shard-docs", "3", "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("score perplexity (rank 0/1): ")]
+    assert len(lines) >= 2 and "\r" not in err, err
+    assert all(k in lines[0] for k in (" tok (", "tok/s", "docs/s", "ETA")), lines
+    assert "(100.0%)" in lines[-1] and "took" in lines[-1], lines
+
+
 def test_cli_compile_matches_eager(setup, tmp_path):
     """--compile (each layer through torch.compile) scores like the eager pass, over batches of several
     padded lengths (static first, then dynamic shapes)."""
@@ -273,6 +287,10 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.fault(fault="kill -9 after two committed shards", stage="score perplexity",
+                   sees="a re-run without --resume: a one-line error asking for --resume; with it, only the "
+                        "missing shards are scored and the Parquet equals an uninterrupted run's byte for byte",
+                   left="OUT.shards/ with the committed shards; no OUT.parquet")
 def test_kill_and_resume_equals_uninterrupted(setup, tmp_path):
     d, hf, prefix = setup
     full, killed = tmp_path / "full.parquet", tmp_path / "killed.parquet"

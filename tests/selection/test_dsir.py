@@ -32,6 +32,16 @@ def test_bigrams_counted():
     assert bucket_counts(["Net income rose"], vec).sum() == 3 + 2
 
 
+def test_dsir_prints_progress_with_eta(tmp_path, mixed_corpus, task_jsonl, capsys):
+    """The text scorers' shared driver (run_sharded): a line per interval with docs/s and an ETA."""
+    prefix, _, _ = mixed_corpus
+    assert main(["score", "dsir", "--data", prefix, "--task-data", task_jsonl, "--out", str(tmp_path / "d.parquet"),
+                 "--shard-docs", "8"]) == 0
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("dsir: ")]
+    assert lines[0].startswith("dsir: 8/40 docs (20.0%), ") and "docs/s" in lines[0] and "ETA" in lines[0], lines
+    assert lines[-1].startswith("dsir: 40/40 docs (100.0%), ") and "took" in lines[-1], lines
+
+
 def test_dsir_ranks_in_domain_and_selects(tmp_path, mixed_corpus, task_jsonl):
     prefix, texts, labels = mixed_corpus
     out = tmp_path / "dsir.parquet"

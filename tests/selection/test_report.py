@@ -76,3 +76,44 @@ def test_top_decile_share_and_renderer():
     page = render_html("# T\n\n| a | b |\n|---|---:|\n| 1 | <script> |\n\n![x](p.png)\n", "T")
     assert "<table>" in page and "&lt;script&gt;" in page and "<script>" not in page
     assert '<img src="p.png" alt="x"' in page and "<h1>T</h1>" in page
+
+
+def test_selection_names():
+    from megacpt.selection.report import selection_names
+
+    def m(prefix, strategy, sampling="hard"):
+        return {"output": {"prefix": prefix}, "strategy": strategy, "sampling": sampling}
+
+    assert selection_names([m("s/a/ets", "ets"), m("s/b/rnd", "random")]) == ["ets", "rnd"]   # basenames
+    assert selection_names([m("s/ets-hard/s1/selected", "ets"), m("s/ets-soft/s1/selected", "ets", "soft"),
+                            m("s/random-10/s1/selected", "random")]) == ["ets-hard", "ets-soft", "random"]
+    assert selection_names([m("x/r10/s1/selected", "random"), m("x/r50/s1/selected", "random"),
+                            m("x/e/selected", "ets")]) == ["r10/s1", "r50/s1", "ets-hard"]
+    assert selection_names([m("a/selected", "ets"), m("a/selected", "ets")]) == ["a (1)", "a (2)"]
+
+
+def test_plots_name_selections_that_share_a_basename(tmp_path, mixed_corpus, monkeypatch):
+    """Every demo selection is written to .../selected: the plots say ets-hard, ets-soft, random."""
+    import megacpt.selection.report as report
+
+    prefix, _, labels = mixed_corpus
+    sim = _score_file(tmp_path / "sim.parquet", prefix, "similarity", "similarity", labels + np.linspace(0, 0.5, 40))
+    b = Budget("docs", 8)
+    select(SelectConfig(prefix, str(tmp_path / "ets-hard" / "selected"), "ets", [sim], budget=b))
+    select(SelectConfig(prefix, str(tmp_path / "ets-soft" / "selected"), "ets", [sim], sampling="soft", budget=b))
+    select(SelectConfig(prefix, str(tmp_path / "random-10" / "selected"), "random", budget=b))
+    texts: dict[str, list[str]] = {}
+    save = report._save
+
+    def spy(fig, path):
+        legends = [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
+        texts[path.name] = legends + [t.get_text() for ax in fig.axes for t in ax.get_xticklabels()]
+        save(fig, path)
+
+    monkeypatch.setattr(report, "_save", spy)
+    md = build_report([str(tmp_path / d / "selected.manifest.json") for d in ("ets-hard", "ets-soft", "random-10")],
+                      str(tmp_path / "r"), snippets=0).read_text()
+    for png in ("overlap.png", "lengths.png", "hist_sim.png"):
+        assert {"ets-hard", "ets-soft", "random"} <= set(texts[png]), (png, texts[png])
+        assert not any(t.startswith("selected") for t in texts[png]), (png, texts[png])
+    assert "| ets-hard |" in md and "selected (" not in md

@@ -37,9 +37,10 @@ def test_tiny_cpu_config_trains_single_process(tiny_data, tmp_path, capsys):
     assert main(["train", "--config", str(REPO / "examples/configs/tiny-cpu.yaml"), *over]) == 0
     out = capsys.readouterr().out
     assert "iter 2/2" in out and "eval valid @ 2" in out
+    assert next(x for x in out.splitlines() if "iter 1/2" in x).endswith(tuple(f"| ETA {s}s" for s in range(60)))
     assert (tmp_path / "run" / "latest").read_text().strip() == "iter_0000002"
     recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert recs[-2]["kind"] == "train" and recs[-2]["iteration"] == 2
+    assert recs[-2]["kind"] == "train" and recs[-2]["iteration"] == 2 and recs[-2]["eta_s"] == 0
 
 
 @pytest.mark.distributed

@@ -69,6 +69,20 @@ def test_flops_formula_matches_narayanan():
     assert flops_per_token(cfg, s) - flops_per_token(cfg, s, attention=False) == pytest.approx(12 * l * s * h)
 
 
+def test_throughput_eta_from_the_pace_of_this_run(monkeypatch):
+    import megacpt.train.metrics as metrics
+
+    now = [50.0]
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: now[0])
+    meter = Throughput(1.0, 1, None)
+    assert meter.eta_s(10) is None                       # no step yet
+    for _ in range(4):
+        now[0] += 2.5
+        meter.add(100)
+        meter.report()                                   # windows reset; the ETA's pace does not
+    assert meter.eta_s(6) == pytest.approx(15.0) and meter.eta_s(0) == 0
+
+
 def test_peak_table_and_mfu():
     assert peak_flops("NVIDIA H100 80GB HBM3", "bf16") == 989e12
     assert peak_flops("NVIDIA H100 PCIe", "bf16") == 756e12

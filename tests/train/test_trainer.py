@@ -73,6 +73,10 @@ def test_nan_skip_leaves_weights_untouched(tiny_data, monkeypatch):
     assert len(seen) == 1  # only the first (finite) iteration stepped
 
 
+@pytest.mark.fault(fault="SIGTERM mid-run", stage="train",
+                   sees="training stops after the current step with a warning naming the checkpoint it saved; "
+                        "the re-run resumes from that step and finishes",
+                   left="a complete checkpoint of the step it stopped at, `latest` pointing to it")
 def test_sigterm_saves_and_exits_then_resumes(tiny_data, tmp_path):
     ck = tmp_path / "ck"
     j = job(tiny_data, f"checkpoint.save={ck}", "checkpoint.async_save=true")

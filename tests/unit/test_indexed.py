@@ -62,6 +62,9 @@ def test_token_out_of_dtype_range(tmp_path):
             w.add_document([[70000]])
 
 
+@pytest.mark.fault(fault="truncated .bin", stage="opening a dataset (train, score, select, inspect)",
+                   sees="one line: PREFIX.bin: size N bytes does not match its index (M bytes)",
+                   left="the dataset as it was (nothing is written)")
 def test_truncated_bin_detected(tmp_path):
     p = tmp_path / "ds"
     _write(p, DOCS)

@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "megacpt"
 # lowest first; a module belongs to the tier of its first name under megacpt ("megacpt" alone: the root)
 TIERS: list[tuple[str, set[str]]] = [
     # shared by everything, import nothing of megacpt above them; testing.py: spawn helpers of the tests
-    ("foundation", {"", "io", "config", "errors", "optional", "testing"}),
+    ("foundation", {"", "io", "config", "errors", "optional", "progress", "testing"}),
     ("data", {"data"}),
     # one fused op per file on plain torch/Triton: below model, so model fast paths and parallel may use them
     ("kernels", {"kernels"}),
