@@ -74,14 +74,17 @@ class Stage:
 
 # ------------------------------------------------------------------------------------------- commands
 
-def _run_here(workdir: str, args: list[str], log_path: str) -> tuple[int, float, int]:
+def _run_here(workdir: str, args: list[str], log_path: str, threads: int | None = None) -> tuple[int, float, int]:
     """Run ``megacpt ARGS`` in this process with cwd = workdir and output to the log.
 
     Returns (exit code, CPU seconds of this process during the command, peak RSS in kB during it: the
     process's peak is reset first where Linux allows, so a persistent worker does not report an earlier
     command's peak as this one's). Only one command at a time per process (it changes the working directory).
+    ``threads``: intra-op threads for this command only (None: the process's setting).
     """
     import signal
+
+    import torch
 
     root, cwd = logging.getLogger(), os.getcwd()
     saved = root.handlers[:]
@@ -89,6 +92,9 @@ def _run_here(workdir: str, args: list[str], log_path: str) -> tuple[int, float,
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     c0 = _self_cpu_s()
     _reset_peak_rss()
+    threads_before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
     Path(log_path).parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a", encoding="utf-8") as log, _STREAM.to(log), \
             contextlib.redirect_stdout(_STREAM), contextlib.redirect_stderr(_STREAM):
@@ -104,6 +110,7 @@ def _run_here(workdir: str, args: list[str], log_path: str) -> tuple[int, float,
             rc = 1
         finally:
             os.chdir(cwd)
+            torch.set_num_threads(threads_before)
             for h in root.handlers[:]:
                 root.removeHandler(h)
             root.handlers[:] = saved
@@ -207,17 +214,19 @@ class CommandRunner:
             self.pool.shutdown(wait=True, cancel_futures=True)
             self.pool = None
 
-    def run(self, workdir: Path, args: list[str], log: Path, fresh: bool = False) -> tuple[int, float, int]:
-        """(exit code, CPU seconds, peak RSS kB of the process that ran it)."""
+    def run(self, workdir: Path, args: list[str], log: Path, fresh: bool = False,
+            threads: int | None = None) -> tuple[int, float, int]:
+        """(exit code, CPU seconds, peak RSS kB of the process that ran it); ``threads``: intra-op threads of
+        this command (None: the runner's)."""
         if fresh or not self.in_process:
-            return self._child(workdir, args, log)
+            return self._child(workdir, args, log, threads)
         if self.pool is not None:
-            return self.pool.submit(_run_here, str(workdir), args, str(log)).result()
-        return _run_here(str(workdir), args, str(log))
+            return self.pool.submit(_run_here, str(workdir), args, str(log), threads).result()
+        return _run_here(str(workdir), args, str(log), threads)
 
-    def _child(self, workdir: Path, args: list[str], log: Path) -> tuple[int, float, int]:
+    def _child(self, workdir: Path, args: list[str], log: Path, threads: int | None = None) -> tuple[int, float, int]:
         cmd = [sys.executable, "-m", "megacpt", *args]
-        env = {**os.environ, **self.env, "OMP_NUM_THREADS": str(self.threads)}
+        env = {**os.environ, **self.env, "OMP_NUM_THREADS": str(threads or self.threads)}
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "a", encoding="utf-8") as f:
             f.write(f"$ {' '.join(cmd[1:])}  (child process)\n")
@@ -245,11 +254,12 @@ class StageContext:
     def path(self, rel: str) -> Path:
         return self.workdir / rel
 
-    def megacpt(self, *args, fresh: bool = False) -> None:
-        """Run one `megacpt` command (see CommandRunner), appending to this stage's log."""
+    def megacpt(self, *args, fresh: bool = False, threads: int | None = None) -> None:
+        """Run one `megacpt` command (see CommandRunner), appending to this stage's log; ``threads``: its
+        intra-op threads (None: the runner's)."""
         argv = [str(a) for a in args]
         here = self.runner.pool is None and self.runner.in_process and not fresh
-        rc, cpu, rss = self.runner.run(self.workdir, argv, self.log, fresh=fresh)
+        rc, cpu, rss = self.runner.run(self.workdir, argv, self.log, fresh=fresh, threads=threads)
         self.peak_rss_kb = max(self.peak_rss_kb, rss)
         if not here:
             self.command_cpu_s += cpu
