@@ -8,6 +8,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -63,12 +64,15 @@ class CheckpointManager:
     removed. Use as a context manager, or call `close`.
     """
 
-    def __init__(self, root: str | os.PathLike, keep_last: int = 2, async_save: bool = False):
+    def __init__(self, root: str | os.PathLike, keep_last: int = 2, async_save: bool = False,
+                 collective_timeout_s: float | None = None):
         if keep_last < 0:
             raise UserError(f"checkpoint.keep_last: {keep_last} must be >= 0 (0 keeps all)")
         self.root = Path(root)
         self.keep_last = keep_last
         self.async_save = async_save
+        # the writer thread's group gives up on a lost peer as the job's own collectives do (None: torch's default)
+        self.collective_timeout = None if collective_timeout_s is None else timedelta(seconds=collective_timeout_s)
         self._pending: _Pending | None = None
         self._async_pg = None
         self._claim = contextlib.ExitStack()
@@ -177,7 +181,7 @@ class CheckpointManager:
         writer = hashing_storage_writer(tmp, records)  # DCP's FileSystemWriter, its shards checksummed
         if self.async_save:
             if is_distributed() and self._async_pg is None:
-                self._async_pg = dist.new_group(backend="gloo")  # the writer thread's own collectives
+                self._async_pg = dist.new_group(backend="gloo", timeout=self.collective_timeout)  # the writer's own
             with quiet_single_process():
                 fut = dcp.async_save(tensors, checkpoint_id=str(tmp), storage_writer=writer,
                                      process_group=self._async_pg, no_dist=not is_distributed())

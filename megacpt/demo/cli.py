@@ -31,8 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="redo every stage even if its outputs are intact")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                    help="stages run at once, each command in one of this many worker processes (default: 2)")
-    p.add_argument("--threads", type=int, default=1, help="intra-op threads per command (toy models: 1 is fastest); the base pre-training, "
-                   "which runs mostly alone, uses max(--threads, --jobs)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="intra-op threads per command (toy models: 1 is fastest); the base pre-training, "
+                        "which runs mostly alone, uses max(--threads, --jobs)")
     p.add_argument("--child-processes", action="store_true",
                    help="run every command as its own child process (isolated memory; slower start-up)")
 

@@ -741,7 +741,8 @@ def train(job: JobConfig, on_step: Callable[[int, float], None] | None = None) -
     try:
         if job.checkpoint.save:  # the save root is this job's until the end: a second live job there is refused
             ckpt = CheckpointManager(job.checkpoint.save, keep_last=job.checkpoint.keep_last,
-                                     async_save=job.checkpoint.async_save)
+                                     async_save=job.checkpoint.async_save,
+                                     collective_timeout_s=job.train.collective_timeout_s)
         return run_loop(job, rt, resume, ckpt, on_step)
     except PeerLost:
         lost = True
