@@ -45,8 +45,10 @@ CRAWLS = {"": "domain_crawl", "noisy-": "domain_crawl_noisy"}
 
 @dataclass
 class ModelShape:
-    hidden_size: int = 128
-    num_layers: int = 3
+    # sized for the 30-minute budget on the slowest 2-core class seen (AVX2, no AVX-512: fp32 GEMMs at
+    # ~20-28 GFLOP/s a core); 128 x 3 took ~55 min there (docs/benchmarks.md)
+    hidden_size: int = 64
+    num_layers: int = 4
     num_heads: int = 4
 
 
@@ -80,14 +82,14 @@ class DemoSettings:
     seq_length: int = 256
     micro_batch_size: int = 16
     global_batch_size: int = 16
-    base_epochs: float = 3.0        # passes over general_train (the report shows the held-out curve and plateau check)
+    base_epochs: float = 2.0        # passes over general_train (the report shows the held-out curve and plateau check)
     base_lr: float = 3e-3
-    base_eval_points: int = 20      # held-out losses logged along the base's training
+    base_eval_points: int = 10      # held-out losses logged along the base's training
     cpt_epochs: float = 1.0         # passes over each CPT dataset (full: the whole crawl)
     cpt_lr: float = 1e-3            # CPT re-warms to a lower peak than pre-training (docs/method.md §1)
     warmup_fraction: float = 0.05
     min_lr_ratio: float = 0.1
-    eval_bootstrap: int = 200       # per-model CIs of the eval commands
+    eval_bootstrap: int = 100       # per-model CIs of the eval commands (the report's are stats_bootstrap)
     stats_bootstrap: int = 400      # test-set resamples of the report's paired intervals
     probe_C: float = 1.0
     label_scoring: str = "contextual"

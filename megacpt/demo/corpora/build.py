@@ -39,13 +39,13 @@ class CorpusSizes:
     """How much of each source the demo uses (None = all). ``quick`` keeps CI under 3 minutes."""
 
     general_train_docs: int | None = None
-    general_eval_docs: int = 100
+    general_eval_docs: int = 60
     max_doc_words: int = 400               # long articles are cut at a sentence boundary near this
     domain_reuters_docs: int | None = None  # of the ModApte train split left after the grain task's train pool
     eval_digest_share: float = 0.12        # of the headline days: digests of domain_eval
     val_digest_share: float = 0.06         # of the headline days: digests of domain_val
     domain_val_reuters: int = 80           # ModApte test articles in domain_val
-    domain_eval_reuters: int | None = None  # in domain_eval (None: the rest after the grain test split)
+    domain_eval_reuters: int | None = 150   # in domain_eval (None: the rest after the grain test split)
     noise_fraction: float = 0.25           # off-domain share of the noisy crawl's documents
     boilerplate_fraction: float = 0.2      # of the noise, the share that is web boilerplate
     sentiment_train_docs: int = 600
