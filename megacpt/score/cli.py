@@ -14,6 +14,7 @@ from megacpt.convert import find_tokenizer, load_config, load_model
 from megacpt.data.indexed import IndexedDataset, read_sidecar
 from megacpt.errors import UserError
 from megacpt.io import describe_interrupt
+from megacpt.parallel.faults import failure_reason, is_peer_failure
 from megacpt.score.job import check_vocab, model_identity, score_dataset
 from megacpt.score.flags import add_scorer_arguments
 from megacpt.score.nll import COLUMNS, ScoringConfig
@@ -45,6 +46,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(implies --compile-loss; ~10%% faster on CPU once compiled: compile time per "
                         "process, amortised over a long pass)")
     p.add_argument("--resume", action="store_true", help="finish an interrupted run from OUT.shards/")
+    p.add_argument("--collective-timeout-s", type=float, default=1800.0,
+                   help="under torchrun: a rank waiting longer than this for another (gone or hung) gives up with "
+                        "one line; ranks meet at the end, so raise it if they finish their shards far apart "
+                        "(default %(default)g)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (terminal) or lines (otherwise)")
 
 
@@ -67,7 +72,28 @@ def run(args: argparse.Namespace) -> int:
     for w in check_vocab(mcfg.vocab_size, args.data, read_sidecar(args.data), find_tokenizer(args.model)):
         print(f"megacpt score perplexity: warning: {w}", file=sys.stderr)
 
-    rank, world, dist = init_distributed(args.device)
+    if args.collective_timeout_s <= 0:
+        raise UserError(f"--collective-timeout-s must be > 0, got {args.collective_timeout_s:g}")
+    rank, world, dist = init_distributed(args.device, args.collective_timeout_s)
+    try:
+        summary = _score(args, cfg, mcfg, rank, world)
+    except Exception as e:
+        if dist is None or not is_peer_failure(e):
+            raise
+        raise UserError(f"rank {rank}: lost a peer while scoring ({failure_reason(e)}): another rank's process or "
+                        f"node died or stopped answering (collectives give up after --collective-timeout-s="
+                        f"{args.collective_timeout_s:g} s). The committed shards are kept in {args.out}.shards: "
+                        "relaunch every node with the same command plus --resume to score the rest") from None
+    if rank == 0:
+        print(json.dumps(summary, indent=None), file=sys.stderr)
+    if dist:
+        dist.destroy_process_group()
+    return 0
+
+
+def _score(args: argparse.Namespace, cfg: ScoringConfig, mcfg, rank: int, world: int) -> dict:
+    """This rank's part of the scoring pass (collective under torchrun); returns the summary."""
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     device = pick_device(args.device)
     dtype_name = args.dtype if args.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     dtype = getattr(torch, torch_dtype_name(dtype_name))
@@ -79,12 +105,7 @@ def run(args: argparse.Namespace) -> int:
         model.compile_layers()
     with describe_interrupt(lambda: f"{f'on rank {rank}' if world > 1 else ''}; the committed shards are kept in "
                                     f"{args.out}.shards: re-run the same command with --resume"):
-        summary = score_dataset(model, args.data, args.seq_length, args.out, cfg, shard_docs=args.shard_docs,
-                                resume=args.resume, dtype_name=dtype_name,
-                                model_identity=model_identity(args.model, mcfg), progress=not args.no_progress)
-    if rank == 0:
-        print(json.dumps(summary, indent=None), file=sys.stderr)
-    if dist:
-        dist.destroy_process_group()
-    return 0
+        return score_dataset(model, args.data, args.seq_length, args.out, cfg, shard_docs=args.shard_docs,
+                             resume=args.resume, dtype_name=dtype_name,
+                             model_identity=model_identity(args.model, mcfg), progress=not args.no_progress)
 

@@ -32,14 +32,14 @@ def pick_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(device: str):
-    """Under torchrun (WORLD_SIZE > 1) start the process group: nccl on GPU, gloo on CPU."""
+def init_distributed(device: str, timeout_s: float = 1800.0):
+    """Under torchrun (WORLD_SIZE > 1) start the process group: nccl on GPU, gloo on CPU. Every collective
+    gives up after ``timeout_s`` (data-parallel ranks meet only at the end: the fastest waits for the slowest)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         gpu = device in ("auto", "cuda") and torch.cuda.is_available()
         if gpu:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        # a long timeout: ranks meet only at the end, after possibly uneven shards
-        dist.init_process_group("nccl" if gpu else "gloo", timeout=datetime.timedelta(hours=6))
+        dist.init_process_group("nccl" if gpu else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
     return dist_info()
 
 

@@ -23,7 +23,6 @@ import logging
 import math
 import os
 import random
-import re
 import signal
 from datetime import timedelta
 from dataclasses import dataclass, field
@@ -48,6 +47,7 @@ from megacpt.model.gpt_neox import GPTNeoX
 from megacpt.optional import optional
 from megacpt.parallel import parallelize
 from megacpt.parallel.loss import fused_lm_nll_sum, tp_group_of, vocab_parallel_cross_entropy
+from megacpt.parallel.faults import failure_reason, is_peer_failure
 from megacpt.parallel.mesh import build_mesh
 from megacpt.parallel.pipeline import broadcast_loss, build_pipeline
 from megacpt.progress import duration
@@ -693,23 +693,9 @@ def agree_to_stop(stop: "_StopFlag", rt: Runtime) -> bool:
     return bool(flag.item())
 
 
-# how gloo, nccl and the c10d store word a peer that is gone (a closed or reset socket) or silent (a timeout)
-_PEER_FAILURE_WORDS = ("connection closed by peer", "connection reset by peer", "broken pipe", "timed out",
-                       "timeout", "connection refused", "communicator was aborted", "remote process exited")
-
-
-def is_peer_failure(e: BaseException) -> bool:
-    """Whether a collective's exception means another rank is gone or silent, not a fault of this rank."""
-    if isinstance(e, dist.DistError):  # DistBackendError, DistNetworkError, DistStoreError
-        return True
-    return isinstance(e, RuntimeError) and any(w in str(e).lower() for w in _PEER_FAILURE_WORDS)
-
-
 def peer_lost(e: BaseException, job: JobConfig, rt: Runtime, iteration: int) -> PeerLost:
     """The one line a surviving rank ends with: what happened, and where a relaunch resumes."""
-    # the backend's first sentence, without its source location: "Connection closed by peer [host]:port"
-    reason = re.sub(r"^\[[^\]]*\]\s*", "", (str(e).strip().splitlines() or [type(e).__name__])[0])
-    reason = reason.split(". ")[0][:240]
+    reason = failure_reason(e)
     src = job.checkpoint.load or job.checkpoint.save
     try:
         last = (latest_checkpoint(src) or Path(src)) if src and is_checkpoint(src) else None

@@ -3,6 +3,7 @@
 
 - ``train`` across 2 nodes gives the losses of the single-node DP=2 run (bitwise) and of one process;
   ``score perplexity`` across 2 nodes writes the file one process writes;
+- a node lost mid-scoring ends the other with one line; ``--resume`` on both nodes finishes the file;
 - a node lost mid-run (SIGKILL of its agent and workers) ends the other one with one clear line within
   seconds; a node that stops answering ends it after ``train.collective_timeout_s``;
 - relaunching both agents resumes bitwise from the last complete checkpoint.
@@ -144,6 +145,48 @@ def test_score_two_nodes_equals_one_process(uninterrupted, data, tmp_path):
     assert one.num_rows == 20
     for k in one.columns:
         np.testing.assert_array_equal(one.columns[k], two.columns[k], err_msg=k)
+
+
+@pytest.mark.distributed
+@pytest.mark.fault(fault="kill -9 of one node (its torchrun agent and workers) mid-run, then a relaunch with --resume",
+                   stage="score perplexity, 2 nodes (torchrun, c10d rendezvous)",
+                   sees="the other node finishes its own shards, then exits non-zero within seconds: `megacpt score: "
+                        "error: rank R: lost a peer while scoring (Connection closed by peer ...) ... The committed "
+                        "shards are kept in OUT.shards: relaunch every node with the same command plus --resume`; "
+                        "the relaunch says `resuming, K/N shards already committed`",
+                   left="OUT.shards/ with every shard committed before the loss; after the relaunch, OUT equal to "
+                        "one process's file and no OUT.shards")
+def test_lost_node_while_scoring_ends_the_other_and_resume_finishes(uninterrupted, data, tmp_path):
+    from megacpt.cli import main
+    from megacpt.score.files import read_scores
+
+    out = tmp_path / "two.parquet"
+    common = ["score", "perplexity", "--model", str(uninterrupted["tmp"] / "ck"), "--data", data["valid"],
+              "--seq-length", "32", "--shard-docs", "3", "--device", "cpu", "--no-progress"]
+    with nodes() as started:  # node B stops after committing its first shard; node A scores its own, then waits
+        a, b = _two_nodes(started, ["-m", "megacpt", *common, "--out", str(out)], tmp_path, "score-lost",
+                          env_b={"MEGACPT_TEST_PAUSE": f"score-shard:{tmp_path / 'paused'}"})
+        wait_for(lambda: (tmp_path / "paused").exists(), LAUNCH_S, "node B to commit a shard", alive=(a, b))
+        t0 = time.monotonic()
+        b.kill()
+        rc = a.wait(LOST_NODE_S + 30)
+        elapsed, log_a = time.monotonic() - t0, a.output()
+    assert rc != 0, log_a[-4000:]
+    assert elapsed < LOST_NODE_S, elapsed
+    assert re.search(r"megacpt score: error: rank 0: lost a peer while scoring \(Connection (closed|reset) by peer",
+                     log_a), log_a[-4000:]
+    assert f"kept in {out}.shards: relaunch every node with the same command plus --resume" in log_a, log_a[-4000:]
+    assert "Traceback" not in log_a, log_a[-4000:]
+    assert not out.exists() and len(list((tmp_path / "two.parquet.shards").glob("*.parquet"))) >= 2
+    with nodes() as started:
+        a, b = _two_nodes(started, ["-m", "megacpt", *common, "--out", str(out), "--resume"], tmp_path, "score-again")
+        _succeed(a, b)
+    assert re.search(r"resuming, [1-9]\d*/7 shards already committed", a.output()), a.output()[-4000:]
+    assert main([*common, "--out", str(tmp_path / "one.parquet")]) == 0
+    one, two = read_scores(tmp_path / "one.parquet"), read_scores(out)
+    for k in one.columns:
+        np.testing.assert_array_equal(one.columns[k], two.columns[k], err_msg=k)
+    assert not (tmp_path / "two.parquet.shards").exists()
 
 
 @pytest.mark.distributed
