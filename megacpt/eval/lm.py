@@ -120,16 +120,16 @@ class EvalLM:
 
         out: list[tuple[float, int]] = [(0.0, 0)] * len(requests)
         single: dict[tuple[int, ...], list[tuple[int, int]]] = {}  # context -> [(request, token)]
-        seqs, starts, multi = [], [], []
+        # (sequence, first target) -> [request]: identical requests are scored once (contextual calibration
+        # asks the same content-free prompts for every query of a 0-shot task)
+        multi: dict[tuple[tuple[int, ...], int], list[int]] = {}
         for r, (ctx, cont) in enumerate(requests):
             c, t = self.split_tokens(ctx, cont)
             if len(t) == 1:
                 single.setdefault(tuple(self._fit(c, self.max_length - 1)), []).append((r, t[0]))
                 continue
             x = self._fit(c + t, self.max_length)
-            seqs.append(x)
-            starts.append(max(1, len(x) - len(t)))
-            multi.append(r)
+            multi.setdefault((tuple(x), max(1, len(x) - len(t))), []).append(r)
         if single:
             ctxs = sorted(single, key=len, reverse=True)  # length-sorted batches: little padding
             logp = torch.log_softmax(self.next_token_logits([list(c) for c in ctxs]).double(), -1)
@@ -138,8 +138,11 @@ class EvalLM:
                     out[r] = (float(logp[row, tok]), 1)
         if multi:
             cfg = ScoringConfig(seq_length=self.max_length, micro_batch_size=self.batch_size)
-            for r, (n, nll) in zip(multi, sequence_nll(self.model, seqs, self.max_length, cfg, target_starts=starts)):
-                out[r] = (-nll, n)
+            keys = list(multi)
+            for key, (n, nll) in zip(keys, sequence_nll(self.model, [list(x) for x, _ in keys], self.max_length, cfg,
+                                                          target_starts=[st for _, st in keys])):
+                for r in multi[key]:
+                    out[r] = (-nll, n)
         return out
 
     # -- generation -----------------------------------------------------------------------------------

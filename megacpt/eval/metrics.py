@@ -3,8 +3,8 @@
 Point estimates of classification metrics are scikit-learn's (``f1_score(average="weighted")``,
 ``accuracy_score``, ``confusion_matrix``). A bootstrap needs the metric on ~1,000 resamples per task, shot
 draw and Headline question; calling ``f1_score`` 1,000 times costs ~5 s per 1k examples, so
-``weighted_f1_resampled`` computes the same formula for all resamples at once from per-resample class
-counts (tested equal to scikit-learn on resamples). Entity F1 has no scikit-learn equivalent.
+``weighted_f1_resampled`` / ``macro_f1_resampled`` compute the same formulas for all resamples at once from
+per-resample class counts (tested equal to scikit-learn on resamples). Entity F1 has no scikit-learn equivalent.
 """
 from __future__ import annotations
 
@@ -43,10 +43,10 @@ def encode(values: Sequence[Hashable], labels: Sequence[Hashable]) -> np.ndarray
     return np.array([index.get(v, len(labels)) for v in values], dtype=np.int64)
 
 
-def weighted_f1_resampled(gold: np.ndarray, pred: np.ndarray, n_labels: int, idx: np.ndarray) -> np.ndarray:
-    """Weighted F1 of every resample at once. ``gold``/``pred``: class indices [n] (``encode``); ``idx``:
-    [B, n] resampled example indices. Per class c: F1_c = 2 tp_c / (|gold_c| + |pred_c|) (0 when both are
-    0), averaged with weights |gold_c| over the ``n_labels`` classes -> [B]."""
+def class_counts_resampled(gold: np.ndarray, pred: np.ndarray, n_labels: int,
+                           idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per resample and class: (true positives, |gold_c|, |pred_c|), each [B, n_labels]. ``gold``/``pred``:
+    class indices [n] (``encode``; index n_labels = outside the labels, not counted); ``idx``: [B, n]."""
     b = idx.shape[0]
     k = n_labels + 1  # + the "outside labels" bucket, dropped below
     g, p = gold[idx], pred[idx]                                  # [B, n]
@@ -55,10 +55,28 @@ def weighted_f1_resampled(gold: np.ndarray, pred: np.ndarray, n_labels: int, idx
     n_pred = np.bincount((p + off).ravel(), minlength=b * k).reshape(b, k)[:, :n_labels]
     hit = g == p
     tp = np.bincount((g + off)[hit], minlength=b * k).reshape(b, k)[:, :n_labels]
+    return tp, n_gold, n_pred
+
+
+def _class_f1(tp: np.ndarray, n_gold: np.ndarray, n_pred: np.ndarray) -> np.ndarray:
+    """F1_c = 2 tp_c / (|gold_c| + |pred_c|), 0 when both are 0 (scikit-learn's zero_division=0)."""
     denom = n_gold + n_pred
-    f1 = np.where(denom > 0, 2.0 * tp / np.maximum(denom, 1), 0.0)
+    return np.where(denom > 0, 2.0 * tp / np.maximum(denom, 1), 0.0)
+
+
+def weighted_f1_resampled(gold: np.ndarray, pred: np.ndarray, n_labels: int, idx: np.ndarray) -> np.ndarray:
+    """Weighted F1 of every resample at once (``class_counts_resampled``): per-class F1 averaged with weights
+    |gold_c| over the ``n_labels`` classes -> [B]."""
+    tp, n_gold, n_pred = class_counts_resampled(gold, pred, n_labels, idx)
+    f1 = _class_f1(tp, n_gold, n_pred)
     total = n_gold.sum(1)
     return np.where(total > 0, (n_gold * f1).sum(1) / np.maximum(total, 1), 0.0)
+
+
+def macro_f1_resampled(gold: np.ndarray, pred: np.ndarray, n_labels: int, idx: np.ndarray) -> np.ndarray:
+    """Macro F1 of every resample at once: the unweighted mean of the ``n_labels`` per-class F1s (a class with
+    no gold and no predicted example counts 0, as scikit-learn's ``average="macro", zero_division=0``) -> [B]."""
+    return _class_f1(*class_counts_resampled(gold, pred, n_labels, idx)).mean(1)
 
 
 Entity = tuple[str, str]  # (span text, type)

@@ -22,8 +22,10 @@ def test_loglikelihood_matches_unbatched_full_logits(lm):
     hf = _hf(lm)
     reqs = [("Profits rose sharply", " positive"), ("Shares fell.", " negative result"),
             ("Revenue was flat and the board kept the dividend", " neutral"), ("Gold", " prices climbed on Monday"),
-            ("Profits rose sharply", " negative"), ("Shares fell.", "x")]
+            ("Profits rose sharply", " negative"), ("Shares fell.", "x"),
+            ("Shares fell.", " negative result")]  # a repeated request is scored once, answered for both
     got = lm.loglikelihood(reqs)
+    assert got[1] == got[-1]
     n_tokens = [len(lm.split_tokens(c, t)[1]) for c, t in reqs]
     assert 1 in n_tokens and max(n_tokens) > 1  # both the next-token path and sequence_nll are exercised
     for (ctx, cont), (ll, n) in zip(reqs, got):

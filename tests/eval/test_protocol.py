@@ -17,7 +17,8 @@ from sklearn.metrics import f1_score
 from megacpt.cli import main
 from megacpt.errors import UserError
 from megacpt.eval.finance import FinanceConfig, load_tasks, parse_shots, predictions_path, run_finance, write_run
-from megacpt.eval.metrics import bootstrap_indices, encode, entity_counts_per_example, weighted_f1_resampled
+from megacpt.eval.metrics import (bootstrap_indices, encode, entity_counts_per_example, macro_f1_resampled,
+                                  weighted_f1_resampled)
 from megacpt.eval.prompts import example_rng, select_shots
 
 from .conftest import write_jsonl
@@ -105,6 +106,19 @@ def test_weighted_f1_resampled_equals_sklearn_per_resample():
     ref = [f1_score([gold[i] for i in row], [pred[i] for i in row], labels=labels[:2], average="weighted",
                     zero_division=0) for row in idx]
     assert got == pytest.approx(ref, abs=1e-12)
+
+
+def test_macro_f1_resampled_equals_sklearn_per_resample():
+    """Including a label no resample has in gold or predictions (it counts 0, as sklearn's zero_division=0)."""
+    rng = np.random.default_rng(3)
+    labels = ["a", "b", "c", "d"]
+    gold, pred = list(rng.choice(labels[:3], 40)), list(rng.choice(labels[:3], 40))
+    idx = bootstrap_indices(40, 50, 4)
+    got = macro_f1_resampled(encode(gold, labels), encode(pred, labels), 4, idx)
+    ref = [f1_score([gold[i] for i in row], [pred[i] for i in row], labels=labels, average="macro", zero_division=0)
+           for row in idx]
+    assert got == pytest.approx(ref, abs=1e-12)
+    assert len(set(np.round(got, 12))) > 10  # the resamples differ: not one value repeated
 
 
 # --- NER protocol -------------------------------------------------------------------------------------
