@@ -402,10 +402,9 @@ class StudyPlan:
         data = prefix(CRAWLS[crawl])
         need = sorted({m for st in s.strategies for m in STRATEGY_METRICS[st]})
         words = lambda: self._words(CRAWLS[crawl])  # noqa: E731
-        # the base trains with every core (--jobs threads): a scorer beside it would oversubscribe them (OpenMP
-        # threads spin-waiting for a busy core); measured on 2 cores: the base at 2,900-3,900 instead of 7,600
-        # tokens/s while a scorer ran. The scorers need no base, so they only wait for it
-        after = ["pretrain-base"] if max(s.threads, s.jobs) > s.threads else []
+        # (ordering the scorers after the base avoids oversubscribing its cores, but a scorer then runs beside a
+        # CPT: +0.2 GB peak in the quick run; left concurrent)
+        after: list[str] = []  # waiting for the base cost the quick run 0.2 GB of peak memory (CPT beside a scorer)
         if "perplexity" in need:
             out = f"scores/{crawl}perplexity.parquet"
             self.add(Stage(f"score-{crawl}perplexity", _score_out(out), lambda ctx, out=out: ctx.megacpt(

@@ -23,7 +23,7 @@ FROZEN = {
                         "--normalize", "--raw-sample-docs", "--seed", "--shard-docs", "--tokenizer", "--overwrite"},
     ("score", "perplexity"): {"--model", "--data", "--seq-length", "--out", "--micro-batch-size", "--tokens-per-batch",
                               "--tensor-model-parallel-size", "--pipeline-model-parallel-size", "--dtype",
-                              "--device", "--impl", "--compile-loss", "--compile", "--shard-docs", "--resume",
+                              "--device", "--impl", "--compile-loss", "--compile", "--shard-docs", "--resume", "--collective-timeout-s",
                               "--no-progress"},
     ("report", "selection"): {"--manifests", "--out", "--scores", "--data", "--snippets", "--snippet-chars",
                               "--random-seed", "--tokenizer"},
