@@ -402,9 +402,6 @@ class StudyPlan:
         data = prefix(CRAWLS[crawl])
         need = sorted({m for st in s.strategies for m in STRATEGY_METRICS[st]})
         words = lambda: self._words(CRAWLS[crawl])  # noqa: E731
-        # (ordering the scorers after the base avoids oversubscribing its cores, but a scorer then runs beside a
-        # CPT: +0.2 GB peak in the quick run; left concurrent)
-        after: list[str] = []  # waiting for the base cost the quick run 0.2 GB of peak memory (CPT beside a scorer)
         if "perplexity" in need:
             out = f"scores/{crawl}perplexity.parquet"
             self.add(Stage(f"score-{crawl}perplexity", _score_out(out), lambda ctx, out=out: ctx.megacpt(
@@ -415,7 +412,7 @@ class StudyPlan:
             out = f"scores/{crawl}pos_entropy.parquet"
             self.add(Stage(f"score-{crawl}pos-entropy", _score_out(out), lambda ctx, out=out: ctx.megacpt(
                 "score", "pos-entropy", "--data", data, "--out", out, "--workers", "1", fresh=True),
-                deps=["preprocess"], after=after, cost=lambda: 4 + s.cost.pos_entropy * 1.4 * words() / 1000))
+                deps=["preprocess"], cost=lambda: 4 + s.cost.pos_entropy * 1.4 * words() / 1000))
         if "similarity" in need:
             out = f"scores/{crawl}similarity.parquet"
             self.add(Stage(f"score-{crawl}similarity", _score_out(out), lambda ctx, out=out: ctx.megacpt(
@@ -423,7 +420,7 @@ class StudyPlan:
                 "--out", out, "--device", "cpu", "--max-chunks", s.similarity_max_chunks,
                 "--chunk-tokens", s.similarity_chunk_tokens, fresh=True),
                 params={"max_chunks": s.similarity_max_chunks, "chunk_tokens": s.similarity_chunk_tokens},
-                deps=["preprocess", "corpora"], after=after, cost=lambda: 6 + s.cost.similarity * words() / 1000))
+                deps=["preprocess", "corpora"], cost=lambda: 6 + s.cost.similarity * words() / 1000))
 
     def _score_stage(self, crawl: str, metric: str) -> str:
         return f"score-{crawl}{metric.replace('_', '-')}"

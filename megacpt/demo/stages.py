@@ -55,9 +55,6 @@ class Stage:
     fn: Callable[["StageContext"], dict | None]  # does the work; returns info recorded in the manifest
     params: dict = field(default_factory=dict)
     deps: list[str] = field(default_factory=list)
-    # stages this one waits for without using their outputs (scheduling only: not in the fingerprint; a name
-    # that is not in the graph is ignored)
-    after: list[str] = field(default_factory=list)
     # glob patterns (on the relative path) of outputs whose bytes differ between identical runs (timestamps,
     # timings): still checked for corruption, but left out of downstream fingerprints so an identical redo
     # does not cascade
@@ -536,17 +533,12 @@ class StageRunner:
         """Stages whose dependencies are done run in threads, ``jobs`` at once; their commands go to the
         worker processes. The first failure stops new stages, lets the running ones finish, and is raised."""
         pending, running, error = list(stages), {}, None
-        names = {s.name for s in stages}
-
-        def ready(s: Stage) -> bool:
-            return all(d in rows for d in s.deps) and all(d in rows or d not in names for d in s.after)
-
         with ThreadPoolExecutor(self.jobs) as threads:
             while (pending and error is None) or running:
                 progressed = True
                 while progressed and error is None:
                     progressed = False
-                    for s in [s for s in pending if ready(s)]:
+                    for s in [s for s in pending if all(d in rows for d in s.deps)]:
                         if len(running) >= self.jobs:
                             break
                         pending.remove(s)
