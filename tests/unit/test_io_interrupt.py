@@ -112,10 +112,13 @@ def test_forked_worker_never_holds_the_parents_temporaries(tmp_path):
         import os, time
         from megacpt import io
         tmp = io.tmp_path_for({str(out)!r})
+        ready_r, ready_w = os.pipe()
         pid = os.fork()
-        if pid == 0:
+        if pid == 0:  # the at-fork hook has run by now: tell the parent, then live on
+            os.write(ready_w, b"x")
             time.sleep(60)
             os._exit(0)
+        os.read(ready_r, 1)  # without this the test could kill the job before the worker dropped its fd copy
         print(tmp, pid, flush=True)
         time.sleep(60)
     """)
